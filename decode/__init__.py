@@ -1,0 +1,1 @@
+"""arjax.decode: prefill, the jitted while_loop decoder, and samplers."""

@@ -1,0 +1,218 @@
+"""The decoder-only transformer: one call, ``model(tokens, positions, cache) -> (logits, cache)``,
+serves teacher-forced training (no cache), prefill and one-token decode steps with the same weights."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arjax.model.cache import KVCache
+from arjax.model.config import ModelConfig
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """The one causal + padding mask: query at position p sees keys at positions 0..p.
+
+    q_pos: [B, T], k_pos: [B, S] integer positions; ``-1`` marks padding or an empty cache slot.
+    Returns [B, 1, T, S] bool (broadcast over heads). A padded query sees nothing; its output is
+    ignored by the loss and by the decoder.
+    """
+    q = q_pos[:, None, :, None]
+    k = k_pos[:, None, None, :]
+    return (k >= 0) & (k <= q)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the Hugging Face Llama layout (rotate the two halves of each head).
+
+    x: [B, T, N, Dh], positions: [B, T].
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))  # [Dh/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, std: float | None = None, bias=None):
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=cfg.use_bias if bias is None else bias,
+        dtype=jnp.dtype(cfg.dtype),
+        kernel_init=nnx.initializers.normal(cfg.init_std if std is None else std),
+        rngs=rngs,
+    )
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs):
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    return nnx.LayerNorm(
+        cfg.d_model, epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype), rngs=rngs
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped-query heads; takes this layer's cache and returns a new one."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        hd, nq, nkv = cfg.dim_per_head, cfg.n_heads, cfg.num_kv_heads
+        # Residual projections are scaled down with depth (GPT-2 / nanoGPT init).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.q = _linear(cfg, cfg.d_model, nq * hd, rngs)
+        self.k = _linear(cfg, cfg.d_model, nkv * hd, rngs)
+        self.v = _linear(cfg, cfg.d_model, nkv * hd, rngs)
+        self.o = _linear(cfg, nq * hd, cfg.d_model, rngs, std=out_std)
+
+    def __call__(self, x, positions, k_pos, layer_cache=None, index=None):
+        """x: [B, T, D]; positions: [B, T]; k_pos: [B, S] positions of the keys attended to.
+
+        layer_cache: None (keys are this call's tokens, S == T) or (k, v) each [B, S, Hkv, Dh],
+        into which this call's keys and values are written at slot ``index``.
+        """
+        cfg = self.cfg
+        B, T, _ = x.shape
+        hd = cfg.dim_per_head
+        q = self.q(x).reshape(B, T, cfg.n_heads, hd)  # [B, T, N, Dh]
+        k = self.k(x).reshape(B, T, cfg.num_kv_heads, hd)  # [B, T, Hkv, Dh]
+        v = self.v(x).reshape(B, T, cfg.num_kv_heads, hd)
+        if cfg.pos == "rope":
+            q = rope(q, positions, cfg.rope_theta)
+            k = rope(k, positions, cfg.rope_theta)
+        new_cache = None
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))  # [B, S, Hkv, Dh]
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            new_cache = (k, v)
+        mask = attention_mask(positions, k_pos)  # [B, 1, T, S]
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B, T, N, Dh]
+        return self.o(out.reshape(B, T, cfg.n_heads * hd)), new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = cfg.mlp
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if cfg.mlp == "swiglu":
+            self.gate = _linear(cfg, cfg.d_model, cfg.ff_dim, rngs)
+            self.up = _linear(cfg, cfg.d_model, cfg.ff_dim, rngs)
+            self.down = _linear(cfg, cfg.ff_dim, cfg.d_model, rngs, std=out_std)
+        else:
+            self.up = _linear(cfg, cfg.d_model, cfg.ff_dim, rngs)
+            self.down = _linear(cfg, cfg.ff_dim, cfg.d_model, rngs, std=out_std)
+
+    def __call__(self, x):
+        if self.kind == "swiglu":
+            return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        # GPT-2's "gelu_new" is the tanh approximation.
+        return self.down(jax.nn.gelu(self.up(x), approximate=True))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.ln1 = _norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ln2 = _norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x, positions, k_pos, layer_cache=None, index=None, dropout_rng=None):
+        h, new_cache = self.attn(self.ln1(x), positions, k_pos, layer_cache, index)
+        x = x + _dropout(self.dropout, h, dropout_rng, 0)
+        x = x + _dropout(self.dropout, self.mlp(self.ln2(x)), dropout_rng, 1)
+        return x, new_cache
+
+
+def _dropout(layer: nnx.Dropout, x, rng, salt: int):
+    """Dropout is on exactly when a key is passed: no train/eval mode stored on the module."""
+    if rng is None or layer.rate == 0.0:
+        return x
+    return layer(x, deterministic=False, rngs=jax.random.fold_in(rng, salt))
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer. Parameter names follow GPT-2/Llama so HF conversion is a table."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        if cfg.pos == "learned":
+            self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=init, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.ln_f = _norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, bias=False)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] int -> [B, T, D]: the input embeddings (before positions are added)."""
+        return self.embed(tokens)
+
+    def embed_soft(self, probs: jax.Array) -> jax.Array:
+        """[B, T, V] distribution -> [B, T, D]: the probability-weighted mixture of token embeddings."""
+        table = self.embed.embedding[...]
+        return jnp.einsum("btv,vd->btd", probs.astype(table.dtype), table).astype(jnp.dtype(self.cfg.dtype))
+
+    def hidden(self, tokens=None, positions=None, cache: KVCache | None = None, *, embeddings=None, dropout_rng=None):
+        """Final-norm hidden states [B, T, D] and the updated cache (None when no cache is given)."""
+        if (tokens is None) == (embeddings is None):
+            raise ValueError("pass exactly one of tokens [B, T] or embeddings [B, T, D]")
+        x = self.embed_tokens(tokens) if tokens is not None else embeddings.astype(jnp.dtype(self.cfg.dtype))
+        B, T = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if self.cfg.pos == "learned":
+            x = x + self.pos_embed(jnp.clip(positions, 0, self.cfg.max_len - 1))
+        x = _dropout(self.dropout, x, dropout_rng, -1)
+
+        if cache is None:
+            k_pos, index = positions, None
+        else:
+            index = cache.index
+            k_pos = jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32), (0, index))  # [B, S]
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            x, layer_cache = block(x, positions, k_pos, layer_cache, index, rng)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        x = self.ln_f(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(k=tuple(new_k), v=tuple(new_v), pos=k_pos, index=index + T)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, V] float32 logits."""
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(self, tokens=None, positions=None, cache: KVCache | None = None, *, embeddings=None, dropout_rng=None):
+        """tokens: [B, T] int (or embeddings: [B, T, D]); positions: [B, T] int, -1 for padding.
+
+        Without a cache: the teacher-forced forward pass under the causal mask.
+        With a cache: the tokens are written into slots ``cache.index .. cache.index + T`` and
+        attend to everything the cache holds. Returns ``(logits [B, T, V] float32, new_cache)``.
+        """
+        h, new_cache = self.hidden(tokens, positions, cache, embeddings=embeddings, dropout_rng=dropout_rng)
+        return self.logits(h), new_cache
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count from shapes alone (``nnx.eval_shape``: nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

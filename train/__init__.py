@@ -1,0 +1,1 @@
+"""arjax.train: data, tokenizers, the teacher-forced train step, checkpoints and the CLI."""
