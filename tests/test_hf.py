@@ -1,0 +1,206 @@
+"""Hugging Face interop: logits parity with transformers, round trips, sharded loads, and refusals of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from arjax.model import hf  # noqa: E402
+
+VOCAB = 96
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _llama():
+    # GQA (4 query heads share 2 kv heads), an untied head and a non-default rope_theta: each one a
+    # place where a conversion can silently go wrong.
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    # Random init leaves norms at 1; perturb them so a swapped norm would show up in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def pair(request):
+    ref = _gpt2() if request.param == "gpt2" else _llama()
+    return ref, hf.from_hf_model(ref)
+
+
+def _padded_batch():
+    """Left-padded prompts of lengths 12, 7 and 3, with our positions (-1 = pad) and HF's mask."""
+    rng = np.random.RandomState(0)
+    lengths, T = [12, 7, 3], 12
+    tokens = np.zeros((3, T), np.int64)
+    positions = np.full((3, T), -1, np.int64)
+    for b, n in enumerate(lengths):
+        tokens[b, T - n:] = rng.randint(3, VOCAB, n)
+        positions[b, T - n:] = np.arange(n)
+    return tokens, positions
+
+
+def _hf_logits(model, tokens, positions=None):
+    kw = {}
+    if positions is not None:
+        kw = {"attention_mask": torch.tensor(positions >= 0).long(), "position_ids": torch.tensor(np.maximum(positions, 0))}
+    with torch.no_grad():
+        return model(torch.tensor(tokens), **kw).logits.float().numpy()
+
+
+def test_logits_parity_on_padded_batch(pair):
+    ref, ours = pair
+    tokens, positions = _padded_batch()
+    want = _hf_logits(ref, tokens, positions)
+    got, _ = ours(jnp.asarray(tokens), jnp.asarray(positions))
+    real = positions >= 0  # pad positions are meaningless in both
+    diff = np.abs(np.asarray(got)[real] - want[real]).max()
+    assert diff <= 1e-4, diff
+
+
+def test_round_trip_reloads_in_transformers(pair, tmp_path):
+    ref, ours = pair
+    hf.to_hf_dir(ours, str(tmp_path))
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(again) is type(ref)
+    tokens, _ = _padded_batch()
+    assert np.abs(_hf_logits(again, tokens) - _hf_logits(ref, tokens)).max() <= 1e-5
+    # and back into arjax from the directory: the table is its own inverse
+    back = hf.from_hf_dir(str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(back(jnp.asarray(tokens))[0]), np.asarray(ours(jnp.asarray(tokens))[0]))
+
+
+def test_config_mapping(pair):
+    ref, ours = pair
+    cfg = ours.cfg
+    assert cfg.vocab_size == VOCAB and cfg.max_len == 128 and cfg.n_layers == 2 and cfg.n_heads == 4
+    if cfg.pos == "rope":
+        assert (cfg.num_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (2, 5000.0, 1e-5, False)
+    else:
+        assert (cfg.use_bias, cfg.tie_embeddings, cfg.ff_dim) == (True, True, 128)
+
+
+def test_sharded_checkpoint_loads_without_torch(tmp_path):
+    ref = _llama()
+    ref.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    tokens, _ = _padded_batch()
+    np.save(tmp_path / "tokens.npy", tokens)
+    np.save(tmp_path / "want.npy", _hf_logits(ref, tokens))
+    # A fresh interpreter where importing torch fails: the directory path must not need it.
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np, jax.numpy as jnp\n"
+        "from arjax.model import hf\n"
+        f"d = {str(tmp_path)!r}\n"
+        "m = hf.from_hf_dir(d)\n"
+        "got = np.asarray(m(jnp.asarray(np.load(d + '/tokens.npy')))[0])\n"
+        "print(np.abs(got - np.load(d + '/want.npy')).max())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-4
+
+
+def test_mistral_layout_loads_and_sliding_window_is_refused():
+    torch.manual_seed(0)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+    ref = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **kw)).eval()
+    ours = hf.from_hf_model(ref)
+    tokens, _ = _padded_batch()
+    assert np.abs(np.asarray(ours(jnp.asarray(tokens))[0]) - _hf_logits(ref, tokens)).max() <= 1e-4
+    bad = transformers.MistralConfig(sliding_window=16, **kw).to_dict()
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        hf.config_from_hf(bad)
+
+
+def _llama_dict(**changes):
+    d = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=64).to_dict()
+    d.update(changes)
+    return d
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"model_type": "gpt_neox"}, "unsupported model_type 'gpt_neox'"),
+        ({"model_type": "qwen2"}, "Qwen2 is not supported"),
+        ({"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"mlp_bias": True}, "mlp_bias=True"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_type='linear'"),
+        ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_type='dynamic'"),
+    ],
+)
+def test_unsupported_configs_are_refused(changes, match):
+    with pytest.raises(ValueError, match=match):
+        hf.config_from_hf(_llama_dict(**changes))
+
+
+def test_gpt2_variants_are_refused():
+    base = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4).to_dict()
+    for field, value in [("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),
+                         ("activation_function", "relu")]:
+        with pytest.raises(ValueError, match=field):
+            hf.config_from_hf({**base, field: value})
+
+
+def test_pickle_checkpoint_is_refused_without_reading_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_llama_dict()))
+    # Not a real pickle: if we ever tried to unpickle it, the error would be different.
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="never unpickles.*safetensors"):
+        hf.from_hf_dir(str(tmp_path))
+
+
+def test_config_weights_shape_mismatch_is_refused(tmp_path):
+    _llama().save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"gate_proj.weight' has shape \(48, 32\) but config.json implies \(64, 32\)"):
+        hf.from_hf_dir(str(tmp_path))
+
+
+def test_missing_tensor_is_refused():
+    ref = _gpt2()
+    tensors = {k: v.numpy() for k, v in ref.state_dict().items() if "h.1.mlp.c_fc.weight" not in k}
+    with pytest.raises(ValueError, match="lacks tensor 'transformer.h.1.mlp.c_fc.weight'"):
+        hf.model_from_hf_tensors(ref.config.to_dict(), tensors)
+
+
+def test_bias_free_gpt_layout_exports_as_gpt2_with_zero_biases(tmp_path):
+    from flax import nnx
+
+    from arjax.model import Transformer, get_config
+
+    ours = Transformer(get_config("tiny", use_bias=False, vocab_size=VOCAB), rngs=nnx.Rngs(0))
+    hf.to_hf_dir(ours, str(tmp_path))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    tokens, _ = _padded_batch()
+    assert np.abs(np.asarray(ours(jnp.asarray(tokens))[0]) - _hf_logits(ref, tokens)).max() <= 1e-5
