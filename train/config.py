@@ -1,0 +1,167 @@
+"""The run config: a frozen keyword-only `TrainConfig`, loaded from YAML with strict keys and types."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from arjax.model.config import ModelConfig, get_config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything one training run needs besides the output directory. Defaults suit a tiny CPU run."""
+
+    # Model: a preset from arjax.model.config.PRESETS plus strict overrides (e.g. {dropout: 0.1}).
+    model: str = "demo"
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    # Data: a UTF-8 text file, or None for the bundled default corpus (CPython's pydoc topics).
+    data: str | None = None
+    val_fraction: float = 0.1  # the last fraction of the tokens is validation
+    tokenizer: Literal["byte", "char", "hf"] = "byte"
+    tokenizer_path: str | None = None  # directory of a Hugging Face tokenizer (kind "hf" only)
+    # Batches: batch_size windows of seq_len tokens per micro-batch; accum_steps micro-batches per update.
+    batch_size: int = 16
+    seq_len: int | None = None  # None: the model's max_len
+    accum_steps: int = 1
+    steps: int = 1000  # optimizer updates
+    # Optimizer: AdamW, linear warmup then cosine decay to min_lr at lr_decay_steps (None: steps).
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0  # global-norm clip; None turns it off
+    decay_embeddings: bool = False  # nanoGPT decays the (tied) embedding; we default to not
+    seed: int = 0  # initialisation, batch sampling and dropout all derive from it
+    # Evaluation, logging and checkpoints (all in optimizer steps).
+    eval_interval: int = 250
+    eval_iters: int = 20  # validation batches of batch_size windows per evaluation
+    log_interval: int = 10  # how often the host fetches the loss (each fetch is a device sync)
+    ckpt_interval: int = 500
+    max_to_keep: int = 3
+    log_file: str | None = None  # metrics JSONL; None: <out>/metrics.jsonl
+    # Placeholders for the scale-out issue: parsed and stored, NOT YET USED by the trainer.
+    mesh: dict | None = None
+    sharding: dict | None = None
+
+    def __post_init__(self):
+        _check_types(self)
+        for name in ("batch_size", "accum_steps", "steps", "eval_interval", "eval_iters", "log_interval",
+                     "ckpt_interval", "max_to_keep"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be positive")
+        for name in ("warmup_steps",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ValueError(f"TrainConfig.seq_len={self.seq_len} must be positive (or null for the model's max_len)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"TrainConfig.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}")
+        if self.tokenizer == "hf" and not self.tokenizer_path:
+            raise ValueError("tokenizer: hf needs tokenizer_path, a directory with a Hugging Face tokenizer.json")
+        self.model_config(vocab_size=None)  # unknown preset or bad overrides fail here, at load time
+
+    def model_config(self, *, vocab_size: int | None) -> ModelConfig:
+        """The model this run trains; ``vocab_size`` (the tokenizer's) fills in when not overridden."""
+        overrides = dict(self.model_overrides)
+        if vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        return get_config(self.model, **overrides)
+
+    def context_len(self, model_cfg: ModelConfig) -> int:
+        """Training window length; checked against the model's max_len."""
+        T = self.seq_len or model_cfg.max_len
+        if T > model_cfg.max_len:
+            raise ValueError(
+                f"seq_len={T} exceeds the model's max_len={model_cfg.max_len}; lower seq_len or set "
+                f"model_overrides: {{max_len: {T}}}"
+            )
+        return T
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        return from_dict({**self.to_dict(), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _allowed(hint) -> tuple[tuple[type, ...], tuple | None]:
+    """(accepted Python types, literal choices or None) for one annotation."""
+    if typing.get_origin(hint) is Literal:
+        return (str,), typing.get_args(hint)
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", ())) else (hint,)
+    types: list[type] = []
+    for a in args:
+        if a is type(None):
+            types.append(type(None))
+        elif a is float:
+            types += [int, float]  # YAML writes 1 for 1.0
+        else:
+            types.append(typing.get_origin(a) or a)
+    return tuple(types), None
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        types, choices = _allowed(hints[f.name])
+        # bool is an int in Python; a YAML `true` for steps is a mistake, not 1.
+        bad_bool = isinstance(value, bool) and bool not in types
+        if bad_bool or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise TypeError(f"TrainConfig.{f.name}={value!r} ({type(value).__name__}) should be {names}")
+        if choices and value not in choices:
+            raise ValueError(f"TrainConfig.{f.name}={value!r}; choose one of {choices}")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Strict: an unknown key is an error naming it and listing the valid keys."""
+    unknown = sorted(set(d) - set(field_names()))
+    if unknown:
+        raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys are {sorted(field_names())}")
+    return TrainConfig(**d)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string; read it as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_config(path: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a YAML file (tpu_configs/*.yaml), then ``overrides`` (e.g. from CLI flags)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.load(f, Loader=_Loader)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path!r} does not exist; see tpu_configs/ for examples") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of TrainConfig keys, got {type(d).__name__}")
+    try:
+        return from_dict({**d, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None

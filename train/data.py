@@ -1,0 +1,87 @@
+"""Training text: a file or the bundled default corpus, tokenized once, split, and sampled as a pure function of (seed, step)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+# The default corpus needs nothing downloaded: CPython ships the prose of its own language
+# reference and library docs (the text `help("if")` prints) as `pydoc_data.topics`, 79 topics,
+# about 465 k characters (466 kB UTF-8) of English with code snippets in Python 3.11.
+DEFAULT_CORPUS = "pydoc"
+
+
+def default_corpus_text() -> str:
+    """The Python documentation topics bundled with CPython (pydoc_data.topics), joined in sorted order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise ValueError(
+            "this Python has no pydoc_data module (some minimal builds strip it); pass --data FILE instead"
+        ) from None
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def read_text(path: str | None) -> str:
+    """The training text: ``path`` (UTF-8), or the default corpus when path is None or "pydoc"."""
+    if path is None or path == DEFAULT_CORPUS:
+        return default_corpus_text()
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist; pass --data with a UTF-8 text file (or omit it for the default corpus)")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text:
+        raise ValueError(f"data file {path!r} is empty")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    train: np.ndarray  # [N_train] int32 token ids
+    val: np.ndarray  # [N_val]
+
+
+def tokenize_and_split(text: str, tokenizer, *, val_fraction: float = 0.1) -> Split:
+    """Tokenize once; the last ``val_fraction`` of the tokens is validation (deterministic, like nanoGPT)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
+    n_val = max(1, int(len(ids) * val_fraction))
+    return Split(train=ids[:-n_val], val=ids[-n_val:])
+
+
+def check_length(ids: np.ndarray, seq_len: int, what: str) -> None:
+    if len(ids) < seq_len + 2:
+        raise ValueError(
+            f"the {what} split has {len(ids)} tokens, fewer than seq_len+2={seq_len + 2}; "
+            "use a longer text or a shorter seq_len"
+        )
+
+
+def batch_offsets(n_tokens: int, *, batch_size: int, seq_len: int, seed: int, step: int) -> np.ndarray:
+    """Window starts [batch_size] for optimizer step ``step``: a pure function of (seed, step).
+
+    A resumed run asks for the same step numbers and so sees exactly the same batches; no
+    sampler state needs restoring.
+    """
+    rng = np.random.default_rng([seed, step])  # SeedSequence over both: independent streams per step
+    return rng.integers(0, n_tokens - seq_len - 1, size=batch_size, endpoint=True)
+
+
+def get_batch(ids: np.ndarray, *, batch_size: int, seq_len: int, seed: int, step: int) -> np.ndarray:
+    """Training windows [batch_size, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]."""
+    starts = batch_offsets(len(ids), batch_size=batch_size, seq_len=seq_len, seed=seed, step=step)
+    return np.stack([ids[s : s + seq_len + 1] for s in starts])  # [B, T+1]
+
+
+def eval_windows(ids: np.ndarray, *, n_windows: int, seq_len: int) -> np.ndarray:
+    """A fixed set of validation windows [n_windows, seq_len + 1], evenly spaced over the split.
+
+    Fixed (not random) so val loss is comparable across evaluations and runs.
+    """
+    check_length(ids, seq_len, "validation")
+    last = len(ids) - seq_len - 1
+    starts = np.linspace(0, last, num=n_windows).astype(np.int64)
+    return np.stack([ids[s : s + seq_len + 1] for s in starts])

@@ -1,0 +1,87 @@
+"""The optimizer: optax AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+# Parameters that are not matrices of a linear map get no weight decay: shrinking a norm's
+# scale or a bias toward zero is not regularisation, it changes what the layer computes
+# (nanoGPT decays only tensors with ndim >= 2; we go by name so embeddings can be opted in or out).
+_NORM_NAMES = ("ln1", "ln2", "ln_f")
+_EMBED_NAMES = ("embed", "pos_embed")
+
+
+def _path_names(path) -> list[str]:
+    names = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+        names.append(str(key))
+    return names
+
+
+def decay_mask(params, *, decay_embeddings: bool = False):
+    """A pytree of bools shaped like ``params``: True where weight decay applies.
+
+    False for norm scales/biases, every bias, and (unless ``decay_embeddings``) the token and
+    position embeddings. With tied embeddings the embedding is also the output head; nanoGPT
+    decays it, so ``decay_embeddings=True`` reproduces nanoGPT.
+    """
+
+    def decays(path, _leaf) -> bool:
+        names = _path_names(path)
+        if any(n in _NORM_NAMES for n in names) or "bias" in names:
+            return False
+        if any(n in _EMBED_NAMES for n in names):
+            return decay_embeddings
+        return True
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def lr_schedule(*, lr: float, warmup_steps: int, decay_steps: int, min_lr: float) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine down to ``min_lr`` at ``decay_steps``."""
+    if warmup_steps >= decay_steps:
+        # Warmup only (e.g. very short test runs): optax's cosine needs decay_steps > warmup_steps.
+        return optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, end_value=min_lr
+    )
+
+
+def make_optimizer(
+    params,
+    *,
+    lr: float,
+    warmup_steps: int,
+    decay_steps: int,
+    min_lr: float,
+    weight_decay: float,
+    beta1: float = 0.9,
+    beta2: float = 0.95,
+    grad_clip: float | None = 1.0,
+    decay_embeddings: bool = False,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (fp32 moments on fp32 master weights) behind global-norm clipping; returns (tx, schedule)."""
+    schedule = lr_schedule(lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, min_lr=min_lr)
+    adamw = optax.adamw(
+        schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=decay_mask(params, decay_embeddings=decay_embeddings)
+    )
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    return optax.chain(*parts, adamw), schedule
+
+
+def optimizer_from_config(params, cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer a TrainConfig describes."""
+    return make_optimizer(
+        params,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.lr_decay_steps or cfg.steps,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        grad_clip=cfg.grad_clip,
+        decay_embeddings=cfg.decay_embeddings,
+    )
