@@ -1,1 +1,30 @@
 """arjax.decode: prefill, the jitted while_loop decoder, and samplers."""
+
+from arjax.decode.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from arjax.decode.loop import (
+    DEFAULT_BUCKETS,
+    DecodeState,
+    GenerateOutput,
+    bucket,
+    decode_step,
+    generate,
+    init_state,
+    prefill,
+    stream,
+)
+
+__all__ = [
+    "SamplingParams",
+    "apply_repetition_penalty",
+    "filter_logits",
+    "sample",
+    "DEFAULT_BUCKETS",
+    "DecodeState",
+    "GenerateOutput",
+    "bucket",
+    "decode_step",
+    "generate",
+    "init_state",
+    "prefill",
+    "stream",
+]

@@ -1,0 +1,385 @@
+"""Prefill, the pure decode step, and the jitted ``lax.while_loop`` decoder behind ``generate`` and ``stream``."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from arjax.decode.sampling import SamplingParams, sample
+from arjax.model import KVCache, Transformer, init_cache
+
+# stop_reason codes held in DecodeState; GenerateOutput spells them out.
+RUNNING, STOP_EOS, STOP_LENGTH = 0, 1, 2
+STOP_NAMES = {RUNNING: "running", STOP_EOS: "eos", STOP_LENGTH: "length"}
+
+# Prompt widths and output-buffer sizes are rounded up to one of these, so a new prompt length
+# or max_new_tokens inside a bucket reuses the compiled program.
+DEFAULT_BUCKETS = tuple(2**i for i in range(4, 21))  # 16, 32, ..., 1M
+_EOS_SLOTS = 8  # eos ids are padded (with -1) to a multiple of this: a new EOS set never recompiles
+
+# Incremented when a jitted function is traced (not when it runs): tests read it to prove that
+# a new prompt length in the same bucket or new sampling values do not compile again.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries; an immutable pytree, so the step is a pure function.
+
+    B rows, N output slots, V vocabulary, S cache slots.
+    """
+
+    cache: KVCache
+    logits: jax.Array  # [B, V] float32: raw model logits for the next token (from the last forward pass)
+    last_token: jax.Array  # [B] int32: the token fed to the model last (pad for finished rows)
+    positions: jax.Array  # [B] int32: position of the next token in each row
+    rng: jax.Array  # PRNG key, split once per step
+    step: jax.Array  # [] int32: tokens emitted so far (the next output column)
+    max_steps: jax.Array  # [] int32: a row still running after this many tokens stops with 'length'
+    done: jax.Array  # [B] bool
+    lengths: jax.Array  # [B] int32: tokens emitted by each row, its EOS included
+    tokens: jax.Array  # [B, N] int32: emitted tokens, pad_id after a row ends
+    logprobs: jax.Array  # [B, N] float32: log p(token) under the raw model distribution, 0 after the end
+    stop_reason: jax.Array  # [B] int32: RUNNING, STOP_EOS or STOP_LENGTH
+    presence: jax.Array  # [B, V] bool: tokens seen in the prompt or output (repetition penalty)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateOutput:
+    """What ``generate`` returns, as numpy arrays.
+
+    tokens [B, N] int32: row i's new tokens are ``tokens[i, :lengths[i]]`` (ending with the EOS
+        id when it stopped on one); the rest is ``pad_id``.
+    lengths [B] int32: number of tokens each row emitted, its EOS included.
+    stop_reason [B] str: 'eos' (emitted one of eos_ids) or 'length' (reached max_new_tokens).
+    logprobs [B, N] float32: log-probability of each emitted token under the model's own
+        distribution (raw logits, temperature 1, before penalty and filters); 0 after the end.
+    num_steps: decode steps the loop ran (< N when every row stopped early).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    stop_reason: np.ndarray
+    logprobs: np.ndarray
+    num_steps: int
+
+
+def prefill(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run the whole prompt in one parallel forward pass, filling the cache.
+
+    tokens [B, P] int, LEFT-padded; positions [B, P] int, 0.. at each row's first real token and
+    -1 on padding; cache: empty, with ``cache.index`` where the prompt goes. Returns the logits at
+    the last slot [B, V] float32 (every row's last prompt token, thanks to left padding) and the
+    filled cache. The vocabulary projection runs only on that slot.
+    """
+    h, cache = model.hidden(tokens, positions, cache)  # [B, P, D]
+    return model.logits(h[:, -1:])[:, 0], cache  # [B, V]
+
+
+def init_state(
+    logits: jax.Array,
+    cache: KVCache,
+    prompt_tokens: jax.Array,
+    prompt_positions: jax.Array,
+    *,
+    num_slots: int,
+    rng: jax.Array,
+    max_steps: int | jax.Array | None = None,
+) -> DecodeState:
+    """The loop's starting state after ``prefill``.
+
+    logits [B, V] from prefill; prompt_tokens/prompt_positions [B, P] as given to prefill (they
+    seed the repetition-penalty presence, padding excluded); num_slots N (static) sizes the
+    output buffers; max_steps (default N) is when running rows stop with 'length'.
+    """
+    B, V = logits.shape
+    real = prompt_positions >= 0  # [B, P]
+    vocab = jnp.arange(V)
+    # [B, P, V] would be large for long prompts; reduce one prompt column at a time instead.
+    presence = jax.lax.fori_loop(
+        0,
+        prompt_tokens.shape[1],
+        lambda j, seen: seen | ((prompt_tokens[:, j, None] == vocab) & real[:, j, None]),
+        jnp.zeros((B, V), bool),
+    )
+    return DecodeState(
+        cache=cache,
+        logits=logits.astype(jnp.float32),
+        last_token=prompt_tokens[:, -1].astype(jnp.int32),
+        positions=(jnp.max(prompt_positions, axis=1) + 1).astype(jnp.int32),
+        rng=rng,
+        step=jnp.zeros((), jnp.int32),
+        max_steps=jnp.asarray(num_slots if max_steps is None else max_steps, jnp.int32),
+        done=jnp.zeros((B,), bool),
+        lengths=jnp.zeros((B,), jnp.int32),
+        tokens=jnp.zeros((B, num_slots), jnp.int32),
+        logprobs=jnp.zeros((B, num_slots), jnp.float32),
+        stop_reason=jnp.full((B,), RUNNING, jnp.int32),
+        presence=presence,
+    )
+
+
+def decode_step(
+    model: Transformer,
+    state: DecodeState,
+    sampling: SamplingParams,
+    eos_ids: jax.Array | None = None,
+    *,
+    pad_id: int | jax.Array = 0,
+    forced_tokens: jax.Array | None = None,
+) -> DecodeState:
+    """Emit one token per row and run the model on it. Pure: fits ``lax.while_loop`` and ``lax.scan``.
+
+    1. draw the next token [B] from ``state.logits`` (``sample``: penalty, temperature, filters),
+       or take ``forced_tokens`` [B] when given (teacher forcing, e.g. scheduled sampling);
+    2. record it and its log-probability under ``log_softmax(state.logits)`` (differentiable
+       with respect to the model parameters), mark rows that emitted one of ``eos_ids`` [E]
+       (-1 entries are ignored) or reached ``state.max_steps``; finished rows emit ``pad_id``;
+    3. feed it to the model at each row's next position, one cache slot, giving the next logits.
+    """
+    B, V = state.logits.shape
+    rng, key = jax.random.split(state.rng)
+    token = sample(key, state.logits, sampling, state.presence) if forced_tokens is None else forced_tokens
+    token = jnp.where(state.done, pad_id, token).astype(jnp.int32)  # [B]
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    logprob = jnp.where(state.done, 0.0, logprob)  # [B]
+    running = ~state.done
+    hit_eos = running & (jnp.any(token[:, None] == eos_ids[None, :], axis=-1) if eos_ids is not None else False)
+    hit_len = running & ~hit_eos & (state.step + 1 >= state.max_steps)
+    col = (0, state.step)
+    logits, cache = model(token[:, None], state.positions[:, None], state.cache)  # [B, 1, V]
+    return DecodeState(
+        cache=cache,
+        logits=logits[:, 0],
+        last_token=token,
+        positions=state.positions + 1,
+        rng=rng,
+        step=state.step + 1,
+        max_steps=state.max_steps,
+        done=state.done | hit_eos | hit_len,
+        lengths=state.lengths + running.astype(jnp.int32),
+        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], col),
+        logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None].astype(jnp.float32), col),
+        stop_reason=jnp.where(hit_eos, STOP_EOS, jnp.where(hit_len, STOP_LENGTH, state.stop_reason)),
+        presence=state.presence | ((token[:, None] == jnp.arange(V)) & running[:, None]),
+    )
+
+
+def _loop(model, state: DecodeState, sampling, eos_ids, pad_id, limit) -> DecodeState:
+    """Decode until every row is done or ``state.step`` reaches ``limit`` (traced)."""
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        return decode_step(model, s, sampling, eos_ids, pad_id=pad_id)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _start_impl(graphdef, num_slots, cache_len, params, tokens, positions, seed, max_steps, sampling, eos_ids, pad_id, limit):
+    """Prefill + the first chunk of the loop, one program (generate's single jitted call)."""
+    TRACE_COUNTS["start"] += 1
+    model = nnx.merge(graphdef, params)
+    B = tokens.shape[0]
+    cache = init_cache(model.cfg, B, cache_len)
+    logits, cache = prefill(model, tokens, positions, cache)
+    state = init_state(logits, cache, tokens, positions, num_slots=num_slots, rng=jax.random.key(seed), max_steps=max_steps)
+    return _loop(model, state, sampling, eos_ids, pad_id, limit)
+
+
+def _resume_impl(graphdef, params, state, sampling, eos_ids, pad_id, limit):
+    """One more chunk of the loop (stream); the state, cache included, is donated."""
+    TRACE_COUNTS["resume"] += 1
+    return _loop(nnx.merge(graphdef, params), state, sampling, eos_ids, pad_id, limit)
+
+
+_start = jax.jit(_start_impl, static_argnums=(0, 1, 2))
+_resume = jax.jit(_resume_impl, static_argnums=(0,), donate_argnums=(2,))
+
+
+def bucket(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket >= n (n itself when it exceeds every bucket)."""
+    return next((b for b in buckets if b >= n), n)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Host-side inputs and static shapes for one generate/stream call, validated."""
+
+    tokens: np.ndarray  # [B, P] left-padded
+    positions: np.ndarray  # [B, P]
+    num_slots: int  # N, output buffer width (bucketed max_new_tokens)
+    cache_len: int
+    max_new_tokens: int
+    eos_ids: np.ndarray  # [E] int32, -1 padded
+
+
+def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len, buckets) -> _Plan:
+    """Every check of user input happens here, before anything is traced."""
+    cfg = model.cfg
+    V = cfg.vocab_size
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} {prompts!r:.60}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    buckets = tuple(sorted(int(b) for b in buckets))
+    if not buckets or buckets[0] < 1:
+        raise ValueError(f"buckets={buckets!r} must be positive sizes, e.g. (16, 32, 64, ...)")
+    if not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < V:
+        raise ValueError(f"pad_id={pad_id!r} must be a token id in [0, {V})")
+    rows = []
+    for i, p in enumerate(prompts):
+        a = np.asarray(p)
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"prompt {i} is {'empty' if a.size == 0 else f'shaped {a.shape}'}; every prompt needs at least one token id (e.g. the BOS id)")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"prompt {i} holds {a.dtype} values; token ids must be ints")
+        bad = (a < 0) | (a >= V)
+        if bad.any():
+            raise ValueError(f"prompt {i} has token id {a[bad][0]} outside [0, {V}); the model's vocabulary has {V} ids (check the tokenizer matches the model)")
+        rows.append(a.astype(np.int32))
+    longest = max(len(r) for r in rows)
+    B = len(rows)
+
+    if max_len is not None:
+        if not isinstance(max_len, (int, np.integer)) or max_len < 2:
+            raise ValueError(f"max_len={max_len!r} must be an int >= 2 (the cache length)")
+        if cfg.pos == "learned" and max_len > cfg.max_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_len={cfg.max_len} (learned positions end there); use max_len <= {cfg.max_len}")
+        cache_len = int(max_len)
+    else:
+        # Each decode step attends over the whole static cache, so size it to what this call
+        # needs (bucketed), not to the model's context.
+        cache_len = min(cfg.max_len, bucket(longest, buckets) + bucket(max_new_tokens, buckets))
+    if longest + max_new_tokens > cache_len:
+        where = "the given max_len" if max_len is not None else f"the model's max_len"
+        raise ValueError(
+            f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
+            f"exceeds the cache length {cache_len} ({where}); lower max_new_tokens to <= {cache_len - longest}, "
+            "shorten the prompt" + (", or raise max_len" if max_len is not None and cfg.pos == "rope" else "")
+        )
+    # Prompt width: its bucket, shrunk only when the cache cannot hold bucket + new tokens.
+    P = min(bucket(longest, buckets), cache_len - max_new_tokens)
+    num_slots = bucket(max_new_tokens, buckets)
+
+    tokens = np.full((B, P), pad_id, np.int32)
+    positions = np.full((B, P), -1, np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, P - len(r) :] = r
+        positions[i, P - len(r) :] = np.arange(len(r))
+
+    eos = np.atleast_1d(np.asarray(eos_ids if eos_ids is not None else (), np.int64).ravel())
+    bad = (eos < 0) | (eos >= V)
+    if bad.any():
+        raise ValueError(f"eos id {eos[bad][0]} is outside [0, {V}); pass ids of the model's vocabulary")
+    width = _EOS_SLOTS * max(1, -(-len(eos) // _EOS_SLOTS))
+    eos = np.concatenate([eos, np.full(width - len(eos), -1)]).astype(np.int32)
+
+    if sampling is not None:
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams (SamplingParams.make(batch, ...)) or None, got {type(sampling).__name__}")
+        sampling.validate(batch=B, vocab_size=V)
+    return _Plan(tokens=tokens, positions=positions, num_slots=num_slots, cache_len=cache_len, max_new_tokens=int(max_new_tokens), eos_ids=eos)
+
+
+def stream(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    eos_ids: int | Sequence[int] = (),
+    seed: int = 0,
+    pad_id: int = 0,
+    max_len: int | None = None,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    chunk_steps: int | None = 16,
+) -> Iterator[list[np.ndarray]]:
+    """Decode in chunks of ``chunk_steps`` steps, yielding each chunk's new tokens per row.
+
+    Yields a list of B int32 arrays (empty for rows that had already ended); the generator's
+    return value (``StopIteration.value``) is the full ``GenerateOutput``. The first chunk runs
+    prefill and the loop in one jitted program; later chunks resume the loop with the state
+    donated. ``chunk_steps=None`` runs everything in one chunk (that is ``generate``). Tokens
+    are the same as generate's for the same arguments, whatever the chunking.
+    """
+    if chunk_steps is not None and (not isinstance(chunk_steps, (int, np.integer)) or chunk_steps < 1):
+        raise ValueError(f"chunk_steps={chunk_steps!r} must be an int >= 1 (or None for one chunk)")
+    plan = _plan(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, max_len=max_len, buckets=buckets)
+    # Validation above runs at call time; the decoding below runs as the caller iterates.
+    return _run(model, plan, sampling, seed, pad_id, chunk_steps)
+
+
+def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps) -> Iterator[list[np.ndarray]]:
+    """The one decoding loop behind stream and generate."""
+    B = plan.tokens.shape[0]
+    sampling = SamplingParams.greedy(B) if sampling is None else sampling
+    # Split on every call rather than caching the state: the weights may have changed since the
+    # last call (sampling during training). It walks the module once per call, never per step.
+    graphdef, params = nnx.split(model)
+    chunk = plan.max_new_tokens if chunk_steps is None else int(chunk_steps)
+    N = plan.max_new_tokens
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    eos, pad = jnp.asarray(plan.eos_ids), i32(pad_id)
+
+    limit = min(chunk, N)
+    state = _start(
+        graphdef, plan.num_slots, plan.cache_len, params, jnp.asarray(plan.tokens), jnp.asarray(plan.positions),
+        i32(seed), i32(N), sampling, eos, pad, i32(limit),
+    )
+    emitted = np.zeros(B, np.int64)
+    while True:
+        tokens, lengths, done, step = jax.device_get((state.tokens, state.lengths, state.done, state.step))
+        yield [tokens[i, emitted[i] : lengths[i]] for i in range(B)]
+        emitted = lengths.astype(np.int64)
+        if done.all() or step >= N:
+            break
+        limit = min(int(step) + chunk, N)
+        state = _resume(graphdef, params, state, sampling, eos, pad, i32(limit))
+    tokens, lengths, logprobs, reason, step = jax.device_get((state.tokens, state.lengths, state.logprobs, state.stop_reason, state.step))
+    return GenerateOutput(
+        tokens=np.asarray(tokens[:, :N]),
+        lengths=np.asarray(lengths),
+        stop_reason=np.array([STOP_NAMES[int(r)] for r in reason]),
+        logprobs=np.asarray(logprobs[:, :N]),
+        num_steps=int(step),
+    )
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    eos_ids: int | Sequence[int] = (),
+    seed: int = 0,
+    pad_id: int = 0,
+    max_len: int | None = None,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+) -> GenerateOutput:
+    """Continue each prompt (a list of token ids; lengths may differ) by up to ``max_new_tokens``.
+
+    sampling: per-row ``SamplingParams`` (None: greedy). eos_ids: a row stops after emitting any
+    of them. seed: the same seed gives the same tokens. pad_id fills each row after its end.
+    max_len: cache length (default: bucketed longest prompt + bucketed max_new_tokens, capped at
+    the model's max_len). Prompt widths and max_new_tokens are rounded up to ``buckets`` so that
+    new lengths inside a bucket, new sampling values, seeds and EOS ids reuse the compiled
+    program. One jitted call: prefill + ``lax.while_loop``, which exits when every row is done.
+    """
+    it = stream(
+        model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, seed=seed,
+        pad_id=pad_id, max_len=max_len, buckets=buckets, chunk_steps=None,
+    )
+    while True:
+        try:
+            next(it)
+        except StopIteration as stop:
+            return stop.value
