@@ -175,7 +175,8 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if self.cfg.pos == "learned":
             x = x + self.pos_embed(jnp.clip(positions, 0, self.cfg.max_len - 1))
-        x = _dropout(self.dropout, x, dropout_rng, -1)
+        # Salt n_layers: distinct from the block indices below, and fold_in needs a non-negative int.
+        x = _dropout(self.dropout, x, dropout_rng, self.cfg.n_layers)
 
         if cache is None:
             k_pos, index = positions, None
