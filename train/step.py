@@ -56,7 +56,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, us
         grads = jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / n, "grad_norm": optax.global_norm(grads), "tokens": n}
+        metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads), "tokens": n}
         return params, opt_state, metrics
 
     return train_step
