@@ -14,6 +14,7 @@ state-machine oracles), so a sample is by construction a draw from the distribut
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
@@ -221,15 +222,7 @@ class TransformerOracle:
         self.vocab_size, self.bos_id = model.cfg.vocab_size, bos_id
         if not 0 <= bos_id < self.vocab_size:
             raise ValueError(f"bos_id={bos_id} is outside the vocabulary [0, {self.vocab_size})")
-        graphdef, params = nnx.split(model)
-        self._params = params
-
-        @jax.jit
-        def log_probs(params, tokens):
-            logits, _ = nnx.merge(graphdef, params)(tokens)  # [B, T, V]
-            return jax.nn.log_softmax(logits / self.temperature, axis=-1)
-
-        self._log_probs = log_probs
+        self._graphdef, self._params = nnx.split(model)
 
     @classmethod
     def random(cls, cfg, *, seed: int = 0, init_std: float = 0.3, temperature: float = 1.0) -> "TransformerOracle":
@@ -250,7 +243,7 @@ class TransformerOracle:
                 f"sequences of {tokens.shape[1]} tokens exceed the oracle's max_len={self.model.cfg.max_len}; "
                 "use shorter sequences or build the oracle with a larger max_len"
             )
-        return self._log_probs(self._params, tokens)
+        return _tempered_log_probs(self._graphdef, self._params, tokens, self.temperature)
 
     def sample(self, key, batch: int, length: int) -> jax.Array:
         """BOS followed by ``length`` tokens drawn by the jitted decoder at the oracle's temperature."""
@@ -270,6 +263,12 @@ class TransformerOracle:
         toks = np.asarray(out.tokens)[:, :length]
         bos = np.full((batch, 1), self.bos_id, np.int32)
         return jnp.asarray(np.concatenate([bos, toks.astype(np.int32)], axis=1))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _tempered_log_probs(graphdef, params, tokens, temperature):
+    logits, _ = nnx.merge(graphdef, params)(tokens)  # [B, T, V]
+    return jax.nn.log_softmax(logits / temperature, axis=-1)
 
 
 def entropy_rate(oracle, tokens) -> float:

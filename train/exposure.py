@@ -1,0 +1,343 @@
+"""Exposure-bias metrics that are exact under an oracle: per-step errors, ExAccErr, KLs, EB-C, repetition, CIs.
+
+Notation. ``o`` is the oracle (``arjax.train.oracles``), ``m`` the model, ``F`` a decoding strategy
+(greedy, temperature, top-k, top-p) and ``m^F(. | c)`` the distribution the decoder actually draws
+the next token from at context ``c`` (greedy: a point mass on the argmax). A *roll-in* is the way
+contexts are produced: oracle roll-in draws ``x_<t ~ o`` (teacher forcing on oracle samples), model
+roll-in draws ``x_<t ~ m^F`` (free running with the jitted decoder).
+
+Every per-step quantity is computed from the full next-token distributions of ``o``, ``m`` and
+``m^F`` at the context, never from a sampled next token; only the contexts are sampled, and the
+functions take per-row ``weights`` so that on an enumerable oracle the expectation over contexts is
+exact too (``tests/test_exposure.py`` checks this against brute-force enumeration).
+
+Per-step losses ``l(c)`` (``step_losses``):
+  - ``oracle_nll``  H(m^F, o) = -sum_a m^F(a|c) log o(a|c): the oracle NLL of the token the decoder
+    emits, in expectation. Non-zero even for a perfect model, so ExAccErr is defined at m = o.
+  - ``kl``          KL(o || m), the forward (teacher-forcing) divergence per token.
+  - ``reverse_kl``  KL(m || o); ``tv`` total variation; ``js`` Jensen-Shannon (nats), both of m vs o.
+  - ``agree``       1[argmax m = argmax o] (per-position top-1 accuracy against the oracle).
+
+Error accumulation (Arora, El Asri, Bahuleyan, Cheung 2022, "Why Exposure Bias Matters: An Imitation
+Learning Perspective of Error Accumulation in Language Generation", Findings of ACL, Sec. 4), for a
+prefix length ``l`` and one of the losses above:
+  eps(l)      = (1/l) sum_{t=1..l} E_{x_<t ~ o}   [ l(x_<t) ]     per-step error under oracle roll-in
+  R(l)        =       sum_{t=1..l} E_{x_<t ~ m^F} [ l(x_<t) ]     accumulated error under model roll-in
+  AccErr(l)   = R(l) - l * eps(l)
+  ExAccErr(l) = (R(l) / (l * eps(l)) - 1) * 100%                 excess error due to exposure bias
+When ``m = o`` and F is ancestral sampling the two roll-ins have the same law, so ExAccErr = 0 up to
+sampling noise of the contexts.
+
+Conditional-divergence exposure bias (He, Zhang, Zhou, Glass 2021, "Exposure Bias versus
+Self-Recovery: Are Distortions Really Incremental for Autoregressive Text Generation?", EMNLP, Sec. 3):
+  CGD(l | roll-in) = E_{x_<l ~ roll-in} [ f(m(. | x_<l), o(. | x_<l)) ],  f = TV or JS
+  EB-C(l)          = CGD(l | model roll-in) / CGD(l | oracle roll-in)   (> 1: exposure bias hurts)
+
+Sequence-level numbers (per token): forward KL = (1/L) E_{x~o} log o(x)/m(x) = mean_t E_{x_<t~o} KL_t;
+reverse KL = (1/L) E_{x~m} log m(x)/o(x) = mean_t E_{x_<t~m} KL(m_t || o_t); NLL-oracle of model
+samples = (1/L) E_{x~m^F} [-log o(x)] = mean_t E_{x_<t~m^F} H(m^F_t, o_t) (the ``oracle_nll`` loss).
+Repetition: seq-rep-n (Welleck et al. 2020) = 1 - unique n-grams / n-grams per sequence, and rep-w =
+fraction of tokens that already occur in the previous w tokens. Confidence intervals are percentile
+bootstraps over sequences. On real text there is no oracle: pass a ``TransformerOracle`` wrapping a
+scorer model the user names and the same numbers are measured against the scorer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+STEP_LOSSES = ("oracle_nll", "kl", "reverse_kl", "tv", "js", "agree")
+
+
+# ----------------------------------------------------------------------------- decoding strategies
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Decoding:
+    """A decoding strategy F: ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 switch those filters off."""
+
+    name: str
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"decoding {self.name!r}: temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"decoding {self.name!r}: top_k={self.top_k} must be >= 0 (0 turns it off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"decoding {self.name!r}: top_p={self.top_p} must be in (0, 1] (1 turns it off)")
+
+    @property
+    def is_ancestral(self) -> bool:
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+
+def sampling_params(decoding: Decoding, batch: int):
+    """The decoder's ``SamplingParams`` for ``decoding`` (one row each)."""
+    from arjax.decode import SamplingParams
+
+    return SamplingParams.make(batch, temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
+
+
+def policy_log_probs(logits: jax.Array, decoding: Decoding) -> jax.Array:
+    """log m^F: the distribution the decoder samples from, [..., V] logits -> [..., V] log-probs.
+
+    The decoder's own filter (``arjax.decode.sampling.filter_logits``: greedy keeps the argmax,
+    otherwise temperature, top-k, top-p), so the metric scores exactly the policy that generates.
+    """
+    n = math.prod(logits.shape[:-1])
+    return _policy_log_probs(jnp.asarray(logits), sampling_params(decoding, n))
+
+
+@jax.jit
+def _policy_log_probs(logits, sampling):  # [..., V]; sampling has one row per context
+    from arjax.decode.sampling import filter_logits
+
+    flat = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)  # [N, V]
+    return jax.nn.log_softmax(filter_logits(flat, sampling), -1).reshape(logits.shape)
+
+
+# ----------------------------------------------------------------------------- per-step losses
+
+
+def _xlogy_ratio(log_p, log_q):
+    """sum_a p(a) (log p(a) - log q(a)) with 0 log 0 = 0 and p > 0, q = 0 giving +inf."""
+    p = jnp.exp(log_p)
+    return jnp.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """KL(p || q) over the last axis, from log-probabilities [..., V] -> [...]."""
+    return _xlogy_ratio(log_p, log_q)
+
+
+def tv_distance(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    return 0.5 * jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)).sum(-1)
+
+
+def js_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    log_mid = jnp.logaddexp(log_p, log_q) - math.log(2.0)
+    return 0.5 * _xlogy_ratio(log_p, log_mid) + 0.5 * _xlogy_ratio(log_q, log_mid)
+
+
+def step_losses(oracle_lp: jax.Array, model_lp: jax.Array, policy_lp: jax.Array) -> dict[str, jax.Array]:
+    """Every per-step loss of the module docstring at each context: [B, T, V] x3 -> {name: [B, T]}.
+
+    ``oracle_lp`` = log o, ``model_lp`` = log m (temperature 1), ``policy_lp`` = log m^F.
+    """
+    pol = jnp.exp(policy_lp)
+    return {
+        "oracle_nll": jnp.where(pol > 0, -pol * oracle_lp, 0.0).sum(-1),
+        "kl": kl_divergence(oracle_lp, model_lp),
+        "reverse_kl": kl_divergence(model_lp, oracle_lp),
+        "tv": tv_distance(model_lp, oracle_lp),
+        "js": js_divergence(model_lp, oracle_lp),
+        "agree": (jnp.argmax(model_lp, -1) == jnp.argmax(oracle_lp, -1)).astype(jnp.float32),
+    }
+
+
+_step_losses_jit = jax.jit(step_losses)
+
+# ----------------------------------------------------------------------------- model and roll-outs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _model_logits(graphdef, params, tokens):
+    return nnx.merge(graphdef, params)(tokens)[0]  # [B, T, V] float32
+
+
+class ModelScorer:
+    """``log m(. | prefix)`` for every prefix, jitted over ``nnx.split`` state (no per-call graph walk;
+    models of one architecture share the compiled program)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._graphdef, self._params = nnx.split(model)
+
+    def logits(self, tokens) -> jax.Array:
+        return _model_logits(self._graphdef, self._params, jnp.asarray(tokens, jnp.int32))
+
+
+def rollout(model, *, batch: int, length: int, decoding: Decoding, seed: int, bos_id: int) -> np.ndarray:
+    """Free-running samples ``[BOS, x_1..x_length]`` [batch, length + 1] from the jitted decoder."""
+    from arjax.decode import generate
+
+    out = generate(model, [[bos_id]] * batch, max_new_tokens=length, sampling=sampling_params(decoding, batch), seed=seed)
+    toks = np.asarray(out.tokens)[:, :length].astype(np.int32)
+    if toks.shape[1] != length:
+        raise RuntimeError(f"the decoder returned {toks.shape[1]} tokens, expected {length} (no EOS is set)")
+    return np.concatenate([np.full((batch, 1), bos_id, np.int32), toks], axis=1)
+
+
+def losses_along(oracle, scorer: ModelScorer, tokens: np.ndarray, decoding: Decoding, chunk: int = 256) -> dict[str, np.ndarray]:
+    """Per-step losses at every context of ``tokens`` [B, L+1] (BOS first) -> {name: [B, L]} numpy.
+
+    Position t (0-based) is the prediction of x_{t+1} from [BOS, x_1..x_t].
+    """
+    parts: dict[str, list] = {k: [] for k in STEP_LOSSES}
+    for i in range(0, len(tokens), chunk):
+        x = jnp.asarray(tokens[i : i + chunk, :-1])
+        logits = scorer.logits(x)
+        out = _step_losses_jit(oracle.log_probs(x), jax.nn.log_softmax(logits, -1), policy_log_probs(logits, decoding))
+        for k, v in out.items():
+            parts[k].append(np.asarray(v))
+    return {k: np.concatenate(v, 0) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------- accumulation and CIs
+
+
+def _weighted_mean(x: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Mean over rows [B, ...] -> [...], with optional per-row weights (summing to 1)."""
+    if weights is None:
+        return x.mean(0)
+    return np.tensordot(np.asarray(weights, np.float64), x.astype(np.float64), axes=(0, 0))
+
+
+def accumulated_error(
+    loss_model_rollin: np.ndarray,
+    loss_oracle_rollin: np.ndarray,
+    *,
+    w_model: np.ndarray | None = None,
+    w_oracle: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """R(l), l*eps(l), AccErr(l) and ExAccErr(l) [%] for l = 1..L from per-step losses [B, L]."""
+    R = np.cumsum(_weighted_mean(loss_model_rollin, w_model))  # [L]
+    l_eps = np.cumsum(_weighted_mean(loss_oracle_rollin, w_oracle))  # [L]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ex = (R / l_eps - 1.0) * 100.0
+    return {"R": R, "l_eps": l_eps, "acc_err": R - l_eps, "ex_acc_err": ex}
+
+
+def bootstrap_ci(
+    stat: Callable[..., np.ndarray], *samples: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Percentile bootstrap: (estimate, low, high) of ``stat(*samples)``, resampling each sample's rows.
+
+    Samples are resampled independently (e.g. the model roll-ins and the oracle roll-ins of ExAccErr).
+    """
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError(f"bootstrap needs n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
+    rng = np.random.default_rng(seed)
+    est = np.asarray(stat(*samples), np.float64)
+    boots = []
+    for _ in range(n_boot):
+        boots.append(stat(*[s[rng.integers(0, len(s), len(s))] for s in samples]))
+    boots = np.asarray(boots, np.float64)
+    lo, hi = np.nanpercentile(boots, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return est, lo, hi
+
+
+def mean_ci(values, alpha: float = 0.05) -> tuple[float, float]:
+    """Mean and half-width of a Student-t confidence interval over independent runs (e.g. seeds)."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) == 1:
+        return float(v[0]), float("nan")
+    from scipy import stats  # scipy ships with jax
+
+    half = stats.t.ppf(1 - alpha / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(half)
+
+
+# ----------------------------------------------------------------------------- repetition
+
+
+def repetition_rates(tokens: np.ndarray, *, ns=(1, 2, 4), windows=(4, 16)) -> dict[str, float]:
+    """seq-rep-n (1 - unique/total n-grams, averaged over sequences) and rep-w over generated tokens [B, L]."""
+    tokens = np.asarray(tokens)
+    out = {}
+    for n in ns:
+        reps = []
+        for row in tokens:
+            grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
+            if grams:
+                reps.append(1.0 - len(set(grams)) / len(grams))
+        out[f"seq_rep_{n}"] = float(np.mean(reps)) if reps else float("nan")
+    for w in windows:
+        hits = [row[t] in row[max(0, t - w) : t] for row in tokens for t in range(1, len(row))]
+        out[f"rep_{w}"] = float(np.mean(hits)) if hits else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- one model against an oracle
+
+
+def evaluate(
+    model,
+    oracle,
+    test_tokens: np.ndarray,
+    decodings: tuple[Decoding, ...],
+    *,
+    n_rollouts: int,
+    seed: int = 0,
+    n_boot: int = 200,
+    ex_loss: str = "oracle_nll",
+) -> dict:
+    """Every metric for one model: teacher forcing on ``test_tokens`` (oracle roll-in, [N, L+1], BOS
+    first) against free running with each decoding strategy (model roll-in, ``n_rollouts`` rows).
+
+    Returns plain lists/floats (JSON-ready): per-position curves and their bootstrap CIs.
+    """
+    if ex_loss not in STEP_LOSSES:
+        raise ValueError(f"ex_loss={ex_loss!r}; choose one of {STEP_LOSSES}")
+    test_tokens = np.asarray(test_tokens, np.int32)
+    length = test_tokens.shape[1] - 1
+    scorer = ModelScorer(model)
+    logits = scorer.logits(test_tokens[:, :-1])
+    nll_test = float(
+        -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), test_tokens[:, 1:, None], -1).mean()
+    )
+    result = {"length": length, "nll_test": nll_test, "decodings": {}}
+    ancestral = Decoding(name="ancestral")
+    tf_anc = losses_along(oracle, scorer, test_tokens, ancestral)
+    result["teacher_forced"] = {k: v.mean(0).tolist() for k, v in tf_anc.items()}
+    result["forward_kl_per_token"] = float(tf_anc["kl"].mean())
+    for i, dec in enumerate(decodings):
+        free = rollout(model, batch=n_rollouts, length=length, decoding=dec, seed=seed * 1000 + i, bos_id=oracle.bos_id)
+        fr = losses_along(oracle, scorer, free, dec)
+        tf = tf_anc if dec.is_ancestral else losses_along(oracle, scorer, test_tokens, dec)
+
+        def ex_stat(a, b):
+            return accumulated_error(a, b)["ex_acc_err"]
+
+        est, lo, hi = bootstrap_ci(ex_stat, fr[ex_loss], tf[ex_loss], n_boot=n_boot, seed=seed)
+        acc = accumulated_error(fr[ex_loss], tf[ex_loss])
+        ebc = {}
+        for f in ("tv", "js"):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ebc[f] = (fr[f].mean(0) / tf_anc[f].mean(0)).tolist()
+        result["decodings"][dec.name] = {
+            "decoding": dataclasses.asdict(dec),
+            "ex_acc_err": est.tolist(),
+            "ex_acc_err_lo": lo.tolist(),
+            "ex_acc_err_hi": hi.tolist(),
+            "R": acc["R"].tolist(),
+            "l_eps": acc["l_eps"].tolist(),
+            "acc_err": acc["acc_err"].tolist(),
+            "free_running": {k: v.mean(0).tolist() for k, v in fr.items()},
+            "teacher_forced": {k: v.mean(0).tolist() for k, v in tf.items()},
+            "eb_c": ebc,
+            "nll_oracle": float(fr["oracle_nll"].mean()),
+            # The same number from the sampled tokens themselves (no Rao-Blackwellisation), as a cross-check.
+            "nll_oracle_sampled": float(
+                -np.take_along_axis(
+                    np.asarray(oracle.log_probs(free)[:, :-1]), free[:, 1:, None], -1
+                ).mean()
+            ),
+            "reverse_kl_per_token": float(fr["reverse_kl"].mean()) if dec.is_ancestral else None,
+            "repetition": repetition_rates(free[:, 1:]),
+        }
+    return result
