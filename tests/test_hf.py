@@ -265,3 +265,11 @@ def test_cli_commands_parse_and_train_a_tokenizer(tmp_path):
     assert load_tokenizer(str(tmp_path / "tok")).decode(load_tokenizer(str(tmp_path / "tok")).encode("to be")) == "to be"
     with pytest.raises(SystemExit, match="exactly one of"):
         cli_hf._cmd_convert(parser.parse_args(["convert", "--out", "x"]))
+
+
+def test_bfloat16_checkpoint_is_read_without_torch_dtypes(tmp_path):
+    ref = _llama().to(torch.bfloat16)
+    ref.save_pretrained(str(tmp_path))
+    ours = hf.from_hf_dir(str(tmp_path))  # numpy has no bfloat16: read through ml_dtypes, widen to fp32
+    want = ref.model.layers[0].mlp.gate_proj.weight.detach().float().numpy().T
+    np.testing.assert_array_equal(np.asarray(ours.blocks[0].mlp.gate.kernel[...]), want)
