@@ -397,9 +397,8 @@ def from_hf_dir(directory: str) -> Transformer:
 def from_hf_model(hf_model) -> Transformer:
     """Convert a live transformers PyTorch model (GPT2LMHeadModel, LlamaForCausalLM, ...)."""
     hf_config = hf_model.config.to_dict()
-    hf_config.setdefault("architectures", [type(hf_model).__name__])
-    if hf_config["architectures"] != [type(hf_model).__name__]:
-        hf_config["architectures"] = [type(hf_model).__name__]
+    # The live object's class is the truth (a GPT2Model without its LM head is refused by name).
+    hf_config["architectures"] = [type(hf_model).__name__]
     tensors = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
     return model_from_hf_tensors(hf_config, tensors, source=type(hf_model).__name__)
 
