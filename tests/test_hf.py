@@ -263,7 +263,7 @@ def test_cli_commands_parse_and_train_a_tokenizer(tmp_path):
     args = parser.parse_args(["tokenizer", "train", "--data", str(text), "--vocab-size", "280", "--out", str(tmp_path / "tok")])
     assert args.func(args) == 0
     assert load_tokenizer(str(tmp_path / "tok")).decode(load_tokenizer(str(tmp_path / "tok")).encode("to be")) == "to be"
-    with pytest.raises(SystemExit, match="exactly one of"):
+    with pytest.raises(ValueError, match="exactly one of"):
         cli_hf._cmd_convert(parser.parse_args(["convert", "--out", "x"]))
 
 
@@ -273,3 +273,36 @@ def test_bfloat16_checkpoint_is_read_without_torch_dtypes(tmp_path):
     ours = hf.from_hf_dir(str(tmp_path))  # numpy has no bfloat16: read through ml_dtypes, widen to fp32
     want = ref.model.layers[0].mlp.gate_proj.weight.detach().float().numpy().T
     np.testing.assert_array_equal(np.asarray(ours.blocks[0].mlp.gate.kernel[...]), want)
+
+
+@pytest.mark.slow
+def test_cli_generate_hf_and_convert_end_to_end(tmp_path, capsys):
+    """`arjax generate --hf DIR` prints what transformers' greedy generate produces; convert + --ckpt agrees."""
+    from arjax.train.cli import main
+
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None)).eval()
+    with torch.no_grad():  # margins between logits, so greedy is decided by the model, not by rounding
+        for p in ref.parameters():
+            if p.ndim == 2:
+                p.mul_(4.0)
+    hf_dir = tmp_path / "hf"
+    ref.save_pretrained(str(hf_dir))
+    tok = _write_bpe(hf_dir, 300)
+    prompt = "the lazy"
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.no_grad():
+        out = ref.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id, pad_token_id=0)
+    expected = tok.decode(out[0, ids.shape[1]:].tolist())
+    assert len(expected) >= 6, expected  # a real continuation, not an immediate EOS
+    args = ["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12"]
+    assert main(["generate", "--hf", str(hf_dir), *args]) == 0
+    assert prompt + expected in capsys.readouterr().out
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(tmp_path / "run"), *args]) == 0
+    assert prompt + expected in capsys.readouterr().out
+    assert main(["convert", "--to-hf", str(tmp_path / "back"), "--ckpt", str(tmp_path / "run")]) == 0
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).config.eos_token_id == tok.eos_id
+    assert main(["convert", "--from-hf", str(hf_dir)]) == 2  # usage error: one line, status 2

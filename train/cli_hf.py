@@ -91,15 +91,15 @@ def convert_to_hf(run_dir: str, out_dir: str) -> str:
 
 def _cmd_convert(args) -> int:
     if bool(args.from_hf) == bool(args.to_hf):
-        raise SystemExit("arjax convert: pass exactly one of --from-hf DIR (with --out RUN_DIR) or --to-hf OUT_DIR (with --ckpt RUN_DIR)")
+        raise ValueError("pass exactly one of --from-hf DIR (with --out RUN_DIR) or --to-hf OUT_DIR (with --ckpt RUN_DIR)")
     if args.from_hf:
         if not args.out:
-            raise SystemExit("arjax convert --from-hf needs --out RUN_DIR (where the arjax checkpoint goes)")
+            raise ValueError("--from-hf needs --out RUN_DIR (where the arjax checkpoint goes)")
         convert_from_hf(args.from_hf, args.out, tokenizer=args.tokenizer)
         print(f"wrote arjax checkpoint {args.out} from {args.from_hf}; try: arjax generate --ckpt {args.out}")
     else:
         if not args.ckpt:
-            raise SystemExit("arjax convert --to-hf needs --ckpt RUN_DIR (the arjax run to export)")
+            raise ValueError("--to-hf needs --ckpt RUN_DIR (the arjax run to export)")
         convert_to_hf(args.ckpt, args.to_hf)
         print(f"wrote Hugging Face checkpoint {args.to_hf} (transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
