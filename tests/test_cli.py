@@ -1,0 +1,94 @@
+"""The `arjax` CLI: help texts, one-line errors with exit status 2, and train -> generate -> eval end to end."""
+
+import json
+
+import pytest
+
+from arjax.train import cli
+from arjax.train.tokenizer import ByteTokenizer
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["eval"]])
+def test_help_describes_every_flag(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: arjax" in out and "(default: None)" not in out
+    if command == ["generate"]:
+        for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--eos"):
+            assert flag in out
+        assert "(default: 200)" in out
+
+
+def test_plugins_are_registered_when_present():
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    assert {"train", "generate", "eval"} <= set(sub.choices)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "--set", "stepz=3"], "unknown TrainConfig keys ['stepz']"),
+        (["train", "--set", "oops"], "is not KEY=VALUE"),
+        (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["train", "--model", "gpt5"], "unknown model preset 'gpt5'"),
+        (["generate", "--ckpt", "/nonexistent"], "does not exist"),
+        (["generate"], "pass exactly one of --ckpt"),
+        (["eval", "--ckpt", "/nonexistent"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, match, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_set_parses_yaml_values_and_model_overrides():
+    assert cli._parse_set(["lr=1e-3", "model.dropout=0.1", "grad_clip=null"]) == {
+        "lr": 1e-3, "model_overrides": {"dropout": 0.1}, "grad_clip": None,
+    }
+
+
+def test_streamed_text_holds_back_split_utf8():
+    row = cli._RowText(ByteTokenizer())
+    e_acute = "é".encode()  # two bytes, arriving in different chunks
+    assert row.add([ord("a"), e_acute[0]]) == "a"
+    assert row.add([e_acute[1], ord("b")]) == "éb"
+    assert row.add([0xFF], final=True) == "\ufffd"
+
+
+@pytest.mark.slow
+def test_train_generate_eval_end_to_end(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("abcdefghijklmnopqrstuvwxyz\n" * 400)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "model: tiny\ntokenizer: char\nbatch_size: 8\nseq_len: 32\nsteps: 40\nlr: 1.0e-2\nwarmup_steps: 5\n"
+        "eval_interval: 40\neval_iters: 2\nlog_interval: 20\nckpt_interval: 40\n"
+    )
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--config", str(cfg), "--data", str(data), "--out", run, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "trained to step 40" in out
+    records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert len(train_losses) == 40 and train_losses[-1] < 0.5 and {"lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    val = [r for r in records if "val_loss" in r][-1]
+
+    # A batch, streamed with row labels, then the summary; greedy, so the alphabet must continue.
+    argv = ["generate", "--ckpt", run, "--prompt", "abc", "--prompt", "mno", "--max-new-tokens", "10",
+            "--temperature", "0", "--top-k", "5", "--top-p", "0.9", "--seed", "1", "--chunk-steps", "4"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[1] " in out and "[2] " in out and "--- [2] prompt 'mno': 10 new tokens" in out
+    assert "\nabcdefghijklm" in out and "\nmnopqrstuvwxy" in out
+    # Unknown character for a char vocabulary: a clear one-line error.
+    assert cli.main(["generate", "--ckpt", run, "--prompt", "ABC"]) == 2
+    assert "not in this character-level vocabulary" in capsys.readouterr().err
+
+    # eval on the run's own validation split reproduces the logged val loss.
+    assert cli.main(["eval", "--ckpt", run]) == 0
+    out = capsys.readouterr().out
+    assert f"loss {val['val_loss']:.4f}" in out
+
