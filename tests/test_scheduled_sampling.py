@@ -1,0 +1,302 @@
+"""Scheduled sampling: the closed-form optimum, alignment of fed-back predictions, gradients, coins, and the jitted step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from arjax.model import Transformer, get_config
+from arjax.train.scheduled_sampling import ScheduledSamplingConfig, draw_coins, make_schedule, ss_loss
+
+# ----------------------------------------------------------------------------- closed form
+# Oracle over tokens {1, 2, 3} (0 is BOS): x1 ~ o(x1), x2 ~ o(x2 | x1), chosen so that o(x2 | a)
+# and the marginal o(x2) are far apart and the test can tell them apart.
+O1 = np.array([0.5, 0.3, 0.2])
+O21 = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7]])
+O2 = O1 @ O21
+
+
+def train_closed_form(ps, *, reps=128, steps=200, lr=1e-2, seed=0):
+    """Train one tiny model per replacement probability p (vmapped) under the two-pass objective.
+
+    Every step sees all 9 (x1, x2) pairs ``reps`` times, weighted by o(x1, x2) through the loss
+    mask, so the only randomness is scheduled sampling's own: the coins and the sampled draws.
+    Returns q(x1 | BOS) [len(ps), 3] and q(x2 | a) [len(ps), 3 (a), 3 (x2)].
+    """
+    x1, x2 = (g.ravel() for g in np.meshgrid(np.arange(3), np.arange(3), indexing="ij"))
+    rows = np.stack([np.zeros(9, int), x1 + 1, x2 + 1], 1)  # [9, 3] = [BOS, x1, x2]
+    tokens = jnp.asarray(np.tile(rows, (reps, 1)), jnp.int32)  # [9R, 3]
+    w = jnp.asarray(np.tile(O1[x1] * O21[x1, x2], reps), jnp.float32)  # [9R]
+    weights = jnp.broadcast_to(w[:, None], (9 * reps, 2))  # [9R, T=2]
+    # Untied embeddings: the input table and the output head learn independently (a tied table makes
+    # the pass-2 noise on the input side disturb q(x1 | BOS), which slows convergence).
+    cfg = get_config("tiny", vocab_size=8, max_len=8, d_model=32, n_layers=1, n_heads=2, tie_embeddings=False)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+    n = len(ps)
+    params = jax.tree.map(lambda x: jnp.stack([x] * n), params)
+    opt_state = jax.vmap(tx.init)(params)
+    ss = ScheduledSamplingConfig(feed="sample")  # a drawn token: no gradient through the draw
+
+    def update(params, opt_state, key, p):
+        def loss_fn(params):
+            # The slot-1 input is replaced with probability p: gold probability 1 - p.
+            return ss_loss(nnx.merge(graphdef, params), tokens, key, 1.0 - p, ss, mask=weights)[0]
+
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    @jax.jit
+    def train(params, opt_state):
+        def body(carry, i):
+            keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), i), n)
+            return jax.vmap(update)(*carry, keys, jnp.asarray(ps, jnp.float32)), None
+
+        (params, _), _ = jax.lax.scan(body, (params, opt_state), jnp.arange(steps))
+        return params
+
+    params = train(params, opt_state)
+    probe = jnp.array([[0, 1], [0, 2], [0, 3]])  # [BOS, a] for a = 1, 2, 3
+
+    def probs(params):
+        logits, _ = nnx.merge(graphdef, params)(probe)  # [3, 2, V]
+        return jax.nn.softmax(logits, -1)[..., 1:4]  # [3, 2, 3]
+
+    pr = np.asarray(jax.vmap(probs)(params))  # [n, 3, 2, 3]
+    return pr[:, 0, 0], pr[:, :, 1]
+
+
+@pytest.mark.slow
+def test_two_pass_converges_to_the_closed_form_optimum():
+    """q*(x2 | a) = (1 - p) o(x2 | a) + p o(x2); an off-by-one feed or a gradient leak lands elsewhere."""
+    ps = [0.0, 0.5, 1.0]
+    q1, q2 = train_closed_form(ps)
+    for i, p in enumerate(ps):
+        want = (1 - p) * O21 + p * O2[None, :]
+        np.testing.assert_allclose(q1[i], O1, atol=0.02, err_msg=f"q(x1 | BOS) at p={p}")
+        np.testing.assert_allclose(q2[i], want, atol=0.02, err_msg=f"q(x2 | a) at p={p}")
+
+
+# ----------------------------------------------------------------------------- alignment with a known model
+
+
+class NextIsPlusOne:
+    """A stand-in model whose prediction after token x is always x + 1 (mod V), with one-hot embeddings.
+
+    It records the inputs of every call, so a test can see exactly what each pass was fed.
+    """
+
+    def __init__(self, vocab: int = 10):
+        self.V = vocab
+        self.calls = []
+
+    def embed_tokens(self, tokens):
+        return jax.nn.one_hot(tokens, self.V)  # [B, T, V]: the embedding of a token is its one-hot
+
+    def embed_soft(self, probs):
+        return probs  # the mixture of one-hot embeddings is the distribution itself
+
+    def __call__(self, tokens=None, positions=None, cache=None, *, embeddings=None, dropout_rng=None):
+        x = self.embed_tokens(tokens) if embeddings is None else embeddings  # [B, T, V]
+        self.calls.append(x)
+        return 20.0 * jnp.roll(x, 1, axis=-1), None  # logits peak at (input + 1) mod V
+
+
+@pytest.mark.parametrize("feed", ["argmax", "sample", "soft", "soft_topk", "gumbel"])
+def test_the_prediction_from_position_t_minus_1_replaces_input_t(feed):
+    model = NextIsPlusOne()
+    tokens = jnp.array([[5, 0, 3, 7, 2], [9, 9, 1, 4, 4]])  # [B, T+1]
+    cfg = ScheduledSamplingConfig(feed=feed, temperature=0.05, top_k=2 if feed == "soft_topk" else 0)
+    loss, aux = ss_loss(model, tokens, jax.random.key(0), 0.0, cfg)  # gold probability 0: every input t >= 1 is the model's
+    gold_inputs = tokens[:, :-1]  # [B, T]
+    # Pass 1 saw the gold inputs; pass 2 sees x_0, then the prediction made at t-1 for token t: x_{t-1} + 1.
+    want = jnp.concatenate([gold_inputs[:, :1], (gold_inputs[:, :-1] + 1) % 10], axis=1)  # [5, 6, 1, 4], [9, 0, 0, 2]
+    np.testing.assert_array_equal(jnp.argmax(model.calls[0], -1), gold_inputs)
+    np.testing.assert_array_equal(jnp.argmax(model.calls[1], -1), want)
+    np.testing.assert_array_equal(aux["fed_tokens"][:, 1:], want[:, 1:])
+    assert not aux["use_model"][:, 0].any(), "input 0 is never predicted, so never replaced"
+    # All 3 + 3 replaceable inputs were fed; the counter agrees with a direct comparison with gold.
+    assert int(aux["n_fed"]) == 6 and float(aux["mix_rate"]) == 1.0
+    assert int(aux["n_differ"]) == int((want != gold_inputs)[:, 1:].sum())
+
+
+def test_gold_probability_one_is_exactly_teacher_forcing():
+    cfg_m = get_config("tiny", vocab_size=16, max_len=8)
+    model = Transformer(cfg_m, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, 16)
+    tf_logits, _ = model(tokens[:, :-1])
+    from arjax.train.loss import next_token_loss
+
+    tf_loss, _ = next_token_loss(tf_logits, tokens[:, 1:])
+    for method in ("parallel", "sequential"):
+        loss, aux = ss_loss(model, tokens, jax.random.key(2), 1.0, ScheduledSamplingConfig(method=method))
+        np.testing.assert_allclose(float(loss), float(tf_loss), rtol=1e-5)
+        assert float(aux["mix_rate"]) == 0.0 and float(aux["differ_rate"]) == 0.0
+
+
+def _greedy_with_gold_start(model, x0, T):
+    """Reference: feed x0, then each argmax prediction, recomputing the whole prefix (no cache)."""
+    seq = x0[:, None]
+    for _ in range(T - 1):
+        logits, _ = model(seq)
+        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None].astype(seq.dtype)], axis=1)
+    logits, _ = model(seq)
+    return seq, logits
+
+
+def test_sequential_equals_greedy_rollout_and_k_pass_reaches_it_after_T_passes():
+    cfg_m = get_config("tiny", vocab_size=16, max_len=8)
+    model = Transformer(cfg_m, rngs=nnx.Rngs(3))
+    T = 5
+    tokens = jax.random.randint(jax.random.key(4), (2, T + 1), 0, 16)
+    seq, ref_logits = _greedy_with_gold_start(model, tokens[:, 0], T)
+    from arjax.train.loss import next_token_loss
+
+    ref_loss, _ = next_token_loss(ref_logits, tokens[:, 1:])
+    seq_loss, aux = ss_loss(model, tokens, jax.random.key(5), 0.0, ScheduledSamplingConfig(method="sequential", feed="argmax"))
+    np.testing.assert_array_equal(aux["fed_tokens"][:, 1:], seq[:, 1:])
+    np.testing.assert_allclose(float(seq_loss), float(ref_loss), rtol=1e-5)
+    # Pass k has the exact roll-out inputs up to position k-1, so T passes reproduce sequential exactly,
+    # and fewer passes do not (this random model's argmax depends on its prefix).
+    k_loss, k_aux = ss_loss(model, tokens, jax.random.key(5), 0.0, ScheduledSamplingConfig(num_passes=T, feed="argmax"))
+    np.testing.assert_array_equal(k_aux["fed_tokens"][:, 1:], seq[:, 1:])
+    np.testing.assert_allclose(float(k_loss), float(ref_loss), rtol=1e-5)
+    two_loss, two_aux = ss_loss(model, tokens, jax.random.key(5), 0.0, ScheduledSamplingConfig(feed="argmax"))
+    np.testing.assert_array_equal(two_aux["fed_tokens"][:, 1], seq[:, 1])  # position 1 only depends on x0
+
+
+def test_gradient_through_pass1_is_off_unless_asked():
+    cfg_m = get_config("tiny", vocab_size=16, max_len=8)
+    graphdef, params = nnx.split(Transformer(cfg_m, rngs=nnx.Rngs(6)))
+    tokens = jax.random.randint(jax.random.key(7), (2, 6), 0, 16)
+    key = jax.random.key(8)
+    off = ScheduledSamplingConfig(feed="soft", grad_through_pass1=False)
+    on = off.replace(grad_through_pass1=True)
+
+    def grads(cfg):
+        return jax.grad(lambda p: ss_loss(nnx.merge(graphdef, p), tokens, key, 0.0, cfg)[0])(params)
+
+    # Reference for "off": the mixture fed to pass 2 computed first and held constant.
+    def frozen_feed_loss(p):
+        model = nnx.merge(graphdef, p)
+        logits1, _ = nnx.merge(graphdef, params)(tokens[:, :-1])  # constant pass 1
+        probs = jax.nn.softmax(logits1[:, :-1], -1)  # prediction at t-1 for input t
+        emb = jnp.concatenate([model.embed_tokens(tokens[:, :1]), nnx.merge(graphdef, params).embed_soft(probs)], 1)
+        logits2, _ = model(embeddings=emb)
+        from arjax.train.loss import next_token_loss
+
+        return next_token_loss(logits2, tokens[:, 1:])[0]
+
+    g_off, g_on, g_ref = grads(off), grads(on), jax.grad(frozen_feed_loss)(params)
+    flat = lambda g: jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
+    # embed_soft reads the embedding table, which the reference holds constant; compare everything else.
+    not_embed = lambda g: jnp.concatenate(
+        [x.ravel() for path, x in jax.tree_util.tree_leaves_with_path(g) if "embed" not in jax.tree_util.keystr(path)]
+    )
+    np.testing.assert_allclose(not_embed(g_off), not_embed(g_ref), rtol=1e-4, atol=1e-7)
+    assert float(jnp.abs(not_embed(g_on) - not_embed(g_off)).max()) > 1e-5, "grad_through_pass1=True must change the gradient"
+    assert bool(jnp.all(jnp.isfinite(flat(g_on))))
+
+
+def test_sequential_is_differentiable_through_the_scan():
+    cfg_m = get_config("tiny", vocab_size=16, max_len=8)
+    graphdef, params = nnx.split(Transformer(cfg_m, rngs=nnx.Rngs(9)))
+    tokens = jax.random.randint(jax.random.key(10), (2, 6), 0, 16)
+    cfg = ScheduledSamplingConfig(method="sequential", feed="gumbel", grad_through_pass1=True, pass1_weight=0.5)
+    g = jax.grad(lambda p: ss_loss(nnx.merge(graphdef, p), tokens, jax.random.key(0), 0.5, cfg)[0])(params)
+    norms = [float(jnp.abs(x).sum()) for x in jax.tree.leaves(g)]
+    assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+# ----------------------------------------------------------------------------- coins
+
+
+def test_coin_granularities():
+    B, T, g = 4000, 6, 0.3
+    key = jax.random.key(11)
+    tok = np.asarray(draw_coins(key, g, B, T, "token"))
+    seq = np.asarray(draw_coins(key, g, B, T, "sequence"))
+    pre = np.asarray(draw_coins(key, g, B, T, "prefix"))
+    for coins in (tok, seq, pre):
+        assert not coins[:, 0].any()
+        assert abs(coins[:, 1:].mean() - (1 - g)) < 0.02
+    # sequence: a row is all model or all gold; prefix: gold first, then model to the end
+    assert set(seq[:, 1:].sum(1)) == {0, T - 1}
+    assert (np.diff(pre[:, 1:].astype(int), axis=1) >= 0).all()
+    assert len(set(pre[:, 1:].sum(1))) == T  # every prefix length 0..T-1 occurs
+    # position-dependent gold probability is honoured per position
+    gp = jnp.array([1.0, 1.0, 0.8, 0.5, 0.2, 0.0])
+    rate = np.asarray(draw_coins(key, gp, B, T, "token")).mean(0)
+    np.testing.assert_allclose(rate, 1 - np.asarray(gp), atol=0.03)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(feed="beam"), "feed='beam'"),
+        (dict(method="k_pass"), "method='k_pass'"),
+        (dict(num_passes=1), "num_passes=1"),
+        (dict(method="sequential", num_passes=3), "num_passes=3"),
+        (dict(temperature=0.0), "temperature=0.0"),
+        (dict(feed="soft_topk"), "top_k=0"),
+        (dict(top_k=5), "top_k=5"),
+        (dict(gumbel_hard=True), "gumbel_hard"),
+        (dict(pass1_weight=0.0, pass2_weight=0.0), "not both 0"),
+        (dict(granularity="row"), "granularity='row'"),
+    ],
+)
+def test_bad_config_is_refused_with_the_value_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduledSamplingConfig(**kw)
+
+
+def test_config_is_strict_and_frozen():
+    from arjax.train.scheduled_sampling import from_dict
+
+    with pytest.raises(ValueError, match="unknown ScheduledSamplingConfig keys \\['tempreature'\\]"):
+        from_dict({"tempreature": 1.0})
+    with pytest.raises(TypeError):
+        ScheduledSamplingConfig("parallel")  # type: ignore[misc]
+    with pytest.raises(TypeError, match="num_passes"):
+        ScheduledSamplingConfig(num_passes=2.0)  # type: ignore[arg-type]
+    cfg = ScheduledSamplingConfig(schedule=make_schedule("linear", k=1.0, c=0.1))
+    assert float(cfg.schedule(2, 4)[1]) == pytest.approx(0.8)
+    with pytest.raises(Exception):
+        cfg.feed = "soft"  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- the jitted train step
+
+
+def test_train_step_logs_and_never_recompiles_for_a_new_step_or_schedule():
+    from arjax.train.scheduled_sampling import make_ss_train_step
+    from arjax.train.schedules import GoldSchedule
+
+    cfg_m = get_config("tiny", vocab_size=16, max_len=8)
+    graphdef, params = nnx.split(Transformer(cfg_m, rngs=nnx.Rngs(12)))
+    tx = optax.adamw(1e-2)
+    opt_state = tx.init(params)
+    sched = make_schedule("linear", k=1.0, c=0.4)  # 1.0, 0.6, 0.2, 0.0 ...
+    ss = ScheduledSamplingConfig(feed="argmax", schedule=sched)
+    step_fn = make_ss_train_step(graphdef, tx, ss, seed=0)
+    batches = jax.random.randint(jax.random.key(13), (2, 4, 7), 0, 16)  # [A, B, T+1]
+    logs = []
+    for i in range(4):
+        params, opt_state, m = step_fn(params, opt_state, batches, i)
+        logs.append({k: float(v) for k, v in m.items()})
+    # New numbers for the same family: still the same program (a new family is a new program).
+    params, opt_state, m = step_fn(params, opt_state, batches, 4, GoldSchedule(step=make_schedule("linear", k=0.9, c=0.1)))
+    logs.append({k: float(v) for k, v in m.items()})
+    assert step_fn.jitted._cache_size() == 1
+    np.testing.assert_allclose([l["gold_prob"] for l in logs], [1.0, 0.6, 0.2, 0.0, 0.5], atol=1e-6)
+    assert logs[0]["mix_rate"] == 0.0 and logs[0]["differ_rate"] == 0.0
+    assert logs[3]["mix_rate"] == 1.0 and logs[3]["differ_rate"] > 0.5  # a random model's argmax is rarely gold
+    assert all(np.isfinite(l["loss"]) and l["tokens"] == 2 * 4 * 6 for l in logs)
+    with pytest.raises(ValueError, match="pass \\[A micro-batches, B, T\\+1\\]"):
+        step_fn(params, opt_state, batches[0], 5)
