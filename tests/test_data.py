@@ -79,3 +79,15 @@ def test_eval_windows_fixed_and_short_split_error():
     assert w.shape == (5, 11) and w[0, 0] == 0 and w[-1, -1] == 199
     with pytest.raises(ValueError, match="fewer than seq_len"):
         data_lib.eval_windows(ids[:8], n_windows=2, seq_len=10)
+
+
+def test_load_tokenizer_dispatches_hugging_face_dirs(tmp_path):
+    """A bare HF tokenizer.json (no arjax metadata) and an HF tokenizer's own save both load as kind hf."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.kind == "hf" and loaded.vocab_size == 3 and loaded.encode("a b a") == [0, 1, 0]
+    loaded.save(str(tmp_path / "again"))
+    assert load_tokenizer(str(tmp_path / "again")).encode("b") == [1]
