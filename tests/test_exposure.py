@@ -86,22 +86,27 @@ def test_ex_acc_err_is_zero_when_the_model_is_the_oracle():
     oracle = TransformerOracle.random(cfg, seed=0, init_std=0.4)
     # One batch shape (256 x 16) everywhere, so the decoder and scorers compile once.
     test = make_dataset(oracle, seed=1, n=256, length=16)
-    res = evaluate(oracle.model, oracle, test, (Decoding(name="ancestral"),), n_rollouts=256, seed=0, n_boot=100)
+    decs = (Decoding(name="ancestral"), Decoding(name="greedy", temperature=0.0))
+    res = evaluate(oracle.model, oracle, test, decs, n_rollouts=256, seed=0, n_boot=100)
     assert np.allclose(res["teacher_forced"]["kl"], 0.0, atol=1e-5)
     d = res["decodings"]["ancestral"]
-    ex, lo, hi = d["ex_acc_err"][-1], d["ex_acc_err_lo"][-1], d["ex_acc_err_hi"][-1]
+    e = d["ex"]["oracle_nll"]
+    ex, lo, hi = e["ex_acc_err"][-1], e["lo"][-1], e["hi"][-1]
     assert lo <= 0.0 <= hi and abs(ex) < 3.0, (ex, lo, hi)
     # Rao-Blackwellised and plain sample estimates of NLL-oracle agree, and equal the entropy rate.
     assert abs(d["nll_oracle"] - d["nll_oracle_sampled"]) < 0.05
     assert abs(d["nll_oracle"] - res["nll_test"]) < 0.05
     assert abs(d["reverse_kl_per_token"]) < 1e-5
+    # The oracle decoded greedily has zero regret against itself at every context it visits.
+    g = res["decodings"]["greedy"]
+    assert np.allclose(g["free_running"]["regret"], 0.0, atol=1e-5) and g["nll_oracle"] < d["nll_oracle"]
 
     # A different model has a positive divergence and a finite excess error.
     other = Transformer(cfg.replace(init_std=0.4), rngs=nnx.Rngs(5))
     res2 = evaluate(other, oracle, test, (Decoding(name="greedy", temperature=0.0),), n_rollouts=256, n_boot=20)
     assert res2["forward_kl_per_token"] > 0.1
     g = res2["decodings"]["greedy"]
-    assert np.isfinite(g["ex_acc_err"]).all() and np.all(np.asarray(g["eb_c"]["tv"]) > 0)
+    assert np.isfinite(g["ex"]["kl"]["ex_acc_err"]).all() and np.all(np.asarray(g["eb_c"]["tv"]) > 0)
 
 
 def test_policy_distribution_matches_the_decoder_filters():

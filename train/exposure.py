@@ -14,6 +14,10 @@ exact too (``tests/test_exposure.py`` checks this against brute-force enumeratio
 Per-step losses ``l(c)`` (``step_losses``):
   - ``oracle_nll``  H(m^F, o) = -sum_a m^F(a|c) log o(a|c): the oracle NLL of the token the decoder
     emits, in expectation. Non-zero even for a perfect model, so ExAccErr is defined at m = o.
+  - ``regret``      H(m^F, o) - H(o^F, o): the imitation-learning regret of the decoder against the
+    oracle decoded the same way (o^F: the same filter applied to o) at the same context. Zero for a
+    perfect model under any F and free of the context's own entropy (greedy: log o(argmax o) -
+    log o(argmax m) >= 0), so it separates "the model decides worse" from "the context is harder".
   - ``kl``          KL(o || m), the forward (teacher-forcing) divergence per token.
   - ``reverse_kl``  KL(m || o); ``tv`` total variation; ``js`` Jensen-Shannon (nats), both of m vs o.
   - ``agree``       1[argmax m = argmax o] (per-position top-1 accuracy against the oracle).
@@ -54,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-STEP_LOSSES = ("oracle_nll", "kl", "reverse_kl", "tv", "js", "agree")
+STEP_LOSSES = ("oracle_nll", "regret", "kl", "reverse_kl", "tv", "js", "agree")
 
 
 # ----------------------------------------------------------------------------- decoding strategies
@@ -130,14 +134,20 @@ def js_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return 0.5 * _xlogy_ratio(log_p, log_mid) + 0.5 * _xlogy_ratio(log_q, log_mid)
 
 
-def step_losses(oracle_lp: jax.Array, model_lp: jax.Array, policy_lp: jax.Array) -> dict[str, jax.Array]:
-    """Every per-step loss of the module docstring at each context: [B, T, V] x3 -> {name: [B, T]}.
+def step_losses(oracle_lp: jax.Array, model_lp: jax.Array, policy_lp: jax.Array, oracle_policy_lp: jax.Array) -> dict[str, jax.Array]:
+    """Every per-step loss of the module docstring at each context: [B, T, V] x4 -> {name: [B, T]}.
 
-    ``oracle_lp`` = log o, ``model_lp`` = log m (temperature 1), ``policy_lp`` = log m^F.
+    ``oracle_lp`` = log o, ``model_lp`` = log m (temperature 1), ``policy_lp`` = log m^F,
+    ``oracle_policy_lp`` = log o^F (the oracle decoded with the same strategy).
     """
-    pol = jnp.exp(policy_lp)
+    def cross_entropy(log_p, log_q):  # -sum p log q, with 0 * log 0 = 0
+        p = jnp.exp(log_p)
+        return jnp.where(p > 0, -p * log_q, 0.0).sum(-1)
+
+    oracle_nll = cross_entropy(policy_lp, oracle_lp)
     return {
-        "oracle_nll": jnp.where(pol > 0, -pol * oracle_lp, 0.0).sum(-1),
+        "oracle_nll": oracle_nll,
+        "regret": oracle_nll - cross_entropy(oracle_policy_lp, oracle_lp),
         "kl": kl_divergence(oracle_lp, model_lp),
         "reverse_kl": kl_divergence(model_lp, oracle_lp),
         "tv": tv_distance(model_lp, oracle_lp),
@@ -168,15 +178,17 @@ class ModelScorer:
         return _model_logits(self._graphdef, self._params, jnp.asarray(tokens, jnp.int32))
 
 
-def rollout(model, *, batch: int, length: int, decoding: Decoding, seed: int, bos_id: int) -> np.ndarray:
-    """Free-running samples ``[BOS, x_1..x_length]`` [batch, length + 1] from the jitted decoder."""
+def rollout(model, prompts, *, length: int, decoding: Decoding, seed: int) -> np.ndarray:
+    """Free-running continuations from the jitted decoder: ``prompts`` [B, P] (BOS first for an oracle;
+    equal lengths, so no padding) continued by ``length`` tokens -> [B, P + length] int32."""
     from arjax.decode import generate
 
-    out = generate(model, [[bos_id]] * batch, max_new_tokens=length, sampling=sampling_params(decoding, batch), seed=seed)
+    prompts = np.asarray(prompts, np.int32)
+    out = generate(model, prompts.tolist(), max_new_tokens=length, sampling=sampling_params(decoding, len(prompts)), seed=seed)
     toks = np.asarray(out.tokens)[:, :length].astype(np.int32)
     if toks.shape[1] != length:
         raise RuntimeError(f"the decoder returned {toks.shape[1]} tokens, expected {length} (no EOS is set)")
-    return np.concatenate([np.full((batch, 1), bos_id, np.int32), toks], axis=1)
+    return np.concatenate([prompts, toks], axis=1)
 
 
 def losses_along(oracle, scorer: ModelScorer, tokens: np.ndarray, decoding: Decoding, chunk: int = 256) -> dict[str, np.ndarray]:
@@ -188,7 +200,10 @@ def losses_along(oracle, scorer: ModelScorer, tokens: np.ndarray, decoding: Deco
     for i in range(0, len(tokens), chunk):
         x = jnp.asarray(tokens[i : i + chunk, :-1])
         logits = scorer.logits(x)
-        out = _step_losses_jit(oracle.log_probs(x), jax.nn.log_softmax(logits, -1), policy_log_probs(logits, decoding))
+        o_lp = oracle.log_probs(x)
+        # o^F: the same filter on the oracle's log-probs (log-probs are logits up to a per-row constant).
+        o_pol = policy_log_probs(jnp.where(jnp.isfinite(o_lp), o_lp, -1e30), decoding)
+        out = _step_losses_jit(o_lp, jax.nn.log_softmax(logits, -1), policy_log_probs(logits, decoding), o_pol)
         for k, v in out.items():
             parts[k].append(np.asarray(v))
     return {k: np.concatenate(v, 0) for k, v in parts.items()}
@@ -282,62 +297,71 @@ def evaluate(
     decodings: tuple[Decoding, ...],
     *,
     n_rollouts: int,
+    prompt_len: int = 0,
     seed: int = 0,
     n_boot: int = 200,
-    ex_loss: str = "oracle_nll",
+    ex_losses: tuple[str, ...] = ("regret", "kl", "oracle_nll"),
 ) -> dict:
     """Every metric for one model: teacher forcing on ``test_tokens`` (oracle roll-in, [N, L+1], BOS
     first) against free running with each decoding strategy (model roll-in, ``n_rollouts`` rows).
 
-    Returns plain lists/floats (JSON-ready): per-position curves and their bootstrap CIs.
+    Free running starts from the first ``prompt_len`` tokens after BOS of the test rows (cycled), as
+    Arora et al. prompt with a data prefix: without a prompt every greedy roll-out is the same single
+    sequence. Error accumulation is measured over the ``L - prompt_len`` generated positions, against
+    the oracle roll-in at the same positions. Returns plain lists/floats (JSON-ready).
     """
-    if ex_loss not in STEP_LOSSES:
-        raise ValueError(f"ex_loss={ex_loss!r}; choose one of {STEP_LOSSES}")
+    bad = [x for x in ex_losses if x not in STEP_LOSSES]
+    if bad or not ex_losses:
+        raise ValueError(f"ex_losses={ex_losses!r}; choose from {STEP_LOSSES}")
     test_tokens = np.asarray(test_tokens, np.int32)
     length = test_tokens.shape[1] - 1
+    if not 0 <= prompt_len < length:
+        raise ValueError(f"prompt_len={prompt_len} must be in [0, {length}) for sequences of {length} tokens; shorten the prompt")
+    if n_rollouts <= 0:
+        raise ValueError(f"n_rollouts={n_rollouts} must be positive")
+    p, gen = prompt_len, length - prompt_len
     scorer = ModelScorer(model)
     logits = scorer.logits(test_tokens[:, :-1])
     nll_test = float(
         -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), test_tokens[:, 1:, None], -1).mean()
     )
-    result = {"length": length, "nll_test": nll_test, "decodings": {}}
+    result = {"length": gen, "prompt_len": p, "nll_test": nll_test, "decodings": {}}
     ancestral = Decoding(name="ancestral")
     tf_anc = losses_along(oracle, scorer, test_tokens, ancestral)
-    result["teacher_forced"] = {k: v.mean(0).tolist() for k, v in tf_anc.items()}
+    result["teacher_forced"] = {k: v[:, p:].mean(0).tolist() for k, v in tf_anc.items()}
     result["forward_kl_per_token"] = float(tf_anc["kl"].mean())
+    prompts = test_tokens[np.arange(n_rollouts) % len(test_tokens), : p + 1]  # [R, P+1]
     for i, dec in enumerate(decodings):
-        free = rollout(model, batch=n_rollouts, length=length, decoding=dec, seed=seed * 1000 + i, bos_id=oracle.bos_id)
-        fr = losses_along(oracle, scorer, free, dec)
+        free = rollout(model, prompts, length=gen, decoding=dec, seed=seed * 1000 + i)
+        fr = {k: v[:, p:] for k, v in losses_along(oracle, scorer, free, dec).items()}  # generated positions
         tf = tf_anc if dec.is_ancestral else losses_along(oracle, scorer, test_tokens, dec)
+        tf = {k: v[:, p:] for k, v in tf.items()}
 
         def ex_stat(a, b):
             return accumulated_error(a, b)["ex_acc_err"]
 
-        est, lo, hi = bootstrap_ci(ex_stat, fr[ex_loss], tf[ex_loss], n_boot=n_boot, seed=seed)
-        acc = accumulated_error(fr[ex_loss], tf[ex_loss])
+        ex = {}
+        for loss in ex_losses:
+            est, lo, hi = bootstrap_ci(ex_stat, fr[loss], tf[loss], n_boot=n_boot, seed=seed)
+            acc = accumulated_error(fr[loss], tf[loss])
+            ex[loss] = {"ex_acc_err": est.tolist(), "lo": lo.tolist(), "hi": hi.tolist(),
+                        **{k: acc[k].tolist() for k in ("R", "l_eps", "acc_err")}}
         ebc = {}
         for f in ("tv", "js"):
             with np.errstate(divide="ignore", invalid="ignore"):
-                ebc[f] = (fr[f].mean(0) / tf_anc[f].mean(0)).tolist()
+                ebc[f] = (fr[f].mean(0) / tf_anc[f][:, p:].mean(0)).tolist()
+        o_lp = np.asarray(oracle.log_probs(free[:, :-1]))[:, p:]  # [R, gen, V]
         result["decodings"][dec.name] = {
             "decoding": dataclasses.asdict(dec),
-            "ex_acc_err": est.tolist(),
-            "ex_acc_err_lo": lo.tolist(),
-            "ex_acc_err_hi": hi.tolist(),
-            "R": acc["R"].tolist(),
-            "l_eps": acc["l_eps"].tolist(),
-            "acc_err": acc["acc_err"].tolist(),
+            "ex": ex,  # per loss: ExAccErr(l) with bootstrap CI (lo, hi), R(l), l*eps(l), AccErr(l)
             "free_running": {k: v.mean(0).tolist() for k, v in fr.items()},
             "teacher_forced": {k: v.mean(0).tolist() for k, v in tf.items()},
             "eb_c": ebc,
             "nll_oracle": float(fr["oracle_nll"].mean()),
             # The same number from the sampled tokens themselves (no Rao-Blackwellisation), as a cross-check.
-            "nll_oracle_sampled": float(
-                -np.take_along_axis(
-                    np.asarray(oracle.log_probs(free)[:, :-1]), free[:, 1:, None], -1
-                ).mean()
-            ),
+            "nll_oracle_sampled": float(-np.take_along_axis(o_lp, free[:, p + 1 :, None], -1).mean()),
+            # Sequence-level reverse KL per token needs roll-ins from m itself (ancestral decoding).
             "reverse_kl_per_token": float(fr["reverse_kl"].mean()) if dec.is_ancestral else None,
-            "repetition": repetition_rates(free[:, 1:]),
+            "repetition": repetition_rates(free[:, p + 1 :]),
         }
     return result
