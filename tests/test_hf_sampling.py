@@ -180,3 +180,12 @@ def test_greedy_generation_matches_hf_generate(family):
                             pad_token_id=0, use_cache=True)[:, P:].numpy()
     np.testing.assert_array_equal(out.tokens, want)
     assert (out.lengths == new).all()
+    # Greedy with a repetition penalty: HF applies it as a processor before the argmax, as we do.
+    # New sampling values are traced arrays, so this reuses the compiled program.
+    greedy_penalised = SamplingParams.make(len(prompts), temperature=0.0, repetition_penalty=1.5)
+    out = generate(ours, prompts, max_new_tokens=new, pad_id=0, sampling=greedy_penalised)
+    with torch.no_grad():
+        want_penalised = ref.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                      repetition_penalty=1.5, pad_token_id=0, use_cache=True)[:, P:].numpy()
+    assert (want_penalised != want).any()  # the penalty changed the tokens, so this checks something new
+    np.testing.assert_array_equal(out.tokens, want_penalised)
