@@ -52,6 +52,7 @@ from flax import nnx
 from arjax.model.cache import init_cache
 from arjax.train.loss import next_token_loss, token_nll
 from arjax.train.schedules import GoldSchedule, Schedule, as_gold_schedule, constant, make_schedule
+from arjax.train.step import step_key
 
 __all__ = [
     "ScheduledSamplingConfig",
@@ -324,11 +325,6 @@ def ss_loss(
 # ----------------------------------------------------------------------------- the train step
 
 
-def _step_key(seed: int, step) -> jax.Array:
-    """Randomness for optimizer step ``step`` from (seed, step) alone, so a resumed run draws the same coins."""
-    return jax.random.fold_in(jax.random.key(seed), step)
-
-
 def make_ss_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -344,7 +340,8 @@ def make_ss_train_step(
     The same shape as the teacher-forced ``arjax.train.step.make_train_step`` (same optimizer,
     micro-batches scanned and weighted by token count, params and optimizer state donated), with
     the scheduled-sampling loss. ``step`` and ``schedule`` are traced: the gold probability
-    changes every step without recompiling, and so do the schedule's numbers.
+    changes every step without recompiling, and so do the schedule's numbers (k, c, eps_min);
+    only a different schedule family (``kind``) or ``combine`` is a new program.
     """
     if not isinstance(cfg, ScheduledSamplingConfig):
         raise ValueError(f"cfg={cfg!r}: pass a ScheduledSamplingConfig")
@@ -358,7 +355,7 @@ def make_ss_train_step(
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batches, step, schedule):
-        key = _step_key(seed, step)
+        key = step_key(seed, step)  # (seed, step) alone: a resumed run draws the same coins
         T = batches.shape[-1] - 1
         gold_prob = schedule(step, T)  # [T], traced
 
@@ -397,7 +394,7 @@ def make_ss_train_step(
             "loss": s["loss"] / n,
             "pass1_loss": s["pass1_loss"] / n,
             "pass2_loss": s["pass2_loss"] / n,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "tokens": s["tokens"],
             "gold_prob": s["gold_sum"] / n_rep,
             "mix_rate": s["n_fed"] / n_rep,
