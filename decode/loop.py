@@ -91,12 +91,14 @@ def init_state(
     num_slots: int,
     rng: jax.Array,
     max_steps: int | jax.Array | None = None,
+    pad_id: int | jax.Array = 0,
 ) -> DecodeState:
     """The loop's starting state after ``prefill``.
 
     logits [B, V] from prefill; prompt_tokens/prompt_positions [B, P] as given to prefill (they
     seed the repetition-penalty presence, padding excluded); num_slots N (static) sizes the
-    output buffers; max_steps (default N) is when running rows stop with 'length'.
+    output buffers, which start filled with ``pad_id``; max_steps (default N) is when running
+    rows stop with 'length'.
     """
     B, V = logits.shape
     real = prompt_positions >= 0  # [B, P]
@@ -118,7 +120,7 @@ def init_state(
         max_steps=jnp.asarray(num_slots if max_steps is None else max_steps, jnp.int32),
         done=jnp.zeros((B,), bool),
         lengths=jnp.zeros((B,), jnp.int32),
-        tokens=jnp.zeros((B, num_slots), jnp.int32),
+        tokens=jnp.full((B, num_slots), pad_id, jnp.int32),
         logprobs=jnp.zeros((B, num_slots), jnp.float32),
         stop_reason=jnp.full((B,), RUNNING, jnp.int32),
         presence=presence,
@@ -190,7 +192,7 @@ def _start_impl(graphdef, num_slots, cache_len, params, tokens, positions, seed,
     B = tokens.shape[0]
     cache = init_cache(model.cfg, B, cache_len)
     logits, cache = prefill(model, tokens, positions, cache)
-    state = init_state(logits, cache, tokens, positions, num_slots=num_slots, rng=jax.random.key(seed), max_steps=max_steps)
+    state = init_state(logits, cache, tokens, positions, num_slots=num_slots, rng=jax.random.key(seed), max_steps=max_steps, pad_id=pad_id)
     return _loop(model, state, sampling, eos_ids, pad_id, limit)
 
 
