@@ -185,14 +185,14 @@ def _loop(model, state: DecodeState, sampling, eos_ids, pad_id, limit) -> Decode
     return jax.lax.while_loop(cond, body, state)
 
 
-def _start_impl(graphdef, num_slots, cache_len, params, tokens, positions, seed, max_steps, sampling, eos_ids, pad_id, limit):
+def _start_impl(graphdef, num_slots, cache_len, params, tokens, positions, rng, max_steps, sampling, eos_ids, pad_id, limit):
     """Prefill + the first chunk of the loop, one program (generate's single jitted call)."""
     TRACE_COUNTS["start"] += 1
     model = nnx.merge(graphdef, params)
     B = tokens.shape[0]
     cache = init_cache(model.cfg, B, cache_len)
     logits, cache = prefill(model, tokens, positions, cache)
-    state = init_state(logits, cache, tokens, positions, num_slots=num_slots, rng=jax.random.key(seed), max_steps=max_steps, pad_id=pad_id)
+    state = init_state(logits, cache, tokens, positions, num_slots=num_slots, rng=rng, max_steps=max_steps, pad_id=pad_id)
     return _loop(model, state, sampling, eos_ids, pad_id, limit)
 
 
@@ -223,12 +223,16 @@ class _Plan:
     eos_ids: np.ndarray  # [E] int32, -1 padded
 
 
-def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len, buckets) -> _Plan:
+def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len, buckets, seed=0) -> _Plan:
     """Every check of user input happens here, before anything is traced."""
     cfg = model.cfg
     V = cfg.vocab_size
+    if hasattr(prompts, "shape") and len(prompts.shape) == 2:  # a [B, P] array of equal-length prompts
+        prompts = list(np.asarray(prompts))
     if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
         raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} {prompts!r:.60}")
+    if not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed={seed!r} must be an int")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
     buckets = tuple(sorted(int(b) for b in buckets))
@@ -314,7 +318,7 @@ def stream(
     """
     if chunk_steps is not None and (not isinstance(chunk_steps, (int, np.integer)) or chunk_steps < 1):
         raise ValueError(f"chunk_steps={chunk_steps!r} must be an int >= 1 (or None for one chunk)")
-    plan = _plan(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, max_len=max_len, buckets=buckets)
+    plan = _plan(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, max_len=max_len, buckets=buckets, seed=seed)
     # Validation above runs at call time; the decoding below runs as the caller iterates.
     return _run(model, plan, sampling, seed, pad_id, chunk_steps)
 
@@ -334,7 +338,7 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps) -> Iterator[li
     limit = min(chunk, N)
     state = _start(
         graphdef, plan.num_slots, plan.cache_len, params, jnp.asarray(plan.tokens), jnp.asarray(plan.positions),
-        i32(seed), i32(N), sampling, eos, pad, i32(limit),
+        jax.random.key(seed), i32(N), sampling, eos, pad, i32(limit),
     )
     emitted = np.zeros(B, np.int64)
     while True:

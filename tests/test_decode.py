@@ -115,6 +115,7 @@ def test_no_recompile_within_a_bucket_or_for_new_settings(tiny):
     generate(tiny, [[1, 2], [3], [4, 5, 6, 7, 8]], max_new_tokens=N - 3, seed=9, eos_ids=[1, 2, 3])
     sampling = SamplingParams.make(3, temperature=0.3, top_k=5, top_p=0.5, min_p=0.1, repetition_penalty=1.3)
     generate(tiny, [[1] * 16, [2], [3]], max_new_tokens=N + 8, sampling=sampling, eos_ids=4)
+    generate(tiny, np.array([[1, 2], [3, 4], [5, 6]]), max_new_tokens=1)  # a [B, P] array works too
     assert loop.TRACE_COUNTS["start"] == before
     generate(tiny, [[1] * 17, [2], [3]], max_new_tokens=N)  # a longer bucket: the counter does move
     assert loop.TRACE_COUNTS["start"] == before + 1
@@ -168,6 +169,8 @@ def test_gradients_flow_through_decode_step_under_scan():
         ([[1], [2]], dict(sampling=SamplingParams.make(3)), r"SamplingParams.temperature has shape \(3,\), expected \(2,\)"),
         ([[1]], dict(sampling=SamplingParams.make(1, top_k=300)), r"top_k=300 \(row 0\) exceeds the vocabulary size 256"),
         ([[1]], dict(chunk_steps=0), r"chunk_steps=0 must be an int >= 1"),
+        ([[1]], dict(seed=1.5), r"seed=1.5 must be an int"),
+        ("hello", {}, r"prompts must be a non-empty list of token-id lists, got str"),
     ],
 )
 def test_bad_input_raises_before_tracing(prompts, kwargs, match):
