@@ -230,38 +230,73 @@ def _sequential(model, inputs, targets, use_model, key, cfg, dropout_rng):
 
     Each model-fed input is drawn from the logits the model produced one step earlier on the
     already mixed prefix, exactly as at generation time. Gradient flows through the cache
-    (later positions attend to earlier keys); through the fed-back mixtures only with
-    ``grad_through_pass1``.
+    (later positions attend to earlier keys); through fed-back mixtures only with
+    ``grad_through_pass1``. Token feeds run the decoder's own ``arjax.decode.decode_step`` (the
+    draw is ``arjax.decode.sample``, then mixed with gold and passed as ``forced_tokens``);
+    mixtures need an embedding input, which ``decode_step`` does not take, so they run a thin
+    step that makes the same one-slot cached model call.
     """
-    B, T = inputs.shape
-    cache = init_cache(model.cfg, B, T)
     logits1 = None
     if cfg.pass1_weight > 0:
         logits1, _ = model(inputs, dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, 1))
+    if cfg.soft:
+        logits, fed = _sequential_soft(model, inputs, use_model, key, cfg, dropout_rng)
+    else:
+        if dropout_rng is not None:
+            raise ValueError("method='sequential' with token feeds runs decode_step, which has no dropout; use dropout=0")
+        logits, fed = _sequential_decode(model, inputs, use_model, key, cfg)
+    return logits1, logits, fed
+
+
+def _sequential_decode(model, inputs, use_model, key, cfg):
+    """Token feeds through ``decode_step``: prefill x_0, then one forced token per step."""
+    from arjax.decode import SamplingParams, decode_step, init_state, prefill, sample
+
+    B, T = inputs.shape
+    cache = init_cache(model.cfg, B, T)
+    pos0 = jnp.zeros((B, 1), jnp.int32)
+    logits0, cache = prefill(model, inputs[:, :1], pos0, cache)  # [B, V]: the prediction for x_1
+    n = max(T - 1, 1)
+    state = init_state(logits0, cache, inputs[:, :1], pos0, num_slots=n, rng=jax.random.fold_in(key, 0), max_steps=n)
+    # The decoder's sampler: temperature 0 is its argmax.
+    sampling = SamplingParams.make(B, temperature=0.0 if cfg.feed == "argmax" else cfg.temperature)
+
+    def step(state, xs):
+        t, gold, coin = xs  # [], [B], [B]
+        prev = state.logits if cfg.grad_through_pass1 else jax.lax.stop_gradient(state.logits)
+        draw = sample(jax.random.fold_in(key, t), prev, sampling)  # [B]: the model's own next token
+        state = decode_step(model, state, sampling, forced_tokens=jnp.where(coin, draw, gold))
+        return state, (state.logits, draw)
+
+    xs = (jnp.arange(1, T), inputs[:, 1:].T, use_model[:, 1:].T)  # scan over positions 1..T-1
+    _, (logits, fed) = jax.lax.scan(step, state, xs)  # [T-1, B, V], [T-1, B]
+    logits = jnp.concatenate([logits0[:, None], jnp.swapaxes(logits, 0, 1)], axis=1)  # [B, T, V]
+    fed = jnp.concatenate([inputs[:, :1], fed.T], axis=1)  # [B, T]
+    return logits, fed
+
+
+def _sequential_soft(model, inputs, use_model, key, cfg, dropout_rng):
+    """Mixture feeds: the same cached one-slot model call as ``decode_step``, fed an embedding."""
+    B, T = inputs.shape
+    cache = init_cache(model.cfg, B, T)
 
     def step(carry, xs):
         cache, prev_logits = carry  # prev_logits [B, V]: the prediction for this position
         t, gold, coin = xs  # [], [B], [B]
         prev = prev_logits if cfg.grad_through_pass1 else jax.lax.stop_gradient(prev_logits)
-        fed_tok, fed_emb = _feed(model, prev, jax.random.fold_in(key, t), cfg)  # [B], [B, D] | None
+        fed_tok, fed_emb = _feed(model, prev, jax.random.fold_in(key, t), cfg)  # [B], [B, D]
         coin = coin & (t > 0)
         positions = jnp.full((B, 1), t, jnp.int32)
         rng = None if dropout_rng is None else jax.random.fold_in(jax.random.fold_in(dropout_rng, 2), t)
-        if fed_emb is None:
-            tok = jnp.where(coin, fed_tok, gold)[:, None]  # [B, 1]
-            logits, cache = model(tok, positions, cache, dropout_rng=rng)
-        else:
-            gold_emb = model.embed_tokens(gold[:, None])  # [B, 1, D]
-            emb = jnp.where(coin[:, None, None], fed_emb[:, None].astype(gold_emb.dtype), gold_emb)
-            logits, cache = model(None, positions, cache, embeddings=emb, dropout_rng=rng)
+        gold_emb = model.embed_tokens(gold[:, None])  # [B, 1, D]
+        emb = jnp.where(coin[:, None, None], fed_emb[:, None].astype(gold_emb.dtype), gold_emb)
+        logits, cache = model(None, positions, cache, embeddings=emb, dropout_rng=rng)  # [B, 1, V]
         return (cache, logits[:, 0]), (logits[:, 0], fed_tok)
 
-    V = model.cfg.vocab_size
-    init = (cache, jnp.zeros((B, V), jnp.float32))
+    init = (cache, jnp.zeros((B, model.cfg.vocab_size), jnp.float32))
     xs = (jnp.arange(T), inputs.T, use_model.T)  # scan over positions
     _, (logits, fed) = jax.lax.scan(step, init, xs)
-    logits = jnp.swapaxes(logits, 0, 1)  # [B, T, V]
-    return logits1, logits, fed.T
+    return jnp.swapaxes(logits, 0, 1), fed.T  # [B, T, V], [B, T]
 
 
 def ss_loss(
@@ -279,7 +314,8 @@ def ss_loss(
     tokens: [B, T+1] int; ``gold_prob``: [] or [T] probability that input t is gold (traced; see
     ``GoldSchedule``); ``mask``: [B, T] over targets (bool, or float weights). Returns
     ``(pass1_weight * L_teacher_forced + pass2_weight * L_scheduled, aux)``; ``aux`` holds the two
-    losses, ``n_tokens``, ``gold_prob``, ``mix_rate``, ``differ_rate``, ``n_fed``, ``n_differ``,
+    losses (``pass1_loss`` is 0 for ``sequential`` unless ``pass1_weight > 0``: no teacher-forced
+    pass is run then), ``n_tokens``, ``gold_prob``, ``mix_rate``, ``differ_rate``, ``n_fed``, ``n_differ``,
     ``n_replaceable`` and ``use_model`` / ``fed_tokens`` [B, T] (what was fed where, for tests
     and analysis).
     """
@@ -345,6 +381,11 @@ def make_ss_train_step(
     """
     if not isinstance(cfg, ScheduledSamplingConfig):
         raise ValueError(f"cfg={cfg!r}: pass a ScheduledSamplingConfig")
+    if use_dropout and cfg.method == "sequential" and not cfg.soft:
+        raise ValueError(
+            f"method='sequential' with feed={cfg.feed!r} runs the decoder's decode_step, which has no dropout; "
+            "train with dropout=0 or use method='parallel'"
+        )
 
     def micro_loss(params, batch, key, gold_prob, dropout_rng):
         model = nnx.merge(graphdef, params)
