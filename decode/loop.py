@@ -152,7 +152,11 @@ def decode_step(
     logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
     logprob = jnp.where(state.done, 0.0, logprob)  # [B]
     running = ~state.done
-    hit_eos = running & (jnp.any(token[:, None] == eos_ids[None, :], axis=-1) if eos_ids is not None else False)
+    if eos_ids is None:
+        hit_eos = jnp.zeros_like(running)
+    else:
+        eos_ids = jnp.asarray(eos_ids, jnp.int32).reshape(-1)  # [E]
+        hit_eos = running & jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
     hit_len = running & ~hit_eos & (state.step + 1 >= state.max_steps)
     col = (0, state.step)
     logits, cache = model(token[:, None], state.positions[:, None], state.cache)  # [B, 1, V]
