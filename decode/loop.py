@@ -273,7 +273,10 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         raise ValueError(
             f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
             f"exceeds the cache length {cache_len} ({where}); lower max_new_tokens to <= {cache_len - longest}, "
-            "shorten the prompt" + (", or raise max_len" if max_len is not None and cfg.pos == "rope" else "")
+            "shorten the prompt"
+            # RoPE has no learned position table, so a longer cache than the model's max_len works
+            # (quality past the trained length is another matter); learned positions end at max_len.
+            + (f", or pass max_len={longest + max_new_tokens} (or more)" if cfg.pos == "rope" else "")
         )
     # Prompt width: its bucket, shrunk only when the cache cannot hold bucket + new tokens.
     P = min(bucket(longest, buckets), cache_len - max_new_tokens)

@@ -163,6 +163,7 @@ def test_gradients_flow_through_decode_step_under_scan():
         ([[1] * 60], dict(max_new_tokens=10), r"longest prompt \(60 tokens\) \+ max_new_tokens \(10\) = 70 exceeds the cache length 64.*lower max_new_tokens to <= 4"),
         ([[1] * 10], dict(max_new_tokens=10, max_len=16), r"= 20 exceeds the cache length 16"),
         ([[1]], dict(max_len=100), r"max_len=100 exceeds the model's max_len=64"),
+        ([[1] * 60], dict(max_new_tokens=10, rope=True), r"= 70 exceeds the cache length 64.*or pass max_len=70"),
         ([[1]], dict(max_new_tokens=0), r"max_new_tokens=0 must be an int >= 1"),
         ([[1]], dict(eos_ids=[300]), r"eos id 300 is outside \[0, 256\)"),
         ([[1]], dict(pad_id=-1), r"pad_id=-1 must be a token id"),
@@ -174,7 +175,9 @@ def test_gradients_flow_through_decode_step_under_scan():
     ],
 )
 def test_bad_input_raises_before_tracing(prompts, kwargs, match):
-    fake = type("M", (), {"cfg": CONFIGS["tiny"]})()  # errors come before the model is touched
+    kwargs = dict(kwargs)
+    cfg = CONFIGS["llama-style" if kwargs.pop("rope", False) else "tiny"]
+    fake = type("M", (), {"cfg": cfg})()  # errors come before the model is touched
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         stream(fake, prompts, **kwargs)
