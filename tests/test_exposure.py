@@ -100,6 +100,9 @@ def test_ex_acc_err_is_zero_when_the_model_is_the_oracle():
     # The oracle decoded greedily has zero regret against itself at every context it visits.
     g = res["decodings"]["greedy"]
     assert np.allclose(g["free_running"]["regret"], 0.0, atol=1e-5) and g["nll_oracle"] < d["nll_oracle"]
+    # Greedy is deterministic: the model's roll-in IS the oracle's greedy roll-in, so against the
+    # oracle decoded alike there is exactly no excess error.
+    np.testing.assert_allclose(g["ex_vs_oracle_decoded"]["oracle_nll"]["ex_acc_err"], 0.0, atol=1e-3)
 
     # A different model has a positive divergence and a finite excess error.
     other = Transformer(cfg.replace(init_std=0.4), rngs=nnx.Rngs(5))

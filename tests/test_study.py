@@ -79,3 +79,34 @@ def test_bad_config_file_is_a_clear_cli_error(tmp_path, capsys):
     path.write_text("name: x\nmethods: [{name: tf, shedule: {kind: linear}}]\n")
     assert main(["study", str(path)]) == 2
     assert "unknown keys ['shedule'] in study.methods[0]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_text_study_against_a_named_scorer(tmp_path):
+    """No oracle: a scorer trained by `arjax train` stands in for it; the study runs on corpus windows."""
+    import yaml
+
+    from arjax.train.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat. " * 200)
+    scorer = tmp_path / "scorer"
+    assert main(["train", "--model", "tiny", "--tokenizer", "byte", "--data", str(text), "--steps", "2",
+                 "--batch-size", "4", "--seq-len", "16", "--set", "model.n_layers=1", "--out", str(scorer), "--quiet"]) == 0
+    cfg = {
+        "name": "text",
+        "oracle": {"kind": "scorer", "scorer": str(scorer), "text": str(text)},
+        "data": {"length": 8, "n_train": 32, "n_test": 16},
+        "model": {"n_layers": 1, "n_heads": 1, "d_model": 8},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+        "seeds": [0],
+        "decodings": [{"name": "greedy", "temperature": 0.0}],
+        "eval": {"n_rollouts": 16, "prompt_len": 4, "n_boot": 3, "ex_losses": ["kl"]},
+    }
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "report"
+    assert main(["study", str(path), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    run = res["runs"][0]["eval"]
+    assert run["length"] == 4 and run["forward_kl_per_token"] > 0

@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Callable
 
 import jax
@@ -58,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+DEGENERATE = 1e-5  # per-step loss (nats) below which eps(l) counts as zero and ExAccErr as undefined
 STEP_LOSSES = ("oracle_nll", "regret", "kl", "reverse_kl", "tv", "js", "agree")
 
 
@@ -231,6 +233,9 @@ def accumulated_error(
     l_eps = np.cumsum(_weighted_mean(loss_oracle_rollin, w_oracle))  # [L]
     with np.errstate(divide="ignore", invalid="ignore"):
         ex = (R / l_eps - 1.0) * 100.0
+    # A loss that vanishes (regret or KL of the oracle against itself) leaves a ratio of rounding
+    # errors: undefined, not a number to plot.
+    ex = np.where(np.abs(l_eps) > DEGENERATE * np.arange(1, len(l_eps) + 1), ex, np.nan)
     return {"R": R, "l_eps": l_eps, "acc_err": R - l_eps, "ex_acc_err": ex}
 
 
@@ -249,7 +254,9 @@ def bootstrap_ci(
     for _ in range(n_boot):
         boots.append(stat(*[s[rng.integers(0, len(s), len(s))] for s in samples]))
     boots = np.asarray(boots, np.float64)
-    lo, hi = np.nanpercentile(boots, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    with warnings.catch_warnings():  # a statistic that is 0/0 everywhere (the oracle against itself) gives NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(boots, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
     return est, lo, hi
 
 
@@ -346,6 +353,19 @@ def evaluate(
             acc = accumulated_error(fr[loss], tf[loss])
             ex[loss] = {"ex_acc_err": est.tolist(), "lo": lo.tolist(), "hi": hi.tolist(),
                         **{k: acc[k].tolist() for k in ("R", "l_eps", "acc_err")}}
+        # The same decoding applied to the oracle (when it is a model the decoder can run): the error
+        # of the model's roll-in against the roll-in a perfect model would make with this decoding,
+        # which removes the shift that the decoding strategy itself causes.
+        oracle_model = getattr(oracle, "model", None) if getattr(oracle, "temperature", None) == 1.0 else None
+        ex_vs_of, of_curves = None, None
+        if oracle_model is not None:
+            ofree = rollout(oracle_model, prompts, length=gen, decoding=dec, seed=seed * 1000 + 500 + i)
+            orl = {k: v[:, p:] for k, v in losses_along(oracle, scorer, ofree, dec).items()}
+            ex_vs_of = {}
+            for loss in ex_losses:
+                est, lo, hi = bootstrap_ci(ex_stat, fr[loss], orl[loss], n_boot=n_boot, seed=seed)
+                ex_vs_of[loss] = {"ex_acc_err": est.tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
+            of_curves = {k: v.mean(0).tolist() for k, v in orl.items()}
         ebc = {}
         for f in ("tv", "js"):
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -354,6 +374,8 @@ def evaluate(
         result["decodings"][dec.name] = {
             "decoding": dataclasses.asdict(dec),
             "ex": ex,  # per loss: ExAccErr(l) with bootstrap CI (lo, hi), R(l), l*eps(l), AccErr(l)
+            "ex_vs_oracle_decoded": ex_vs_of,  # eps from the oracle's own roll-in with this decoding (None: n/a)
+            "oracle_decoded": of_curves,
             "free_running": {k: v.mean(0).tolist() for k, v in fr.items()},
             "teacher_forced": {k: v.mean(0).tolist() for k, v in tf.items()},
             "eb_c": ebc,

@@ -339,13 +339,27 @@ def run_study(cfg: StudyConfig, out_dir: str, *, log=print) -> dict:
         "summary": summary,
         "runs": runs,
     }
+    write_report(cfg, results, out_dir)
+    log(f"wrote {out_dir}/report.md, results.json and plots in {time.time() - t0:.0f}s")
+    return results
+
+
+def write_report(cfg: StudyConfig, results: dict, out_dir: str) -> None:
+    """results.json (compact, 5 significant digits: the report folder stays small), the plots and report.md."""
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(_jsonable(results), f, indent=1)
-    plots = make_plots(cfg, runs, summary, out_dir)
+        json.dump(_jsonable(results), f, separators=(",", ":"))
+    plots = make_plots(cfg, results["runs"], results["summary"], out_dir)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(render_report(cfg, results, plots))
-    log(f"wrote {out_dir}/report.md, results.json and {len(plots)} plots in {time.time() - t0:.0f}s")
-    return results
+
+
+def rerender(out_dir: str) -> None:
+    """Recompute the summary, plots and report.md from an existing ``results.json`` (no training)."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        results = json.load(f)
+    cfg = study_from_dict(results["config"])
+    results["summary"] = summarise(cfg, results["runs"])
+    write_report(cfg, results, out_dir)
 
 
 def _jsonable(x):
@@ -354,7 +368,7 @@ def _jsonable(x):
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else round(float(x), 6)
+        return None if not math.isfinite(float(x)) else float(f"{float(x):.5g}")
     if isinstance(x, np.integer):
         return int(x)
     return x
@@ -365,9 +379,18 @@ def _jsonable(x):
 
 def _curve_ci(curves: list) -> dict:
     """Per-position mean and 95% half-width over seeds of equally long curves."""
-    a = np.asarray(curves, np.float64)  # [S, L]
+    a = np.asarray([[np.nan if v is None else v for v in c] for c in curves], np.float64)  # [S, L]
     stats = [mean_ci(a[:, j]) for j in range(a.shape[1])]
     return {"mean": [s[0] for s in stats], "ci": [s[1] for s in stats]}
+
+
+def _masked(e: dict) -> dict:
+    """ExAccErr curve with None where eps(l) is (numerically) zero: the ratio is undefined there."""
+    curve = [
+        x if (x is not None and le is not None and abs(le) > exposure.DEGENERATE * (i + 1)) else None
+        for i, (x, le) in enumerate(zip(e["ex_acc_err"], e["l_eps"]))
+    ]
+    return {**e, "ex_acc_err": curve}
 
 
 def _nanmean(x) -> float:
@@ -394,12 +417,19 @@ def summarise(cfg: StudyConfig, runs: list) -> dict:
             ds = [r["decodings"][dec.name] for r in rs]
             ex = {}
             for loss in cfg.eval.ex_losses:
-                e = [d["ex"][loss] for d in ds]
+                e = [_masked(d["ex"][loss]) for d in ds]
                 ex_L = np.asarray([x["ex_acc_err"][-1] for x in e], np.float64)
                 ex_q = np.asarray([x["ex_acc_err"][quarter - 1] for x in e], np.float64)
                 # Mean per-position gap between the free-running and the teacher-forced loss.
                 gap = [np.mean(np.asarray(d["free_running"][loss]) - np.asarray(d["teacher_forced"][loss])) for d in ds]
+                # Against the oracle decoded alike; undefined wherever the ordinary ExAccErr is (a vanishing loss).
+                vs = [d["ex_vs_oracle_decoded"] for d in ds]
+                vs = [{loss: {"ex_acc_err": [a if b is not None else None for a, b in zip(v[loss]["ex_acc_err"], x["ex_acc_err"])]}}
+                      for v, x in zip(vs, e)] if vs[0] else vs
+                at_L_vs = mean_ci([v[loss]["ex_acc_err"][-1] for v in vs]) if vs[0] else None
                 ex[loss] = {
+                    "at_L_vs_oracle_decoded": at_L_vs,
+                    "curve_vs_oracle_decoded": _curve_ci([v[loss]["ex_acc_err"] for v in vs]) if vs[0] else None,
                     "curve": _curve_ci([x["ex_acc_err"] for x in e]),
                     "at_L": mean_ci(ex_L),
                     "at_quarter": mean_ci(ex_q),
@@ -467,6 +497,19 @@ def make_plots(cfg: StudyConfig, runs: list, summary: dict, out_dir: str) -> lis
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     files.append(_save(fig, out_dir, "ex_acc_err.png"))
+
+    first = next(s for n, s in methods.items() if n != "oracle")
+    if first["decodings"][cfg.decodings[0].name]["ex"][losses[0]]["curve_vs_oracle_decoded"] is not None:
+        fig, axes = plt.subplots(1, len(cfg.decodings), figsize=(4.2 * len(cfg.decodings), 3.2), squeeze=False)
+        for ax, dec in zip(axes[0], cfg.decodings):
+            for name, s in methods.items():
+                if name != "oracle":
+                    band(ax, s["decodings"][dec.name]["ex"][losses[0]]["curve_vs_oracle_decoded"], name)
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set(title=f"{dec.name}, loss {losses[0]}, vs oracle decoded alike", xlabel="generation length l", ylabel="ExAccErr(l) [%]")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        files.append(_save(fig, out_dir, "ex_acc_err_vs_oracle_decoded.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     free_dec = next((d for d in cfg.decodings if d.is_ancestral), cfg.decodings[0])
@@ -556,7 +599,9 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
         f"with per-step losses {', '.join(f'`{x}`' for x in cfg.eval.ex_losses)} (exact definitions in `arjax.train.exposure`: "
         "`regret` = oracle NLL of the decoder's token minus that of the oracle decoded the same way, zero for a perfect model; "
         "`kl` = KL(o||m) at the context, zero for a perfect model; `oracle_nll` = expected oracle NLL of the token the decoder "
-        "emits, which also moves with how predictable the visited contexts are). The `oracle` row decodes the oracle itself (one run, no CI): what decoding alone does with a perfect model.",
+        "emits, which also moves with how predictable the visited contexts are). \"vs oracle decoded alike\" replaces eps's "
+        "oracle roll-in (oracle samples) by the oracle decoded with the same strategy, so that the shift caused by the "
+        "decoding strategy itself is not counted as exposure bias. The `oracle` row decodes the oracle itself (one run, no CI): what decoding alone does with a perfect model.",
         "",
         "## Teacher-forced quality",
         "",
@@ -570,7 +615,8 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
     for dec in cfg.decodings:
         head = ["method"]
         for loss in cfg.eval.ex_losses:
-            head += [f"ExAccErr@{q} [{loss}]", f"ExAccErr@{L} [{loss}]", f"growth {q}->{L} [{loss}]", f"free - TF per step [{loss}]"]
+            head += [f"ExAccErr@{q} [{loss}]", f"ExAccErr@{L} [{loss}]", f"growth {q}->{L} [{loss}]", f"free - TF per step [{loss}]",
+                     f"ExAccErr@{L} vs oracle decoded alike [{loss}]"]
         head += ["NLL-oracle", "EB-C (TV, last quarter)", "seq-rep-2", "rep-4"]
         lines += ["", f"## Decoding `{dec.name}` (temperature {dec.temperature}, top-k {dec.top_k}, top-p {dec.top_p})", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -579,7 +625,8 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
             row = [name]
             for loss in cfg.eval.ex_losses:
                 e = d["ex"][loss]
-                row += [_fmt(e["at_quarter"], 1, True), _fmt(e["at_L"], 1, True), _fmt(e["growth"], 1, True), _fmt(e["gap"])]
+                row += [_fmt(e["at_quarter"], 1, True), _fmt(e["at_L"], 1, True), _fmt(e["growth"], 1, True), _fmt(e["gap"]),
+                        _fmt(e["at_L_vs_oracle_decoded"], 1, True)]
             row += [_fmt(d["nll_oracle"]), _fmt(d["eb_c_tv_at_end"], 2), _fmt(d["seq_rep_2"]), _fmt(d["rep_4"])]
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## What the numbers say (each statement is the sign of a 95% CI over seeds)", ""]
