@@ -37,6 +37,12 @@ def test_config_is_strict_and_names_the_bad_key():
         study_from_dict({**TINY, "train": {"steps": "10"}})
     with pytest.raises(ValueError, match="prompt_len"):
         study_from_dict({**TINY, "eval": {"prompt_len": 6}})
+    with pytest.raises(ValueError, match=r"methods\[0\] \('a'\) has a schedule but no scheduled_sampling"):
+        study_from_dict({**TINY, "methods": [{"name": "a", "schedule": {"kind": "linear", "c": 0.1}}]})
+    with pytest.raises(ValueError, match=r"methods\[0\] \('a'\).*takes"):
+        study_from_dict({**TINY, "methods": [{"name": "a", "scheduled_sampling": {}, "schedule": {"kind": "linear", "z": 1}}]})
+    with pytest.raises(ValueError, match=r"unknown keys \['d_modle'\] in study.model"):
+        study_from_dict({**TINY, "model": {"d_modle": 8}})
     with pytest.raises(ValueError, match="method names must be unique"):
         study_from_dict({**TINY, "methods": [{"name": "a"}, {"name": "a"}]})
 

@@ -24,5 +24,5 @@ def register(subparsers) -> None:
         "and results.json. Example configs: docs/studies/*.yaml.",
     )
     p.add_argument("config", help="study YAML (see docs/studies/)")
-    p.add_argument("--out", default=None, help="report folder (default: studies/<name>)")
+    p.add_argument("--out", metavar="DIR", default=None, help="report folder (default: studies/<name>)")
     p.set_defaults(func=cmd_study)

@@ -135,6 +135,19 @@ class StudyConfig:
             raise ValueError(f"eval.prompt_len={self.eval.prompt_len} must be in [0, data.length={self.data.length})")
         if self.train.steps <= 0 or self.train.batch_size <= 0:
             raise ValueError(f"train.steps={self.train.steps} and train.batch_size={self.train.batch_size} must be positive")
+        # Everything that would otherwise fail after minutes of sampling and training is checked now.
+        for i, m in enumerate(self.methods):
+            if m.scheduled_sampling is None and (m.schedule or m.position_schedule):
+                raise ValueError(
+                    f"methods[{i}] ({m.name!r}) has a schedule but no scheduled_sampling; add scheduled_sampling: {{}} "
+                    "(defaults) or remove the schedule"
+                )
+            if m.scheduled_sampling is not None:
+                try:
+                    _ss_config(m)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"methods[{i}] ({m.name!r}): {e}") from None
+        _model_config(self, self.oracle.vocab_size)
 
 
 def _strict(cls, value, where: str):
@@ -254,10 +267,13 @@ def _model_config(cfg: StudyConfig, vocab_size: int):
     from arjax.model import ModelConfig
 
     base = {"vocab_size": vocab_size, "max_len": cfg.data.length + 1, "n_layers": 2, "n_heads": 2, "d_model": 32}
+    unknown = sorted(set(cfg.model) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in study.model; keys are ModelConfig fields (vocab_size and max_len come from the oracle and data)")
     try:
         return ModelConfig(**{**base, **cfg.model})
-    except TypeError as e:
-        raise ValueError(f"study.model: {e}; keys are ModelConfig fields") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"study.model: {e}") from None
 
 
 def _ss_config(method: MethodSpec):
