@@ -143,26 +143,31 @@ def filter_logits(logits: jax.Array, params: SamplingParams, presence: jax.Array
 
 
 def _top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Top-k then top-p from one ascending sort; skipped (no sort) when no row uses either."""
+    """Top-k then top-p from one ascending sort of the values; skipped when no row uses either."""
     V = x.shape[-1]
 
     def filtered(x):
-        # Ascending and stable, as HF's TopPLogitsWarper sorts: among equal logits the lower id
-        # comes first and is removed first, and the cumulative sum runs small-to-large.
-        order = jnp.argsort(x, axis=-1, stable=True)  # [B, V]
-        sorted_x = jnp.take_along_axis(x, order, axis=-1)  # [B, V] ascending
+        sorted_x = jnp.sort(x, axis=-1)  # [B, V] ascending, as HF's TopPLogitsWarper sorts
         # Top-k (TopKLogitsWarper): remove everything strictly below the k-th largest value.
         k = jnp.clip(top_k, 1, V)
         kth = jnp.take_along_axis(sorted_x, (V - k)[:, None], axis=-1)  # [B, 1]
         kth = jnp.where((top_k > 0)[:, None], kth, -jnp.inf)
         x = jnp.where(x < kth, -jnp.inf, x)
         sorted_x = jnp.where(sorted_x < kth, -jnp.inf, sorted_x)  # still ascending
-        # Top-p (TopPLogitsWarper): remove tokens whose ascending cumulative probability is
-        # <= 1 - top_p; the largest token is always kept. Off (as HF skips it) when top_p == 1.
+        # Top-p (TopPLogitsWarper): remove the tokens whose ascending cumulative probability is
+        # <= 1 - top_p, never the largest; off (HF skips it) when top_p == 1. The cumulative sum
+        # only grows, so the removed tokens are a prefix of the sorted order, of length `cut`.
         cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)  # [B, V]
-        remove_sorted = cum <= (1.0 - top_p)[:, None]
-        remove_sorted = remove_sorted.at[:, -1].set(False) & (top_p < 1.0)[:, None]
-        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
+        remove_sorted = (cum <= (1.0 - top_p)[:, None]) & (top_p < 1.0)[:, None]
+        cut = jnp.minimum(jnp.sum(remove_sorted, axis=-1), V - 1)  # [B]
+        smallest_kept = jnp.take_along_axis(sorted_x, cut[:, None], axis=-1)  # [B, 1]
+        # Map the prefix back without a scatter: everything below the smallest kept value goes,
+        # and of the tokens tied with it, the lowest ids go first (a stable sort's order) until
+        # the prefix is full.
+        below = x < smallest_kept
+        tied = x == smallest_kept
+        ties_removed = cut - jnp.sum(below, axis=-1)  # [B]
+        remove = below | (tied & (jnp.cumsum(tied, axis=-1) <= ties_removed[:, None]))
         return jnp.where(remove, -jnp.inf, x)
 
     needed = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)

@@ -91,6 +91,11 @@ def test_top_p_keeps_the_nucleus():
     assert np.flatnonzero(kept[0]).tolist() == [0, 1, 2]
     kept = _kept(filt(logits, SamplingParams.make(1, top_p=0.01)))
     assert np.flatnonzero(kept[0]).tolist() == [0]  # the top token always survives
+    # Exact ties across the boundary: like HF with a stable sort, the lowest ids are removed first.
+    tied = jnp.asarray([[1.0, 1.0, 5.0, 1.0, 1.0] + [-30.0] * (V - 5)])
+    u = float(jax.nn.softmax(tied[0])[0])  # each tied token's probability
+    kept = _kept(filt(tied, SamplingParams.make(1, top_p=1 - 2.5 * u)))  # mass 2.5u may go: 2 ties
+    assert np.flatnonzero(kept[0]).tolist() == [2, 3, 4]  # two of the four tied tokens survive
     # On random logits: the kept set is the smallest prefix of the descending order with mass >= top_p.
     logits = _logits(4, seed=2)
     top_p = np.array([0.3, 0.6, 0.9, 1.0], np.float32)
