@@ -91,4 +91,6 @@ def test_train_generate_eval_end_to_end(tmp_path, capsys):
     assert cli.main(["eval", "--ckpt", run]) == 0
     out = capsys.readouterr().out
     assert f"loss {val['val_loss']:.4f}" in out
-
+    # eval --data FILE: evenly spaced windows over the whole file.
+    assert cli.main(["eval", "--ckpt", run, "--data", str(data), "--iters", "1"]) == 0
+    assert f"{data}: loss" in capsys.readouterr().out

@@ -91,3 +91,17 @@ def test_dropout_key_depends_on_step_only():
     batch = np.random.default_rng(0).integers(0, 256, size=(1, 4, 17)).astype(np.int32)
     run = lambda s: float(step_fn(jax.tree.map(jnp.copy, params), tx.init(params), batch, s)[2]["loss"])
     assert run(5) == run(5) and run(5) != run(6)
+
+
+def test_bf16_compute_keeps_fp32_master_weights():
+    cfg = get_config("tiny", dtype="bfloat16")
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tx, _ = make_optimizer(params, lr=1e-2, warmup_steps=0, decay_steps=10, min_lr=1e-3, weight_decay=0.1)
+    opt_state = tx.init(params)
+    step_fn = make_train_step(graphdef, tx, seed=0, use_dropout=False)
+    batch = np.random.default_rng(0).integers(0, 256, size=(1, 4, 17)).astype(np.int32)
+    before = jax.tree.map(np.asarray, params)
+    params, opt_state, m = step_fn(params, opt_state, batch, 0)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(opt_state) if x.ndim)
+    assert np.isfinite(float(m["loss"])) and not np.array_equal(jax.tree.leaves(params)[0], jax.tree.leaves(before)[0])
