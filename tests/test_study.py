@@ -10,7 +10,7 @@ from arjax.train.study import load_study, study_from_dict
 
 TINY = {
     "name": "tiny",
-    "oracle": {"kind": "hmm", "vocab_size": 8, "n_states": 3, "seed": 1},
+    "oracle": {"kind": "dyck", "n_types": 2, "max_depth": 4},
     "data": {"length": 6, "n_train": 64, "n_test": 32},
     "model": {"n_layers": 1, "n_heads": 1, "d_model": 8},
     "train": {"steps": 4, "batch_size": 8, "log_every": 1, "warmup_steps": 1},
@@ -76,6 +76,8 @@ def test_tiny_study_end_to_end_through_the_cli(tmp_path):
     assert ss["gold_prob"][0] > 0.99 and ss["gold_prob"][-1] < 0.5 and ss["mix_rate"][-1] > 0.2
     ex = res["summary"]["methods"]["tf"]["decodings"]["greedy"]["ex"]["regret"]["curve"]["mean"]
     assert len(ex) == 4 and ex[0] is not None
+    valid = res["summary"]["methods"]["tf"]["decodings"]["anc"]["valid_rate"][0]  # the grammar checks roll-outs
+    assert 0.0 <= valid <= 1.0 and "valid roll-outs" in report
 
 
 def test_bad_config_file_is_a_clear_cli_error(tmp_path, capsys):

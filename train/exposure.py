@@ -385,5 +385,7 @@ def evaluate(
             # Sequence-level reverse KL per token needs roll-ins from m itself (ancestral decoding).
             "reverse_kl_per_token": float(fr["reverse_kl"].mean()) if dec.is_ancestral else None,
             "repetition": repetition_rates(free[:, p + 1 :]),
+            # A grammar oracle can say whether each roll-out is a valid string at all.
+            "valid_rate": float(np.mean(oracle.is_valid(free))) if hasattr(oracle, "is_valid") else None,
         }
     return result

@@ -148,7 +148,7 @@ class DyckOracle(_StateMachineOracle):
     Tokens: 0 = BOS, ``1..k`` open brackets, ``k+1..2k`` the matching closers. At depth 0 the source
     opens a uniformly chosen bracket; at ``max_depth`` it must close the top one; otherwise it opens
     with probability ``p_open`` (type uniform) or closes the top. Sequences are valid Dyck prefixes.
-    ``noise`` mixes in a uniform distribution over non-BOS tokens so that every conditional is
+    ``noise`` mixes in a uniform distribution over all tokens so that every conditional is
     positive (reverse KL and the oracle NLL of invalid model samples stay finite); with
     ``noise=0`` the grammar is exact and an invalid token has oracle probability 0.
     After an invalid token the oracle ignores it (the stack is unchanged) and carries on.
@@ -183,8 +183,8 @@ class DyckOracle(_StateMachineOracle):
     def _dist(self, state):
         p = self._grammar_probs(state)
         if self.noise:
-            uniform = jnp.ones(self.vocab_size).at[self.bos_id].set(0.0) / (self.vocab_size - 1)
-            p = (1.0 - self.noise) * p + self.noise * uniform
+            # Over every token, BOS included: a model may emit anything, and each score must stay finite.
+            p = (1.0 - self.noise) * p + self.noise / self.vocab_size
         return jnp.log(p)
 
     def _update(self, state, tok):
