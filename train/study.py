@@ -461,6 +461,9 @@ def summarise(cfg: StudyConfig, runs: list) -> dict:
                 "seq_rep_2": mean_ci([d["repetition"]["seq_rep_2"] for d in ds]),
                 "rep_4": mean_ci([d["repetition"]["rep_4"] for d in ds]),
                 "valid_rate": mean_ci([d["valid_rate"] for d in ds]) if ds[0].get("valid_rate") is not None else None,
+                # Per-position top-1 agreement with the oracle, averaged over positions, on each roll-in.
+                "agree_teacher_forced": mean_ci([np.mean(d["teacher_forced"]["agree"]) for d in ds]),
+                "agree_free_running": mean_ci([np.mean(d["free_running"]["agree"]) for d in ds]),
                 "quarter": quarter,
             }
         out[name] = s
@@ -634,7 +637,7 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
         for loss in cfg.eval.ex_losses:
             head += [f"ExAccErr@{q} [{loss}]", f"ExAccErr@{L} [{loss}]", f"growth {q}->{L} [{loss}]", f"free - TF per step [{loss}]",
                      f"ExAccErr@{L} vs oracle decoded alike [{loss}]"]
-        head += ["NLL-oracle", "EB-C (TV, last quarter)", "seq-rep-2", "rep-4", "valid roll-outs"]
+        head += ["top-1 agreement TF", "top-1 agreement free", "NLL-oracle", "EB-C (TV, last quarter)", "seq-rep-2", "rep-4", "valid roll-outs"]
         lines += ["", f"## Decoding `{dec.name}` (temperature {dec.temperature}, top-k {dec.top_k}, top-p {dec.top_p})", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, m in s["methods"].items():
@@ -644,7 +647,7 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
                 e = d["ex"][loss]
                 row += [_fmt(e["at_quarter"], 1, True), _fmt(e["at_L"], 1, True), _fmt(e["growth"], 1, True), _fmt(e["gap"]),
                         _fmt(e["at_L_vs_oracle_decoded"], 1, True)]
-            row += [_fmt(d["nll_oracle"]), _fmt(d["eb_c_tv_at_end"], 2), _fmt(d["seq_rep_2"]), _fmt(d["rep_4"]),
+            row += [_fmt(d["agree_teacher_forced"]), _fmt(d["agree_free_running"]), _fmt(d["nll_oracle"]), _fmt(d["eb_c_tv_at_end"], 2), _fmt(d["seq_rep_2"]), _fmt(d["rep_4"]),
                     _fmt(d.get("valid_rate"))]
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## What the numbers say (each statement is the sign of a 95% CI over seeds)", ""]
