@@ -181,11 +181,12 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
             log.flush()
             progress.update(done, f"loss {losses[-1]:.4f}  {tok_s:,.0f} tok/s")
             pending, t_last, steps_since = [], now, 0
+        t_pause = time.perf_counter()
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             val_losses.append((done, evaluate(done)))
-            t_last = time.perf_counter()  # keep eval time out of tokens/s
         if done % cfg.ckpt_interval == 0 or done == end:
             ckpt.save(manager, done, params=params, opt_state=opt_state, meta=meta_for(done))
+        t_last += time.perf_counter() - t_pause  # evaluation and saving stay out of tokens/s
     manager.wait_until_finished()
     progress.stop()
     log.close()
