@@ -153,7 +153,8 @@ def main(argv=None) -> int:
             r = run(name, b, prompt_len=args.prompt_len, new_tokens=new_tokens, check_tokens=check_tokens,
                     repeats=repeats, bandwidth=bandwidth, models=models)
             rows.append(r)
-            print(f"  done {name} batch {b}: greedy tokens identical={r['same_greedy']}", flush=True)
+            print(f"  {name} batch {b}: greedy tokens identical={r['same_greedy']}, arjax {r['ours_tps']:.1f} tok/s, "
+                  f"HF {r['hf_tps']:.1f} tok/s, roofline {r['roof_tps']:.1f} tok/s", flush=True)
         models.pop(name, None)
 
     head = f"| {'model':<16} | batch | same greedy ({check_tokens}) | arjax tok/s | HF tok/s | arjax/HF | roofline tok/s | arjax/roofline | weights MB | KV MB |"
