@@ -5,7 +5,9 @@
 
 Both steps are built the same way (jit over nnx.split state, the same AdamW from
 ``arjax.train.optim.make_optimizer``, params and optimizer state donated, one micro-batch) and
-timed interleaved, best of ``--reps`` rounds of ``--steps`` steps, so a busy neighbour slows both.
+timed interleaved, ``--reps`` rounds of ``--steps`` steps, so a busy neighbour slows both. Two
+clocks: the best wall time per step, and the median process CPU time per step (every XLA thread
+counted), which a machine shared with other jobs disturbs far less than wall time.
 Target: two-pass SS <= 2.2x the teacher-forcing step.
 """
 
@@ -72,28 +74,33 @@ def main(argv=None) -> int:
         print(f"compiled {name:<42} {time.perf_counter() - t:6.1f} s", flush=True)
 
     best = {name: float("inf") for name in steps}
+    cpu = {name: [] for name in steps}
     last = {}
     for _ in range(args.reps):
         for name, fn in steps.items():  # interleaved: load changes hit every variant alike
             params, opt_state = state[name]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for i in range(args.steps):
                 params, opt_state, m = fn(params, opt_state, batches, 600 + i)
             jax.block_until_ready((params, m))
             best[name] = min(best[name], (time.perf_counter() - t) / args.steps)
+            cpu[name].append((time.process_time() - c) / args.steps)
             state[name] = (params, opt_state)
             last[name] = m
 
     tf = best["teacher forcing"]
+    cpu = {name: float(np.median(v)) for name, v in cpu.items()}
+    tf_cpu = cpu["teacher forcing"]
     print(f"\njax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; model {args.model}, "
-          f"batch {args.batch} x {args.seq_len} tokens; best of {args.reps} x {args.steps} steps")
-    print(f"{'step':<44} {'ms/step':>9} {'x TF':>6}  {'mix':>5} {'differ':>6}")
+          f"batch {args.batch} x {args.seq_len} tokens; {args.reps} rounds x {args.steps} steps")
+    print(f"{'step':<44} {'wall ms':>8} {'x TF':>6} {'cpu ms':>8} {'x TF':>6}  {'mix':>5} {'differ':>6}")
     for name, sec in best.items():
         m = last[name]
         mix = f"{float(m['mix_rate']):5.2f} {float(m['differ_rate']):6.2f}" if "mix_rate" in m else ""
-        print(f"{name:<44} {sec * 1e3:9.1f} {sec / tf:6.2f}  {mix}")
-    ratio = best["two-pass sample (grad off)"] / tf
-    print(f"\ntwo-pass SS / teacher forcing = {ratio:.2f}x (target <= 2.2x)  {'PASS' if ratio <= 2.2 else 'MISS'}")
+        print(f"{name:<44} {sec * 1e3:8.1f} {sec / tf:6.2f} {cpu[name] * 1e3:8.1f} {cpu[name] / tf_cpu:6.2f}  {mix}")
+    key = "two-pass sample (grad off)"
+    ratio = max(best[key] / tf, cpu[key] / tf_cpu)  # the less favourable of the two clocks
+    print(f"\ntwo-pass SS / teacher forcing = {ratio:.2f}x (worse of wall and CPU; target <= 2.2x)  {'PASS' if ratio <= 2.2 else 'MISS'}")
     return 0
 
 
