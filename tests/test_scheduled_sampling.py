@@ -283,8 +283,9 @@ def test_train_step_logs_and_never_recompiles_for_a_new_step_or_schedule():
     opt_state = tx.init(params)
     sched = make_schedule("linear", k=1.0, c=0.4)  # 1.0, 0.6, 0.2, 0.0 ...
     ss = ScheduledSamplingConfig(feed="argmax", schedule=sched)
-    step_fn = make_ss_train_step(graphdef, tx, ss, seed=0)
-    batches = jax.random.randint(jax.random.key(13), (2, 4, 7), 0, 16)  # [A, B, T+1]
+    step_fn = make_ss_train_step(graphdef, tx, ss, seed=0, pad_id=15)
+    batches = jax.random.randint(jax.random.key(13), (2, 4, 7), 0, 15)  # [A, B, T+1], no pad inside
+    batches = batches.at[:, 0, -2:].set(15)  # one row per micro-batch ends in 2 pads: 2 fewer targets each
     logs = []
     for i in range(4):
         params, opt_state, m = step_fn(params, opt_state, batches, i)
@@ -296,6 +297,6 @@ def test_train_step_logs_and_never_recompiles_for_a_new_step_or_schedule():
     np.testing.assert_allclose([l["gold_prob"] for l in logs], [1.0, 0.6, 0.2, 0.0, 0.5], atol=1e-6)
     assert logs[0]["mix_rate"] == 0.0 and logs[0]["differ_rate"] == 0.0
     assert logs[3]["mix_rate"] == 1.0 and logs[3]["differ_rate"] > 0.5  # a random model's argmax is rarely gold
-    assert all(np.isfinite(l["loss"]) and l["tokens"] == 2 * 4 * 6 for l in logs)
+    assert all(np.isfinite(l["loss"]) and l["tokens"] == 2 * 4 * 6 - 2 * 2 for l in logs)
     with pytest.raises(ValueError, match="pass \\[A micro-batches, B, T\\+1\\]"):
         step_fn(params, opt_state, batches[0], 5)
