@@ -14,7 +14,9 @@ Methods (``ScheduledSamplingConfig.method``):
   parallel, num_passes=K   Duckworth et al. (2019): pass k mixes gold with pass k-1's predictions
                            (the same coins every pass); the loss is on the last pass. K=2 is two-pass.
   sequential               Exact: one token at a time through ``lax.scan`` with the KV cache, each
-                           model-fed input drawn from the logits the model just produced for it.
+                           model-fed input drawn from the logits the model just produced for it
+                           (token feeds run the decoder's own ``arjax.decode.decode_step``). Short
+                           sequences: it costs about T small steps (docs/benchmarks.md).
 
 What is fed back (``feed``): ``argmax`` token, ``sample`` (a token drawn at ``temperature``),
 ``soft`` (softmax-weighted mixture of all token embeddings), ``soft_topk`` (mixture over the top-k),
@@ -50,8 +52,8 @@ import optax
 from flax import nnx
 
 from arjax.model.cache import init_cache
-from arjax.train.loss import next_token_loss, token_nll
-from arjax.train.schedules import GoldSchedule, Schedule, as_gold_schedule, constant, make_schedule
+from arjax.train.loss import next_token_loss
+from arjax.train.schedules import GoldSchedule, as_gold_schedule, constant, make_schedule
 from arjax.train.step import step_key
 
 __all__ = [
