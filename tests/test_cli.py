@@ -94,3 +94,7 @@ def test_train_generate_eval_end_to_end(tmp_path, capsys):
     # eval --data FILE: evenly spaced windows over the whole file.
     assert cli.main(["eval", "--ckpt", run, "--data", str(data), "--iters", "1"]) == 0
     assert f"{data}: loss" in capsys.readouterr().out
+
+    # --resume without --config continues with the run's saved config (model, data, tokenizer).
+    assert cli.main(["train", "--out", run, "--resume", "--steps", "42", "--quiet"]) == 0
+    assert "trained to step 42" in capsys.readouterr().out

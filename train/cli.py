@@ -64,7 +64,15 @@ def train_config_from_args(args) -> "TrainConfig":  # noqa: F821
 
     overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     extra = _parse_set(args.set or [])
-    base = load_config(args.config) if args.config else TrainConfig()
+    if args.config:
+        base = load_config(args.config)
+    elif args.resume:
+        # Resuming without --config: continue with the run's own saved config, not the defaults.
+        from arjax.train.checkpoint import read_meta
+
+        base = from_dict(read_meta(args.out)[1]["train_config"])
+    else:
+        base = TrainConfig()
     merged = {**base.to_dict(), **overrides}
     if "model_overrides" in extra:
         merged["model_overrides"] = {**merged["model_overrides"], **extra.pop("model_overrides")}
@@ -99,7 +107,7 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--config", metavar="YAML", help="run config file, e.g. tpu_configs/cpu-demo.yaml (default: built-in defaults)")
     p.add_argument("--out", metavar="DIR", default="runs/default", help="run directory for checkpoints, tokenizer and metrics")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (exactly reproducible)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (exactly reproducible); without --config it reuses the run's saved config")
     p.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on (default: the config's; none means Python's bundled pydoc topics)")
     p.add_argument("--model", metavar="PRESET", help="model preset name, e.g. demo, tiny, shakespeare-char, gpt2-small (default: the config's)")
     p.add_argument("--tokenizer", choices=("byte", "char", "hf"), help="tokenizer kind (default: the config's)")
