@@ -269,7 +269,7 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         # needs (bucketed), not to the model's context.
         cache_len = min(cfg.max_len, bucket(longest, buckets) + bucket(max_new_tokens, buckets))
     if longest + max_new_tokens > cache_len:
-        where = "the given max_len" if max_len is not None else f"the model's max_len"
+        where = "the given max_len" if max_len is not None else "the model's max_len"
         raise ValueError(
             f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
             f"exceeds the cache length {cache_len} ({where}); lower max_new_tokens to <= {cache_len - longest}, "

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Literal
-
-_CHOICES = {
-    "pos": ("learned", "rope"),
-    "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu"),
-    "dtype": ("float32", "bfloat16", "float16"),
-}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -42,13 +35,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name, field in self.__dataclass_fields__.items():
-            value = getattr(self, name)
-            if name in _CHOICES and value not in _CHOICES[name]:
-                raise ValueError(f"ModelConfig.{name}={value!r}; choose one of {_CHOICES[name]}")
-            want = _field_type(field)
-            if want is not None and value is not None and not isinstance(value, want):
-                raise TypeError(f"ModelConfig.{name}={value!r} should be {want.__name__}")
+        check_field_types(self)
         for name in ("vocab_size", "max_len", "n_layers", "n_heads", "d_model"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -88,16 +75,46 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-def _field_type(field: dataclasses.Field) -> type | None:
-    hint = typing.get_type_hints(ModelConfig)[field.name]
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return str
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    want = args[0]
-    if want is float:
-        return (int, float)  # type: ignore[return-value]
-    return want if isinstance(want, type) else None
+def _allowed(hint) -> tuple[tuple[type, ...], tuple | None]:
+    """(accepted Python types, Literal choices or None) for one field annotation."""
+    if typing.get_origin(hint) is Literal:
+        return (str,), typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    accepted: list[type] = []
+    for a in typing.get_args(hint) if union else (hint,):
+        if a is float:
+            accepted += [int, float]  # YAML and JSON write 1 for 1.0
+        else:
+            accepted.append(typing.get_origin(a) or a)
+    return tuple(accepted), None
+
+
+def check_field_types(obj) -> None:
+    """Every field of a config dataclass holds a value of its annotated type, or raise naming it.
+
+    The one type check behind every strict config (model, run, scheduled sampling): ``bool`` is
+    not accepted for an ``int`` (a YAML ``true`` for ``steps`` is a mistake, not 1), and
+    ``Literal`` fields must hold one of their choices.
+    """
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        accepted, choices = _allowed(hints[f.name])
+        if (isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
+            raise TypeError(f"{cls.__name__}.{f.name}={value!r} ({type(value).__name__}) should be {names}")
+        if choices and value not in choices:
+            raise ValueError(f"{cls.__name__}.{f.name}={value!r}; choose one of {choices}")
+
+
+def strict_from_dict(cls, d: dict[str, Any]):
+    """Build config dataclass ``cls`` from ``d``; an unknown key is an error (a typo is never ignored)."""
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {known}")
+    return cls(**d)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -134,11 +151,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 def from_dict(d: dict[str, Any]) -> ModelConfig:
     """Strict: an unknown key is an error (a typo must never be silently ignored)."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown ModelConfig keys {unknown}; known keys are {sorted(known)}")
-    return ModelConfig(**d)
+    return strict_from_dict(ModelConfig, d)
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:

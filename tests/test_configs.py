@@ -47,7 +47,7 @@ def test_tpu_configs_use_bf16_and_keep_placeholder_mesh():
 def test_unknown_key_is_named_with_the_valid_keys(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("steps: 10\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['learning_rate'\]; valid keys are \[.*'lr'"):
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['learning_rate'\]; known keys are \[.*'lr'"):
         load_config(str(p))
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from typing import Any, Literal
 
 import yaml
 
-from arjax.model.config import ModelConfig, get_config
+from arjax.model.config import ModelConfig, check_field_types, get_config, strict_from_dict
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +51,7 @@ class TrainConfig:
     sharding: dict | None = None
 
     def __post_init__(self):
-        _check_types(self)
+        check_field_types(self)
         for name in ("batch_size", "accum_steps", "steps", "eval_interval", "eval_iters", "log_interval",
                      "ckpt_interval", "max_to_keep"):
             if getattr(self, name) <= 0:
@@ -94,46 +93,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _allowed(hint) -> tuple[tuple[type, ...], tuple | None]:
-    """(accepted Python types, literal choices or None) for one annotation."""
-    if typing.get_origin(hint) is Literal:
-        return (str,), typing.get_args(hint)
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", ())) else (hint,)
-    types: list[type] = []
-    for a in args:
-        if a is type(None):
-            types.append(type(None))
-        elif a is float:
-            types += [int, float]  # YAML writes 1 for 1.0
-        else:
-            types.append(typing.get_origin(a) or a)
-    return tuple(types), None
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        types, choices = _allowed(hints[f.name])
-        # bool is an int in Python; a YAML `true` for steps is a mistake, not 1.
-        bad_bool = isinstance(value, bool) and bool not in types
-        if bad_bool or not isinstance(value, types):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise TypeError(f"TrainConfig.{f.name}={value!r} ({type(value).__name__}) should be {names}")
-        if choices and value not in choices:
-            raise ValueError(f"TrainConfig.{f.name}={value!r}; choose one of {choices}")
-
-
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:
     """Strict: an unknown key is an error naming it and listing the valid keys."""
-    unknown = sorted(set(d) - set(field_names()))
-    if unknown:
-        raise ValueError(f"unknown TrainConfig keys {unknown}; valid keys are {sorted(field_names())}")
-    return TrainConfig(**d)
+    return strict_from_dict(TrainConfig, d)
 
 
 class _Loader(yaml.SafeLoader):

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from arjax.model.transformer import Transformer, count_params

@@ -52,6 +52,7 @@ import optax
 from flax import nnx
 
 from arjax.model.cache import init_cache
+from arjax.model.config import strict_from_dict
 from arjax.train.loss import next_token_loss
 from arjax.train.schedules import GoldSchedule, as_gold_schedule, constant, make_schedule
 from arjax.train.step import step_key
@@ -133,11 +134,7 @@ class ScheduledSamplingConfig:
 
 def from_dict(d: dict[str, Any]) -> ScheduledSamplingConfig:
     """Strict: an unknown key is an error, never silently ignored."""
-    known = {f.name for f in dataclasses.fields(ScheduledSamplingConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown ScheduledSamplingConfig keys {unknown}; known keys are {sorted(known)}")
-    return ScheduledSamplingConfig(**d)
+    return strict_from_dict(ScheduledSamplingConfig, d)
 
 
 # ----------------------------------------------------------------------------- coins and feedback
