@@ -8,21 +8,18 @@ import pytest
 pytest.importorskip("tokenizers")
 
 from arjax.train import hf_tokenizer  # noqa: E402
+from arjax.train.data import default_corpus_text  # noqa: E402
 from arjax.train.tokenizer import load_tokenizer  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak. Ünïcödé ✓ 42\n"
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
-    if os.path.exists(DATA):
-        with open(DATA, encoding="utf-8") as f:
-            text = f.read(60_000)  # a slice: training on it takes well under a second
-    else:
-        text = SAMPLE * 200
-    path.write_text(text, encoding="utf-8")
+    # The bundled default corpus: present wherever arjax is installed (no shared/ data needed).
+    # A slice: training on it takes well under a second.
+    path.write_text(default_corpus_text()[:60_000], encoding="utf-8")
     return str(path)
 
 
