@@ -1,7 +1,6 @@
 """HF tokenizers: byte-level BPE training, save/load beside a checkpoint, transformers compatibility, vocab checks."""
 
 import json
-import os
 
 import pytest
 
