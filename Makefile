@@ -27,7 +27,7 @@ venv: $(VENV)/.core
 # then generate a batch of samples, streamed as they are produced.
 demo: $(VENV)/.core
 	$(VENV)/bin/arjax train --config tpu_configs/cpu-demo.yaml --out $(DEMO_DIR)
-	$(VENV)/bin/arjax generate --ckpt $(DEMO_DIR) --max-new-tokens 200 --temperature 0.8 --top-k 40 \
+	$(VENV)/bin/arjax generate --ckpt $(DEMO_DIR) --max-new-tokens 110 --temperature 0.8 --top-k 40 \
 		--prompt "The " --prompt "In the beginning" --prompt "def "
 
 test: $(VENV)/.test

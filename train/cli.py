@@ -169,6 +169,24 @@ def _load_for_generate(args):
     return model, tokenizer
 
 
+def _live_panels(texts, rows):
+    """On a terminal, a batch streams as one rich panel per prompt, each growing in place."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.text import Text
+
+    def render():
+        return Group(*(
+            Panel(Text(texts[i], style="bold") + Text(row.text), title=f"[{i + 1}]", title_align="left")
+            for i, row in enumerate(rows)
+        ))
+
+    live = Live(render(), auto_refresh=False)
+    live.start()
+    return live, render
+
+
 def cmd_generate(args) -> int:
     from arjax.decode import SamplingParams, stream
 
@@ -189,6 +207,7 @@ def cmd_generate(args) -> int:
                  seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps)
     rows = [_RowText(tokenizer) for _ in range(B)]
     out = sys.stdout
+    live, render = _live_panels(texts, rows) if B > 1 and out.isatty() else (None, None)
     if B == 1:
         out.write(texts[0])
         out.flush()
@@ -204,10 +223,14 @@ def cmd_generate(args) -> int:
             delta = rows[i].add(new)
             if B == 1:
                 out.write(delta)
-            elif delta:
+            elif delta and live is None:
                 # Interleaved rows: one labelled line per chunk, newlines shown as ⏎ to keep lines apart.
                 out.write(f"[{i + 1}] {delta.replace(chr(10), '⏎')}\n")
             out.flush()
+        if live is not None:
+            live.update(render(), refresh=True)
+    if live is not None:
+        live.stop()
     if B == 1:
         out.write(rows[0].add([], final=True) + "\n")
     reasons = result.stop_reason if result is not None else ["?"] * B
@@ -215,7 +238,7 @@ def cmd_generate(args) -> int:
     out.write("\n" + "=" * 72 + "\n")
     for i in range(B):
         out.write(f"--- [{i + 1}] prompt {texts[i]!r}: {int(lengths[i])} new tokens, stopped on {reasons[i]}\n")
-        if B > 1:
+        if B > 1 and live is None:  # the live panels already show the full texts
             out.write(texts[i] + rows[i].text + "\n")
     out.flush()
     return 0
