@@ -53,7 +53,7 @@ class _Progress:
 
     def log(self, msg: str) -> None:
         if self.bar:
-            self.bar.console.log(msg)
+            self.bar.console.print(msg)  # print, not log: no source-file column in the user's terminal
 
     def stop(self) -> None:
         if self.bar:
