@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arjax.train.loss import token_nll
+
 DEGENERATE = 1e-5  # per-step loss (nats) below which eps(l) counts as zero and ExAccErr as undefined
 STEP_LOSSES = ("oracle_nll", "regret", "kl", "reverse_kl", "tv", "js", "agree")
 
@@ -329,9 +331,7 @@ def evaluate(
     p, gen = prompt_len, length - prompt_len
     scorer = ModelScorer(model)
     logits = scorer.logits(test_tokens[:, :-1])
-    nll_test = float(
-        -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), test_tokens[:, 1:, None], -1).mean()
-    )
+    nll_test = float(token_nll(logits, jnp.asarray(test_tokens[:, 1:])).mean())
     result = {"length": gen, "prompt_len": p, "nll_test": nll_test, "decodings": {}}
     ancestral = Decoding(name="ancestral")
     tf_anc = losses_along(oracle, scorer, test_tokens, ancestral)
