@@ -19,8 +19,8 @@ class KVCache:
     so the same mask function serves training, prefill and decode.
     """
 
-    k: tuple[jax.Array, ...]  # per layer [B, S, Hkv, Dh]
-    v: tuple[jax.Array, ...]  # per layer [B, S, Hkv, Dh]
+    k: tuple[jax.Array, ...]  # per layer [B, Hkv, S, Dh]
+    v: tuple[jax.Array, ...]  # per layer [B, Hkv, S, Dh]
     pos: jax.Array  # [B, S] int32, position id stored in each slot, -1 where empty
     index: jax.Array  # [] int32, next slot to write
 
@@ -45,7 +45,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None, dt
             "end there); use a cache no longer than the model's context"
         )
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.dim_per_head)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
     return KVCache(
         k=zeros,

@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from arjax.model.cache import KVCache
@@ -75,28 +76,64 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, k_pos, layer_cache=None, index=None):
         """x: [B, T, D]; positions: [B, T]; k_pos: [B, S] positions of the keys attended to.
 
-        layer_cache: None (keys are this call's tokens, S == T) or (k, v) each [B, S, Hkv, Dh],
+        layer_cache: None (keys are this call's tokens, S == T) or (k, v) each [B, Hkv, S, Dh],
         into which this call's keys and values are written at slot ``index``.
         """
         cfg = self.cfg
         B, T, _ = x.shape
-        hd = cfg.dim_per_head
-        x = x.reshape(B * T, -1)  # [B*T, D]: 2-D matmuls (see _flat)
-        q = self.q(x).reshape(B, T, cfg.n_heads, hd)  # [B, T, N, Dh]
-        k = self.k(x).reshape(B, T, cfg.num_kv_heads, hd)  # [B, T, Hkv, Dh]
-        v = self.v(x).reshape(B, T, cfg.num_kv_heads, hd)
+        hd, nq, nkv = cfg.dim_per_head, cfg.n_heads, cfg.num_kv_heads
+        # One [B*T, D] x [D, (Nq + 2 Hkv) Dh] matmul for q, k and v (see _fused_linear).
+        q, k, v = _fused_linear(x.reshape(B * T, -1), self.q, self.k, self.v)
+        q = q.reshape(B, T, nq, hd)  # [B, T, N, Dh]
+        k = k.reshape(B, T, nkv, hd)  # [B, T, Hkv, Dh]
+        v = v.reshape(B, T, nkv, hd)
         if cfg.pos == "rope":
             q = rope(q, positions, cfg.rope_theta)
             k = rope(k, positions, cfg.rope_theta)
-        new_cache = None
-        if layer_cache is not None:
-            ck, cv = layer_cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))  # [B, S, Hkv, Dh]
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            new_cache = (k, v)
         mask = attention_mask(positions, k_pos)  # [B, 1, T, S]
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B, T, N, Dh]
-        return self.o(out.reshape(B * T, cfg.n_heads * hd)).reshape(B, T, -1), new_cache
+        if layer_cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, Dh]
+            new_cache = None
+        else:
+            ck, cv = layer_cache  # [B, Hkv, S, Dh]
+            ck = jax.lax.dynamic_update_slice(ck, k.swapaxes(1, 2).astype(ck.dtype), (0, 0, index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.swapaxes(1, 2).astype(cv.dtype), (0, 0, index, 0))
+            new_cache = (ck, cv)
+            out = _cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        return self.o(out.reshape(B * T, nq * hd)).reshape(B, T, -1), new_cache
+
+
+def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of q [B, T, N, Dh] over a cache k, v [B, Hkv, S, Dh] (N = G * Hkv heads).
+
+    The same math as jax.nn.dot_product_attention (which the uncached pass uses; a test holds
+    the two to 1e-4), written against the cache's heads-major layout with the cache as each
+    product's left operand. For one decode token over gpt2-small's 12 layers this ran in half
+    the time of dot_product_attention on the same cache (1.4 vs 2.7 ms on the 2-core CPU).
+    """
+    B, T, N, Dh = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(B, T, Hkv, N // Hkv, Dh)
+    scores = jnp.einsum("bksd,btkgd->bkgts", k, q, preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # mask [B, 1, 1, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(B, T, N, Dh)
+
+
+def _fused_linear(x: jax.Array, *linears: nnx.Linear) -> tuple[jax.Array, ...]:
+    """``tuple(l(x) for l in linears)`` as one matmul over the concatenated kernels.
+
+    The parameters stay separate (their names map one-to-one onto Hugging Face's); the
+    concatenation is loop-invariant, so inside the jitted decode loop XLA hoists it and every
+    step streams one [D, sum(out)] matrix, not several small ones, each with its own overhead.
+    """
+    dtype = linears[0].dtype
+    kernel = jnp.concatenate([l.kernel[...] for l in linears], axis=1)
+    y = x.astype(dtype) @ kernel.astype(dtype)
+    if linears[0].use_bias:
+        y = y + jnp.concatenate([l.bias[...] for l in linears]).astype(dtype)
+    splits = np.cumsum([l.out_features for l in linears])[:-1]
+    return tuple(jnp.split(y, splits, axis=-1))
 
 
 class MLP(nnx.Module):
@@ -116,7 +153,8 @@ class MLP(nnx.Module):
 
     def _mlp(self, x):
         if self.kind == "swiglu":
-            return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+            gate, up = _fused_linear(x, self.gate, self.up)
+            return self.down(jax.nn.silu(gate) * up)
         # GPT-2's "gelu_new" is the tanh approximation.
         return self.down(jax.nn.gelu(self.up(x), approximate=True))
 
@@ -213,7 +251,11 @@ class Transformer(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] float32 logits."""
         if self.cfg.tie_embeddings:
-            return _flat(self.embed.attend, h).astype(jnp.float32)
+            # The table [V, D] as the dot's left operand, as stored: XLA:CPU then streams it as a
+            # plain matrix-vector product when decoding (h @ table.T instead is a fused transposed
+            # loop, ~20% slower for gpt2-small's 154 MB head). Same math as nnx.Embed.attend.
+            table = self.embed.embedding[...].astype(h.dtype)
+            return _flat(lambda x: jnp.einsum("vd,nd->nv", table, x), h).astype(jnp.float32)
         return _flat(self.lm_head, h).astype(jnp.float32)
 
     def __call__(self, tokens=None, positions=None, cache: KVCache | None = None, *, embeddings=None, dropout_rng=None):
