@@ -223,10 +223,15 @@ class Transformer(nnx.Module):
             raise ValueError("pass exactly one of tokens [B, T] or embeddings [B, T, D]")
         x = self.embed_tokens(tokens) if tokens is not None else embeddings.astype(jnp.dtype(self.cfg.dtype))
         B, T = x.shape[:2]
-        if positions is None:
+        contiguous = positions is None  # every row at positions 0..T-1 (the teacher-forced pass)
+        if contiguous:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if self.cfg.pos == "learned":
-            x = x + self.pos_embed(jnp.clip(positions, 0, self.cfg.max_len - 1))
+            if contiguous and T <= self.cfg.max_len:
+                # A slice of the table, not a gather: its gradient is a pad, not a scatter-add.
+                x = x + self.pos_embed.embedding[:T].astype(x.dtype)
+            else:
+                x = x + self.pos_embed(jnp.clip(positions, 0, self.cfg.max_len - 1))
         # Salt n_layers: distinct from the block indices below, and fold_in needs a non-negative int.
         x = _dropout(self.dropout, x, dropout_rng, self.cfg.n_layers)
 
