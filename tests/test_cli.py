@@ -16,7 +16,7 @@ def test_help_describes_every_flag(command, capsys):
     out = capsys.readouterr().out
     assert "usage: arjax" in out and "(default: None)" not in out
     if command == ["generate"]:
-        for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--eos"):
+        for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--eos", "--stop"):
             assert flag in out
         assert "(default: 200)" in out
 
@@ -83,6 +83,13 @@ def test_train_generate_eval_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[1] " in out and "[2] " in out and "--- [2] prompt 'mno': 10 new tokens" in out
     assert "\nabcdefghijklm" in out and "\nmnopqrstuvwxy" in out
+    # --stop TEXT: the row ends on that token (kept in the output), well before max-new-tokens.
+    assert cli.main(["generate", "--ckpt", run, "--prompt", "abc", "--max-new-tokens", "20",
+                     "--temperature", "0", "--stop", "g"]) == 0
+    out = capsys.readouterr().out
+    assert "abcdefg\n" in out and "4 new tokens, stopped on eos" in out
+    assert cli.main(["generate", "--ckpt", run, "--prompt", "abc", "--stop", "gh"]) == 2
+    assert "--stop 'gh' encodes to 2 tokens" in capsys.readouterr().err
     # Unknown character for a char vocabulary: a clear one-line error.
     assert cli.main(["generate", "--ckpt", run, "--prompt", "ABC"]) == 2
     assert "not in this character-level vocabulary" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -187,6 +188,19 @@ def _live_panels(texts, rows):
     return live, render
 
 
+def _stop_token(tokenizer, text: str) -> int:
+    """The one token id that ``--stop TEXT`` names; ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` are read as escapes."""
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    unescaped = re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], text)
+    ids = tokenizer.encode(unescaped)
+    if len(ids) != 1:
+        raise UsageError(
+            f"--stop {text!r} encodes to {len(ids)} tokens {ids}; a row stops on one token: give text that is "
+            "a single token of this tokenizer, or its id with --eos ID"
+        )
+    return ids[0]
+
+
 def cmd_generate(args) -> int:
     from arjax.decode import SamplingParams, stream
 
@@ -201,7 +215,9 @@ def cmd_generate(args) -> int:
         B, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, vocab_size=model.cfg.vocab_size,
     )
-    eos = list(args.eos) if args.eos else ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+    eos = list(args.eos or []) + [_stop_token(tokenizer, t) for t in args.stop or []]
+    if not eos and tokenizer.eos_id is not None:
+        eos = [tokenizer.eos_id]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     gen = stream(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
                  seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps)
@@ -263,6 +279,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, metavar="R", default=1.0, help="penalise tokens already seen; 1 turns it off")
     p.add_argument("--seed", type=int, metavar="N", default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--eos", type=int, action="append", metavar="ID", help="token id that ends a row, repeatable (default: the tokenizer's EOS, if any)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="text of one token that ends a row, e.g. '\\n'; repeatable, combines with --eos")
     p.add_argument("--chunk-steps", type=int, metavar="N", default=8, help="decode steps per streamed chunk (smaller: smoother output, more overhead)")
     p.set_defaults(func=cmd_generate)
 
