@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -89,12 +91,21 @@ def _allowed(hint) -> tuple[tuple[type, ...], tuple | None]:
     return tuple(accepted), None
 
 
+def _items(hint) -> type | None:
+    """The item type of a ``tuple[X, ...]`` annotation (inside an Optional too), else None."""
+    for a in (hint, *typing.get_args(hint)):
+        if typing.get_origin(a) is tuple:
+            args = [x for x in typing.get_args(a) if x is not Ellipsis]
+            return args[0] if len(args) == 1 and isinstance(args[0], type) else None
+    return None
+
+
 def check_field_types(obj) -> None:
     """Every field of a config dataclass holds a value of its annotated type, or raise naming it.
 
-    The one type check behind every strict config (model, run, scheduled sampling): ``bool`` is
-    not accepted for an ``int`` (a YAML ``true`` for ``steps`` is a mistake, not 1), and
-    ``Literal`` fields must hold one of their choices.
+    The one type check behind every strict config (model, run, scheduled sampling, study): ``bool``
+    is not accepted for an ``int`` (a YAML ``true`` for ``steps`` is a mistake, not 1),
+    ``Literal`` fields must hold one of their choices, and ``tuple[X, ...]`` fields hold X's.
     """
     cls = type(obj)
     hints = typing.get_type_hints(cls)
@@ -106,15 +117,64 @@ def check_field_types(obj) -> None:
             raise TypeError(f"{cls.__name__}.{f.name}={value!r} ({type(value).__name__}) should be {names}")
         if choices and value not in choices:
             raise ValueError(f"{cls.__name__}.{f.name}={value!r}; choose one of {choices}")
+        item = _items(hints[f.name])
+        if item is not None and isinstance(value, tuple):
+            for i, x in enumerate(value):
+                if not isinstance(x, item) or (isinstance(x, bool) and item is not bool):
+                    raise TypeError(f"{cls.__name__}.{f.name}[{i}]={x!r} ({type(x).__name__}) should be {item.__name__}")
 
 
-def strict_from_dict(cls, d: dict[str, Any]):
-    """Build config dataclass ``cls`` from ``d``; an unknown key is an error (a typo is never ignored)."""
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    unknown = sorted(set(d) - set(known))
+def _is_config(hint) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _convert(hint, value, where: str):
+    """A YAML/JSON value shaped for ``hint``: mappings become nested configs, lists become tuples.
+
+    Everything else is passed through unchanged; the dataclass's own ``check_field_types`` then
+    says what is wrong with it.
+    """
+    if value is None:
+        return None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for a in typing.get_args(hint):
+            if (_is_config(a) and isinstance(value, Mapping)) or (typing.get_origin(a) is tuple and isinstance(value, list)):
+                return _convert(a, value, where)
+        return value
+    if _is_config(hint) and isinstance(value, Mapping):
+        return strict_from_dict(hint, value, where)
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        item = _items(hint)
+        return tuple(_convert(item, x, f"{where}[{i}]") if item else x for i, x in enumerate(value))
+    return value
+
+
+def strict_from_dict(cls, d: Mapping[str, Any], where: str | None = None):
+    """Build config dataclass ``cls`` from mapping ``d``, nested configs included.
+
+    The one strict loader behind every config (model, run, scheduled sampling, study): an unknown
+    key is an error naming it and the known ones (a typo is never ignored), a mapping under a
+    field typed as a config dataclass becomes that dataclass (recursively, with the same rules),
+    and a list under a ``tuple[X, ...]`` field becomes a tuple of X. ``where`` names the place in
+    the file for error messages (e.g. ``study.methods[1].scheduled_sampling``).
+    """
+    where = where or cls.__name__
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where} must be a mapping of {cls.__name__} keys, got {d!r:.80}")
+    known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    unknown = sorted((k for k in d if k not in known), key=str)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {known}")
-    return cls(**d)
+        raise ValueError(f"unknown {where} keys {unknown}; known keys are {known}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if where == cls.__name__ or str(e).startswith(where):
+            raise
+        raise type(e)(f"{where}: {e}") from None
 
 
 PRESETS: dict[str, ModelConfig] = {
