@@ -37,7 +37,6 @@ class DecodeState:
 
     cache: KVCache
     logits: jax.Array  # [B, V] float32: raw model logits for the next token (from the last forward pass)
-    last_token: jax.Array  # [B] int32: the token fed to the model last (pad for finished rows)
     positions: jax.Array  # [B] int32: position of the next token in each row
     rng: jax.Array  # PRNG key, split once per step
     step: jax.Array  # [] int32: tokens emitted so far (the next output column)
@@ -113,7 +112,6 @@ def init_state(
     return DecodeState(
         cache=cache,
         logits=logits.astype(jnp.float32),
-        last_token=prompt_tokens[:, -1].astype(jnp.int32),
         positions=(jnp.max(prompt_positions, axis=1) + 1).astype(jnp.int32),
         rng=rng,
         step=jnp.zeros((), jnp.int32),
@@ -163,7 +161,6 @@ def decode_step(
     return DecodeState(
         cache=cache,
         logits=logits[:, 0],
-        last_token=token,
         positions=state.positions + 1,
         rng=rng,
         step=state.step + 1,

@@ -32,9 +32,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.pos.shape[1]
 
-    def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
-
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
     """An empty cache of static shape ``[batch_size, max_len]`` (default: the model's ``max_len``)."""

@@ -15,7 +15,6 @@ from flax import nnx
 from arjax.model.config import ModelConfig
 from arjax.model.transformer import Transformer
 
-FAMILIES = ("gpt2", "llama")
 # model_type in config.json -> our family. Mistral shares Llama's layout (plus a sliding window,
 # which we accept only when it never binds); Qwen2 adds q/k/v biases, which we refuse below.
 _MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
@@ -416,7 +415,7 @@ def to_hf_dir(model: Transformer, directory: str, **config_extra: Any) -> None:
 
 
 __all__ = [
-    "FAMILIES", "Rule", "config_from_hf", "config_to_hf", "conversion_table", "family_of", "from_hf_dir",
+    "Rule", "config_from_hf", "config_to_hf", "conversion_table", "family_of", "from_hf_dir",
     "from_hf_model", "hf_family", "model_from_hf_tensors", "model_to_hf_tensors", "read_hf_config",
     "read_safetensors", "to_hf_dir",
 ]
