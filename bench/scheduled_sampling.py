@@ -3,8 +3,9 @@
     python bench/scheduled_sampling.py                 # shakespeare-char-cpu shape: B=12, T=64, 4 layers x 128
     python bench/scheduled_sampling.py --batch 32 --reps 5
 
-Both steps are built the same way (jit over nnx.split state, the same AdamW from
-``arjax.train.optim.make_optimizer``, params and optimizer state donated, one micro-batch) and
+Every variant is the one train step (``arjax.train.step.make_train_step``, jit over nnx.split state,
+the same AdamW from ``arjax.train.optim.make_optimizer``, params and optimizer state donated, one
+micro-batch) with a different objective: ``TeacherForcing`` or ``ScheduledSampling``. They are
 timed interleaved, ``--reps`` rounds of ``--steps`` steps, so a busy neighbour slows both. Two
 clocks: the best wall time per step, and the median process CPU time per step (every XLA thread
 counted), which a machine shared with other jobs disturbs far less than wall time.
@@ -23,9 +24,10 @@ import numpy as np
 from flax import nnx
 
 from arjax.model import Transformer, get_config
+from arjax.train.exposure.scheduled_sampling import ScheduledSampling, ScheduledSamplingConfig
+from arjax.train.exposure.schedules import make_schedule
 from arjax.train.optim import make_optimizer
-from arjax.train.scheduled_sampling import ScheduledSamplingConfig, make_ss_train_step, make_schedule
-from arjax.train.step import make_train_step
+from arjax.train.step import TeacherForcing, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,22 +55,22 @@ def main(argv=None) -> int:
     if args.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the {args.model} context {cfg.max_len}; pass --seq-len <= {cfg.max_len}")
     graphdef, params0 = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    tx, _ = make_optimizer(params0, lr=1e-3, warmup_steps=100, decay_steps=2000, min_lr=1e-4, weight_decay=0.1)
+    tx, _ = make_optimizer(lr=1e-3, warmup_steps=100, decay_steps=2000, min_lr=1e-4, weight_decay=0.1)
     # Random tokens: the step's cost does not depend on which characters they are.
     batches = jax.random.randint(jax.random.key(1), (1, args.batch, args.seq_len + 1), 0, cfg.vocab_size)
     schedule = make_schedule("linear", k=1.0, c=1e-3, eps_min=0.5)  # gold probability falls to 0.5: half the inputs are the model's
 
-    steps = {"teacher forcing": make_train_step(graphdef, tx, seed=0, use_dropout=False)}
+    steps = {"teacher forcing": make_train_step(graphdef, tx, TeacherForcing())}
     for name, ss in VARIANTS.items():
         if args.skip_sequential and ss.method == "sequential":
             continue
-        steps[name] = make_ss_train_step(graphdef, tx, ss.replace(schedule=schedule), seed=0)
+        steps[name] = make_train_step(graphdef, tx, ScheduledSampling(cfg=ss.replace(schedule=schedule)))
 
     state = {}
     for name, fn in steps.items():  # compile (and check it runs) before timing anything
         params = jax.tree.map(lambda x: x.copy(), params0)
         t = time.perf_counter()
-        params, opt_state, m = fn(params, tx.init(params), batches, 600)
+        params, opt_state, m = fn(params, tx.init(params), batches, 600, 0)
         jax.block_until_ready(m)
         state[name] = (params, opt_state)
         print(f"compiled {name:<42} {time.perf_counter() - t:6.1f} s", flush=True)
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
             params, opt_state = state[name]
             t, c = time.perf_counter(), time.process_time()
             for i in range(args.steps):
-                params, opt_state, m = fn(params, opt_state, batches, 600 + i)
+                params, opt_state, m = fn(params, opt_state, batches, 600 + i, 0)
             jax.block_until_ready((params, m))
             best[name] = min(best[name], (time.perf_counter() - t) / args.steps)
             cpu[name].append((time.process_time() - c) / args.steps)

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from arjax.train import cli
+from arjax.train.cli.generate import _RowText
+from arjax.train.cli.train import parse_set
 from arjax.train.tokenizer import ByteTokenizer
 
 
@@ -21,9 +23,9 @@ def test_help_describes_every_flag(command, capsys):
         assert "(default: 200)" in out
 
 
-def test_plugins_are_registered_when_present():
+def test_every_command_is_registered():
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    assert {"train", "generate", "eval"} <= set(sub.choices)
+    assert set(sub.choices) == {"train", "eval", "generate", "convert", "tokenizer", "study"}
 
 
 @pytest.mark.parametrize(
@@ -44,14 +46,18 @@ def test_bad_input_is_one_line_and_exit_2(argv, match, capsys):
     assert match in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_set_parses_yaml_values_and_model_overrides():
-    assert cli._parse_set(["lr=1e-3", "model.dropout=0.1", "grad_clip=null"]) == {
+def test_set_parses_yaml_values_model_overrides_and_nested_keys():
+    assert parse_set(["lr=1e-3", "model.dropout=0.1", "grad_clip=null", "scheduled_sampling.feed=argmax",
+                      "scheduled_sampling.schedule.step.kind=linear", "scheduled_sampling.schedule.step.c=1e-4"]) == {
         "lr": 1e-3, "model_overrides": {"dropout": 0.1}, "grad_clip": None,
+        "scheduled_sampling": {"feed": "argmax", "schedule": {"step": {"kind": "linear", "c": 1e-4}}},
     }
+    with pytest.raises(cli.UsageError, match="is not a key"):
+        parse_set(["scheduled_sampling..feed=argmax"])
 
 
 def test_streamed_text_holds_back_split_utf8():
-    row = cli._RowText(ByteTokenizer())
+    row = _RowText(ByteTokenizer())
     e_acute = "é".encode()  # two bytes, arriving in different chunks
     assert row.add([ord("a"), e_acute[0]]) == "a"
     assert row.add([e_acute[1], ord("b")]) == "éb"

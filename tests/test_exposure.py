@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from arjax.model import ModelConfig, Transformer
-from arjax.train.exposure import (
+from arjax.train.exposure.metrics import (
     Decoding,
     ModelScorer,
     accumulated_error,
@@ -19,7 +19,7 @@ from arjax.train.exposure import (
     policy_log_probs,
     repetition_rates,
 )
-from arjax.train.oracles import HMMOracle, TransformerOracle, make_dataset
+from arjax.train.exposure.oracles import HMMOracle, TransformerOracle, make_dataset
 
 L = 4  # generated tokens; vocabulary 3 -> 81 sequences, all enumerated
 

@@ -207,15 +207,16 @@ def test_bias_free_gpt_layout_exports_as_gpt2_with_zero_biases(tmp_path):
 
 
 def _write_bpe(directory, vocab_size):
-    from arjax.train import hf_tokenizer
+    from arjax.train.tokenizer import train_bpe
 
     text = directory / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog, again and again. " * 50)
-    return hf_tokenizer.train_bpe(str(text), vocab_size, str(directory))
+    return train_bpe(str(text), vocab_size, str(directory))
 
 
 def test_convert_from_hf_and_back_through_a_run_directory(tmp_path):
-    from arjax.train import checkpoint, cli_hf
+    from arjax.train import checkpoint
+    from arjax.train.cli import convert
 
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -224,13 +225,14 @@ def test_convert_from_hf_and_back_through_a_run_directory(tmp_path):
     hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "back"
     ref.save_pretrained(str(hf_dir))
     tok = _write_bpe(hf_dir, 300)
-    cli_hf.convert_from_hf(str(hf_dir), str(run))
-    model, tok2, _ = checkpoint.load_model(str(run))  # what `arjax generate --ckpt RUN` uses
+    convert.convert_from_hf(str(hf_dir), str(run))
+    model, tok2, train_cfg = checkpoint.load_model(str(run))  # what `arjax generate --ckpt RUN` uses
+    assert train_cfg is None  # converted weights: no training run, no placeholder config
     assert tok2.encode("the lazy fox") == tok.encode("the lazy fox") and tok2.eos_id == tok.eos_id
     tokens, _ = _padded_batch()
     want = _hf_logits(ref, tokens)
     assert np.abs(np.asarray(model(jnp.asarray(tokens))[0]) - want).max() <= 1e-4
-    cli_hf.convert_to_hf(str(run), str(out))
+    convert.convert_to_hf(str(run), str(out))
     again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert np.abs(_hf_logits(again, tokens) - want).max() <= 1e-5
     assert again.config.eos_token_id == tok.eos_id
@@ -238,33 +240,33 @@ def test_convert_from_hf_and_back_through_a_run_directory(tmp_path):
 
 
 def test_generate_from_hf_dir_refuses_a_tokenizer_larger_than_the_model(tmp_path):
-    from arjax.train import cli_hf
+    from arjax.train.cli import convert
 
     _gpt2().save_pretrained(str(tmp_path))  # vocab 96
     _write_bpe(tmp_path, 300)
     with pytest.raises(ValueError, match=r"tokenizer has 2\d\d tokens but the model's vocab_size is 96"):
-        cli_hf.load_hf_for_generate(str(tmp_path))
+        convert.load_hf_for_generate(str(tmp_path))
     with pytest.raises(ValueError, match="tokenizer has 256 tokens but the model's vocab_size is 96"):
-        cli_hf.convert_from_hf(str(tmp_path), str(tmp_path / "run"), tokenizer="byte")
+        convert.convert_from_hf(str(tmp_path), str(tmp_path / "run"), tokenizer="byte")
 
 
 def test_cli_commands_parse_and_train_a_tokenizer(tmp_path):
     import argparse
 
-    from arjax.train import cli_hf
+    from arjax.train.cli import convert
     from arjax.train.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(prog="arjax")
-    cli_hf.register(parser.add_subparsers(dest="command", required=True))
+    convert.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["convert", "--from-hf", "a", "--out", "b"])
-    assert (args.from_hf, args.out, args.func) == ("a", "b", cli_hf._cmd_convert)
+    assert (args.from_hf, args.out, args.func) == ("a", "b", convert._cmd_convert)
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question. " * 40)
     args = parser.parse_args(["tokenizer", "train", "--data", str(text), "--vocab-size", "280", "--out", str(tmp_path / "tok")])
     assert args.func(args) == 0
     assert load_tokenizer(str(tmp_path / "tok")).decode(load_tokenizer(str(tmp_path / "tok")).encode("to be")) == "to be"
     with pytest.raises(ValueError, match="exactly one of"):
-        cli_hf._cmd_convert(parser.parse_args(["convert", "--out", "x"]))
+        convert._cmd_convert(parser.parse_args(["convert", "--out", "x"]))
 
 
 def test_bfloat16_checkpoint_is_read_without_torch_dtypes(tmp_path):

@@ -6,9 +6,8 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
-from arjax.train import hf_tokenizer  # noqa: E402
 from arjax.train.data import default_corpus_text  # noqa: E402
-from arjax.train.tokenizer import load_tokenizer  # noqa: E402
+from arjax.train.tokenizer import EOS_TOKEN, HFTokenizer, check_fits, load_hf_tokenizer, load_tokenizer, train_bpe  # noqa: E402
 
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak. Ünïcödé ✓ 42\n"
 
@@ -25,7 +24,7 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bpe(text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
-    return hf_tokenizer.train_bpe(text_file, 400, str(out)), str(out)
+    return train_bpe(text_file, 400, str(out)), str(out)
 
 
 def test_trained_bpe_round_trips_and_compresses(bpe):
@@ -35,14 +34,14 @@ def test_trained_bpe_round_trips_and_compresses(bpe):
     assert tok.decode(ids) == SAMPLE  # byte-level: even characters never seen in training survive
     assert max(ids) < tok.vocab_size
     assert len(ids) < len(SAMPLE.encode("utf-8"))  # merges were learned
-    assert tok.eos_id == tok.tokenizer.token_to_id(hf_tokenizer.EOS_TOKEN) and tok.bos_id is None
+    assert tok.eos_id == tok.tokenizer.token_to_id(EOS_TOKEN) and tok.bos_id is None
     assert tok.decode(ids + [tok.eos_id]) == SAMPLE  # specials are dropped on decode
 
 
 def test_saved_tokenizer_reloads_through_the_shared_loader(bpe):
     tok, directory = bpe
     again = load_tokenizer(directory)  # the loader train/ and the CLI use for every kind
-    assert isinstance(again, hf_tokenizer.HFTokenizer)
+    assert isinstance(again, HFTokenizer)
     assert again.encode(SAMPLE) == tok.encode(SAMPLE)
     assert (again.vocab_size, again.eos_id) == (tok.vocab_size, tok.eos_id)
 
@@ -61,7 +60,7 @@ def test_hf_directory_special_ids_come_from_its_files(bpe, tmp_path):
     eos = tok.tokenizer.id_to_token(5)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": eos}, "pad_token": eos}))
     (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 7}))
-    loaded = hf_tokenizer.load(str(tmp_path))
+    loaded = load_hf_tokenizer(str(tmp_path))
     assert (loaded.eos_id, loaded.pad_id, loaded.bos_id) == (5, 5, 7)
 
 
@@ -70,7 +69,7 @@ def test_vocab_and_merges_directory_loads_via_transformers(bpe, tmp_path):
     tok, _ = bpe
     tok.tokenizer.model.save(str(tmp_path))  # GPT-2's original layout: vocab.json + merges.txt
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"}))
-    loaded = hf_tokenizer.load(str(tmp_path))
+    loaded = load_hf_tokenizer(str(tmp_path))
     assert loaded.encode("hear me speak") == tok.encode("hear me speak")
     assert loaded.eos_id == tok.eos_id
 
@@ -78,11 +77,11 @@ def test_vocab_and_merges_directory_loads_via_transformers(bpe, tmp_path):
 def test_bad_inputs(bpe, tmp_path, text_file):
     tok, _ = bpe
     with pytest.raises(ValueError, match="has 400 tokens but the model's vocab_size is 256"):
-        hf_tokenizer.check_fits(tok, 256)
-    hf_tokenizer.check_fits(tok, 512)  # a larger embedding table is fine (padded vocabularies)
+        check_fits(tok, 256)
+    check_fits(tok, 512)  # a larger embedding table is fine (padded vocabularies)
     with pytest.raises(ValueError, match="vocab_size=100 is too small.*--vocab-size 257"):
-        hf_tokenizer.train_bpe(text_file, 100)
+        train_bpe(text_file, 100)
     with pytest.raises(ValueError, match="does not exist"):
-        hf_tokenizer.train_bpe(str(tmp_path / "missing.txt"), 300)
+        train_bpe(str(tmp_path / "missing.txt"), 300)
     with pytest.raises(ValueError, match="no usable tokenizer"):
-        hf_tokenizer.load(str(tmp_path))
+        load_hf_tokenizer(str(tmp_path))

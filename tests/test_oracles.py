@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from arjax.model import ModelConfig
-from arjax.train.oracles import DyckOracle, HMMOracle, TransformerOracle, entropy_rate, make_dataset
+from arjax.train.exposure.oracles import DyckOracle, HMMOracle, TransformerOracle, entropy_rate, make_dataset
 
 
 def _joint_log_prob(oracle, tokens):

@@ -27,7 +27,9 @@ def test_wheel_contains_only_the_arjax_package(tmp_path):
     assert code and all(n.startswith("arjax/") for n in code), [n for n in code if not n.startswith("arjax/")]
     for pkg in ("model", "decode", "train"):
         assert f"arjax/{pkg}/__init__.py" in names
-    assert "arjax/train/cli.py" in names and not any(n.startswith(("arjax/tests", "arjax/tpu_configs")) for n in names)
+    for sub in ("train/cli", "train/exposure"):  # subpackages ship too
+        assert f"arjax/{sub}/__init__.py" in names
+    assert "arjax/train/cli/train.py" in names and not any(n.startswith(("arjax/tests", "arjax/tpu_configs")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "arjax = arjax.train.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 

@@ -1,4 +1,4 @@
-"""Scheduled sampling: the closed-form optimum, alignment of fed-back predictions, gradients, coins, and the jitted step."""
+"""Scheduled sampling: the closed-form optimum (through the one train step), alignment of fed-back predictions, gradients, coins, the objective."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,9 @@ from flax import nnx
 
 from arjax.model import Transformer, get_config
 from arjax.train.loss import next_token_loss
-from arjax.train.scheduled_sampling import ScheduledSamplingConfig, draw_coins, make_schedule, ss_loss
+from arjax.train.exposure.scheduled_sampling import ScheduledSampling, ScheduledSamplingConfig, draw_coins, ss_loss
+from arjax.train.exposure.schedules import GoldSchedule, constant, make_schedule
+from arjax.train.step import TRACE_COUNTS, make_train_step
 
 # ----------------------------------------------------------------------------- closed form
 # Oracle over tokens {1, 2, 3} (0 is BOS): x1 ~ o(x1), x2 ~ o(x2 | x1), chosen so that o(x2 | a)
@@ -19,55 +21,44 @@ O21 = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7]])
 O2 = O1 @ O21
 
 
-def train_closed_form(ps, *, reps=128, steps=200, lr=1e-2, seed=0):
-    """Train one tiny model per replacement probability p (vmapped) under the two-pass objective.
+def train_closed_form(ps, *, rows=1000, steps=200, lr=1e-2, seed=0):
+    """Train one tiny model per replacement probability p through the one train step
+    (``make_train_step`` with the ``ScheduledSampling`` objective, two-pass, sampled feedback).
 
-    Every step sees all 9 (x1, x2) pairs ``reps`` times, weighted by o(x1, x2) through the loss
-    mask, so the only randomness is scheduled sampling's own: the coins and the sampled draws.
+    The batch is the same every step: ``rows`` sequences [BOS, x1, x2] in exactly the oracle's
+    proportions (every o(x1, x2) is a multiple of 0.01), so the only randomness is scheduled
+    sampling's own: the coins and the sampled draws. The p's differ only in the schedule's number,
+    which is traced: the three runs share one compiled step.
     Returns q(x1 | BOS) [len(ps), 3] and q(x2 | a) [len(ps), 3 (a), 3 (x2)].
     """
-    x1, x2 = (g.ravel() for g in np.meshgrid(np.arange(3), np.arange(3), indexing="ij"))
-    rows = np.stack([np.zeros(9, int), x1 + 1, x2 + 1], 1)  # [9, 3] = [BOS, x1, x2]
-    tokens = jnp.asarray(np.tile(rows, (reps, 1)), jnp.int32)  # [9R, 3]
-    w = jnp.asarray(np.tile(O1[x1] * O21[x1, x2], reps), jnp.float32)  # [9R]
-    weights = jnp.broadcast_to(w[:, None], (9 * reps, 2))  # [9R, T=2]
+    counts = np.rint(rows * O1[:, None] * O21).astype(int)  # [3, 3]
+    assert counts.sum() == rows
+    pairs = [(0, a + 1, b + 1) for a in range(3) for b in range(3) for _ in range(counts[a, b])]
+    batch = jnp.asarray(pairs, jnp.int32)[None]  # [A=1, rows, T+1=3]
     # Untied embeddings: the input table and the output head learn independently (a tied table makes
     # the pass-2 noise on the input side disturb q(x1 | BOS), which slows convergence).
     cfg = get_config("tiny", vocab_size=8, max_len=8, d_model=32, n_layers=1, n_heads=2, tie_embeddings=False)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, params0 = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
     tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
-    n = len(ps)
-    params = jax.tree.map(lambda x: jnp.stack([x] * n), params)
-    opt_state = jax.vmap(tx.init)(params)
-    ss = ScheduledSamplingConfig(feed="sample")  # a drawn token: no gradient through the draw
 
-    def update(params, opt_state, key, p):
-        def loss_fn(params):
-            # The slot-1 input is replaced with probability p: gold probability 1 - p.
-            return ss_loss(nnx.merge(graphdef, params), tokens, key, 1.0 - p, ss, mask=weights)[0]
+    def objective(p):  # the slot-1 input is replaced with probability p: gold probability 1 - p
+        return ScheduledSampling(cfg=ScheduledSamplingConfig(feed="sample", schedule=constant(1.0 - p)))
 
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    @jax.jit
-    def train(params, opt_state):
-        def body(carry, i):
-            keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), i), n)
-            return jax.vmap(update)(*carry, keys, jnp.asarray(ps, jnp.float32)), None
-
-        (params, _), _ = jax.lax.scan(body, (params, opt_state), jnp.arange(steps))
-        return params
-
-    params = train(params, opt_state)
+    step_fn = make_train_step(graphdef, tx, objective(0.0))
+    before = TRACE_COUNTS["train_step"]
     probe = jnp.array([[0, 1], [0, 2], [0, 3]])  # [BOS, a] for a = 1, 2, 3
-
-    def probs(params):
+    q1, q2 = [], []
+    for p in ps:
+        params, opt_state = jax.tree.map(jnp.copy, params0), tx.init(params0)
+        for i in range(steps):
+            params, opt_state, m = step_fn(params, opt_state, batch, i, seed, objective(p))
+        np.testing.assert_allclose(float(m["mix_rate"]), p, atol=0.03)  # realised mixing follows the schedule
         logits, _ = nnx.merge(graphdef, params)(probe)  # [3, 2, V]
-        return jax.nn.softmax(logits, -1)[..., 1:4]  # [3, 2, 3]
-
-    pr = np.asarray(jax.vmap(probs)(params))  # [n, 3, 2, 3]
-    return pr[:, 0, 0], pr[:, :, 1]
+        pr = np.asarray(jax.nn.softmax(logits, -1)[..., 1:4])  # [3, 2, 3]
+        q1.append(pr[0, 0])
+        q2.append(pr[:, 1])
+    assert TRACE_COUNTS["train_step"] - before == 1, "a new schedule number must not recompile the step"
+    return np.array(q1), np.array(q2)
 
 
 @pytest.mark.slow
@@ -257,7 +248,7 @@ def test_bad_config_is_refused_with_the_value_named(kw, match):
 
 
 def test_config_is_strict_and_frozen():
-    from arjax.train.scheduled_sampling import from_dict
+    from arjax.train.exposure.scheduled_sampling import from_dict
 
     with pytest.raises(ValueError, match="unknown ScheduledSamplingConfig keys \\['tempreature'\\]"):
         from_dict({"tempreature": 1.0})
@@ -269,34 +260,50 @@ def test_config_is_strict_and_frozen():
     assert float(cfg.schedule(2, 4)[1]) == pytest.approx(0.8)
     with pytest.raises(Exception):
         cfg.feed = "soft"  # type: ignore[misc]
+    # The nested schedule, as a run config writes it; a number the family does not use is refused.
+    cfg = from_dict({"feed": "argmax", "schedule": {"step": {"kind": "linear", "k": 1, "c": 0.1},
+                                                     "position": {"kind": "exponential", "k": 0.5}}})
+    np.testing.assert_allclose(np.asarray(cfg.schedule(2, 3)), [1.0, 0.8 * 0.5, 0.8 * 0.25], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"schedule 'constant' takes \['k'\], not \['c'\]"):
+        from_dict({"schedule": {"step": {"kind": "constant", "k": 0.5, "c": 0.1}}})
+    with pytest.raises(ValueError, match=r"unknown ScheduledSamplingConfig.schedule.step keys \['z'\]"):
+        from_dict({"schedule": {"step": {"kind": "linear", "z": 1}}})
+    with pytest.raises(TypeError, match="schedule k='high'"):
+        from_dict({"schedule": {"step": {"kind": "linear", "k": "high"}}})
 
 
-# ----------------------------------------------------------------------------- the jitted train step
+# ----------------------------------------------------------------------------- the objective in the one train step
 
 
-def test_train_step_logs_and_never_recompiles_for_a_new_step_or_schedule():
-    from arjax.train.scheduled_sampling import make_ss_train_step
-    from arjax.train.schedules import GoldSchedule
-
+def test_objective_logs_and_never_recompiles_for_a_new_step_or_schedule():
     graphdef, params = _tiny(12)
     tx = optax.adamw(1e-2)
     opt_state = tx.init(params)
     sched = make_schedule("linear", k=1.0, c=0.4)  # 1.0, 0.6, 0.2, 0.0 ...
-    ss = ScheduledSamplingConfig(feed="argmax", schedule=sched)
-    step_fn = make_ss_train_step(graphdef, tx, ss, seed=0, pad_id=15)
+    objective = ScheduledSampling(cfg=ScheduledSamplingConfig(feed="argmax", schedule=sched), pad_id=15)
+    step_fn = make_train_step(graphdef, tx, objective)
     batches = jax.random.randint(jax.random.key(13), (2, 4, 7), 0, 15)  # [A, B, T+1], no pad inside
     batches = batches.at[:, 0, -2:].set(15)  # one row per micro-batch ends in 2 pads: 2 fewer targets each
+    before = TRACE_COUNTS["train_step"]
     logs = []
     for i in range(4):
-        params, opt_state, m = step_fn(params, opt_state, batches, i)
+        params, opt_state, m = step_fn(params, opt_state, batches, i, 0)
         logs.append({k: float(v) for k, v in m.items()})
     # New numbers for the same family: still the same program (a new family is a new program).
-    params, opt_state, m = step_fn(params, opt_state, batches, 4, GoldSchedule(step=make_schedule("linear", k=0.9, c=0.1)))
+    new = objective.replace(cfg=objective.cfg.replace(schedule=GoldSchedule(step=make_schedule("linear", k=0.9, c=0.1))))
+    params, opt_state, m = step_fn(params, opt_state, batches, 4, 0, new)
     logs.append({k: float(v) for k, v in m.items()})
-    assert step_fn.jitted._cache_size() == 1
+    assert TRACE_COUNTS["train_step"] - before == 1
     np.testing.assert_allclose([l["gold_prob"] for l in logs], [1.0, 0.6, 0.2, 0.0, 0.5], atol=1e-6)
     assert logs[0]["mix_rate"] == 0.0 and logs[0]["differ_rate"] == 0.0
     assert logs[3]["mix_rate"] == 1.0 and logs[3]["differ_rate"] > 0.5  # a random model's argmax is rarely gold
     assert all(np.isfinite(l["loss"]) and l["tokens"] == 2 * 4 * 6 - 2 * 2 for l in logs)
+    # The step's loss is the objective's pass-2 loss (pass1_weight 0), token-weighted over micro-batches.
+    assert logs[3]["loss"] == pytest.approx(logs[3]["pass2_loss"], rel=1e-6)
     with pytest.raises(ValueError, match="pass \\[A micro-batches, B, T\\+1\\]"):
-        step_fn(params, opt_state, batches[0], 5)
+        step_fn(params, opt_state, batches[0], 5, 0)
+
+
+def test_sequential_token_feeds_refuse_dropout():
+    with pytest.raises(ValueError, match="has no dropout"):
+        ScheduledSampling(cfg=ScheduledSamplingConfig(method="sequential", feed="argmax"), dropout=True)

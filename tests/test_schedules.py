@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arjax.train.schedules import GoldSchedule, Schedule, as_gold_schedule, constant, make_schedule
+from arjax.train.exposure.schedules import GoldSchedule, Schedule, as_gold_schedule, constant, make_schedule
 
 
 @pytest.mark.parametrize(

@@ -37,20 +37,21 @@ def make_manager(run_dir: str, *, max_to_keep: int | None = None) -> ocp.Checkpo
     return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, meta: dict[str, Any]) -> None:
-    """Save after ``step`` optimizer updates. ``meta`` is JSON: configs, seed, data position.
+def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state=None, meta: dict[str, Any]) -> None:
+    """Save after ``step`` optimizer updates. ``meta`` is JSON: at least ``model_config``; a training
+    run adds its ``train_config``, seed and data position, a conversion its source.
 
     Params are stored as a nested dict of arrays named like the model (readable by other tools);
-    the optimizer state as its flat list of leaves, rebuilt on restore from a fresh ``tx.init``.
+    the optimizer state (absent for converted weights) as its flat list of leaves, rebuilt on
+    restore from a fresh ``tx.init``.
     """
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
-            opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
-            meta=ocp.args.JsonSave({"format": FORMAT_VERSION, "step": step, **meta}),
-        ),
-    )
+    items = {
+        "params": ocp.args.StandardSave(nnx.to_pure_dict(params)),
+        "meta": ocp.args.JsonSave({"format": FORMAT_VERSION, "step": step, **meta}),
+    }
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(jax.tree.leaves(opt_state))
+    manager.save(step, args=ocp.args.Composite(**items))
 
 
 def read_meta(run_dir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
@@ -81,6 +82,11 @@ def check_compatible(run_dir: str, saved: dict[str, Any], requested: ModelConfig
 
 def restore(manager: ocp.CheckpointManager, step: int, *, params, opt_state):
     """(params, opt_state) of checkpoint ``step``, shaped like the given (fresh) ones."""
+    if not os.path.isdir(os.path.join(manager.directory, str(step), "opt_state")):
+        raise ValueError(
+            f"checkpoint {step} in {manager.directory} holds weights only (a converted checkpoint); it cannot be "
+            "resumed. Start a new run (fine-tuning from converted weights is not supported yet)"
+        )
     abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))
     leaves, treedef = jax.tree.flatten(opt_state)
     abstract_opt = [ocp.utils.to_shape_dtype_struct(x) for x in leaves]
@@ -97,13 +103,14 @@ def restore(manager: ocp.CheckpointManager, step: int, *, params, opt_state):
 def load_model(run_dir: str, step: int | None = None):
     """``(model, tokenizer, train_cfg)`` from a run directory: the latest (or given) checkpoint's weights.
 
-    ``model.cfg`` is the ModelConfig it was trained with; ``train_cfg`` the TrainConfig.
+    ``model.cfg`` is the ModelConfig it was trained with; ``train_cfg`` the TrainConfig of the run
+    that trained it, or None for converted weights (``arjax convert --from-hf``).
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"checkpoint directory {run_dir!r} does not exist; pass the --out directory of `arjax train`")
     step, meta = read_meta(run_dir, step)
     model_cfg = model_config_from_dict(meta["model_config"])
-    cfg = train_config.from_dict(meta["train_config"])
+    cfg = train_config.from_dict(meta["train_config"]) if "train_config" in meta else None
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))

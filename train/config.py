@@ -1,4 +1,4 @@
-"""The run config: a frozen keyword-only `TrainConfig`, loaded from YAML with strict keys and types."""
+"""The run config: a frozen keyword-only `TrainConfig`, and the one YAML loader (strict keys and types) for every config file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 
 from arjax.model.config import ModelConfig, check_field_types, get_config, strict_from_dict
+from arjax.train.exposure.scheduled_sampling import ScheduledSamplingConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,9 @@ class TrainConfig:
     ckpt_interval: int = 500
     max_to_keep: int = 3
     log_file: str | None = None  # metrics JSONL; None: <out>/metrics.jsonl
+    # The objective: teacher forcing when null, else scheduled sampling with these settings
+    # (method, feed, coins, schedule: arjax.train.exposure.scheduled_sampling.ScheduledSamplingConfig).
+    scheduled_sampling: ScheduledSamplingConfig | None = None
     # Placeholders for the scale-out issue: parsed and stored, NOT YET USED by the trainer.
     mesh: dict | None = None
     sharding: dict | None = None
@@ -67,7 +71,14 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}")
         if self.tokenizer == "hf" and not self.tokenizer_path:
             raise ValueError("tokenizer: hf needs tokenizer_path, a directory with a Hugging Face tokenizer.json")
-        self.model_config(vocab_size=None)  # unknown preset or bad overrides fail here, at load time
+        model_cfg = self.model_config(vocab_size=None)  # unknown preset or bad overrides fail here, at load time
+        ss = self.scheduled_sampling
+        if ss is not None and model_cfg.dropout > 0 and ss.method == "sequential" and not ss.soft:
+            raise ValueError(
+                f"scheduled_sampling method 'sequential' with feed {ss.feed!r} runs the decoder's decode_step, which "
+                f"has no dropout, but the model has dropout={model_cfg.dropout}; set model_overrides: {{dropout: 0}} "
+                "or use method 'parallel'"
+            )
 
     def model_config(self, *, vocab_size: int | None) -> ModelConfig:
         """The model this run trains; ``vocab_size`` (the tokenizer's) fills in when not overridden."""
@@ -93,10 +104,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
 def from_dict(d: dict[str, Any]) -> TrainConfig:
     """Strict: an unknown key is an error naming it and listing the valid keys."""
     return strict_from_dict(TrainConfig, d)
@@ -114,19 +121,34 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_config(path: str, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a YAML file (tpu_configs/*.yaml), then ``overrides`` (e.g. from CLI flags)."""
+def parse_yaml_value(text: str) -> Any:
+    """One value as the config files read it (``--set lr=1e-3``: a float, ``null``: None)."""
+    return yaml.load(text, Loader=_Loader) if text else None
+
+
+def load_yaml(path: str, what: str, examples: str) -> dict[str, Any]:
+    """The mapping in a YAML config file; ``what`` and ``examples`` name it in errors."""
     try:
         with open(path, encoding="utf-8") as f:
             d = yaml.load(f, Loader=_Loader)
     except FileNotFoundError:
-        raise ValueError(f"config file {path!r} does not exist; see tpu_configs/ for examples") from None
+        raise ValueError(f"{what} {path!r} does not exist; see {examples} for examples") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path!r} is a directory; pass a YAML file (see {examples})") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {path!r} is not valid YAML: {e}") from None
+        raise ValueError(f"{what} {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if d is None:
         d = {}
     if not isinstance(d, dict):
-        raise ValueError(f"config file {path!r} must hold a mapping of TrainConfig keys, got {type(d).__name__}")
+        raise ValueError(f"{what} {path!r} must hold a mapping of keys, got {type(d).__name__}")
+    return d
+
+
+def load_config(path: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a YAML file (tpu_configs/*.yaml), then ``overrides`` (e.g. from CLI flags)."""
+    d = load_yaml(path, "config file", "tpu_configs/")
     try:
         return from_dict({**d, **overrides})
     except (TypeError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""Training text: a file or the bundled default corpus, tokenized once, split, and sampled as a pure function of (seed, step)."""
+"""Training data: a text file or the bundled default corpus, tokenized once and split; batch sources sampled as a pure function of (seed, step)."""
 
 from __future__ import annotations
 
@@ -85,3 +85,34 @@ def eval_windows(ids: np.ndarray, *, n_windows: int, seq_len: int) -> np.ndarray
     last = len(ids) - seq_len - 1
     starts = np.linspace(0, last, num=n_windows).astype(np.int64)
     return np.stack([ids[s : s + seq_len + 1] for s in starts])
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Training batches as random windows of one token stream (nanoGPT's sampler over a corpus)."""
+
+    ids: np.ndarray  # [N] int32
+    seq_len: int
+
+    def __post_init__(self):
+        check_length(self.ids, self.seq_len, "training")
+
+    def batch(self, *, batch_size: int, seed: int, step: int) -> np.ndarray:
+        """[batch_size, seq_len + 1] int32: a pure function of (seed, step)."""
+        return get_batch(self.ids, batch_size=batch_size, seq_len=self.seq_len, seed=seed, step=step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Training batches as random rows of a fixed set of sequences [N, L+1] (e.g. samples of an oracle)."""
+
+    rows: np.ndarray  # [N, L+1] int32
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows.shape[1] - 1
+
+    def batch(self, *, batch_size: int, seed: int, step: int) -> np.ndarray:
+        """[batch_size, L + 1] int32 rows drawn with replacement: a pure function of (seed, step)."""
+        idx = np.random.default_rng([seed, step]).integers(0, len(self.rows), size=batch_size)
+        return self.rows[idx]

@@ -1,4 +1,11 @@
-"""The training loop: data, model, optimizer, resume, rich progress, JSONL (and TensorBoard if installed) metrics, checkpoints."""
+"""The one training loop: model, optimizer, objective, resume, rich progress, JSONL (and TensorBoard if installed) metrics, evaluation, checkpoints.
+
+``fit`` trains any model config on any batch source (``arjax.train.data.Windows`` over a corpus,
+``Rows`` of oracle samples) with the objective the run config names: teacher forcing, or
+scheduled sampling when ``cfg.scheduled_sampling`` is set. ``train`` is its front end for text:
+it reads the corpus, builds or reloads the tokenizer and saves it beside the checkpoints.
+``arjax train``, ``arjax study`` and the tests all train through ``fit``.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +16,22 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from arjax.model.config import ModelConfig
 from arjax.model.transformer import Transformer, count_params
 from arjax.train import checkpoint as ckpt
 from arjax.train import data as data_lib
 from arjax.train.config import TrainConfig
+from arjax.train.exposure.scheduled_sampling import ScheduledSampling
 from arjax.train.optim import optimizer_from_config
-from arjax.train.step import make_eval_step, make_train_step
-from arjax.train.tokenizer import build_tokenizer, load_tokenizer
+from arjax.train.step import TeacherForcing, make_eval_step, make_train_step, seed_key
+from arjax.train.tokenizer import build_tokenizer, check_fits, load_tokenizer
+
+# Short names for the objective's metrics in the progress bar.
+_BAR_NAMES = {"mix_rate": "mix", "gold_prob": "gold", "differ_rate": "differ"}
 
 
 def _tensorboard_writer(log_dir: str):
@@ -32,19 +46,17 @@ def _tensorboard_writer(log_dir: str):
 
 
 class _Progress:
-    """A rich progress bar with loss, tokens/s and ETA; silent when ``quiet``."""
+    """A rich progress bar with loss, the objective's metrics, tokens/s and ETA; silent when ``quiet``."""
 
-    def __init__(self, total: int, start: int, quiet: bool):
+    def __init__(self, total: int, start: int, quiet: bool, label: str = "train"):
         self.bar = None
         if quiet:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         )
-        self.task = self.bar.add_task("train", total=total, completed=start, info="compiling...")
+        self.task = self.bar.add_task(label, total=total, completed=start, info="compiling...")
         self.bar.start()
 
     def update(self, step: int, info: str) -> None:
@@ -60,23 +72,41 @@ class _Progress:
             self.bar.stop()
 
 
-def prepare_tokenizer(cfg: TrainConfig, text: str, run_dir: str, resume: bool):
-    """On resume, the run's saved tokenizer (a char vocabulary must not change); else a fresh one."""
-    tok_dir = ckpt.tokenizer_dir(run_dir)
-    if resume and os.path.isdir(tok_dir):
-        return load_tokenizer(tok_dir)
-    return build_tokenizer(cfg.tokenizer, text=text, path=cfg.tokenizer_path)
+def objective_for(cfg: TrainConfig, *, pad_id: int | None, dropout: bool):
+    """The objective a run config names: scheduled sampling when configured, else teacher forcing."""
+    if cfg.scheduled_sampling is not None:
+        return ScheduledSampling(cfg=cfg.scheduled_sampling, pad_id=pad_id, dropout=dropout)
+    return TeacherForcing(pad_id=pad_id, dropout=dropout)
 
 
-def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: int | None = None,
-          quiet: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``. Returns per-step losses, val losses, tokens/s and the final step.
+def _keep_logged_steps(path: str, last_step: int) -> None:
+    """Drop records of steps after ``last_step`` (logged after the checkpoint a resume starts from),
+    so that the resumed run writes each of them exactly once."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill mid-write
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
-    ``stop_after`` ends this invocation after that many optimizer steps (as if interrupted;
-    a checkpoint is written), which the resume test uses to split one run in two.
-    """
-    manager = ckpt.make_manager(run_dir, max_to_keep=cfg.max_to_keep)
-    latest = manager.latest_step()
+
+def latest_checkpoint(run_dir: str) -> int | None:
+    """The step of the newest checkpoint in ``run_dir``, or None."""
+    return ckpt.make_manager(run_dir).latest_step() if os.path.isdir(ckpt.checkpoint_dir(run_dir)) else None
+
+
+def check_run_dir(run_dir: str, resume: bool) -> int | None:
+    """The latest checkpoint step of ``run_dir`` (None for a new run), after the resume guards."""
+    latest = latest_checkpoint(run_dir)
     if resume and latest is None:
         raise ValueError(f"--resume given but {run_dir!r} has no checkpoint; drop --resume to start a new run")
     if not resume and latest is not None:
@@ -84,115 +114,147 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
             f"{run_dir!r} already holds checkpoints (latest step {latest}); pass --resume to continue it "
             "or choose a new --out directory"
         )
+    return latest
 
-    text = data_lib.read_text(cfg.data)
-    tokenizer = prepare_tokenizer(cfg, text, run_dir, resume)
-    split = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction)
-    model_cfg = cfg.model_config(vocab_size=tokenizer.vocab_size)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}; "
-            "remove vocab_size from model_overrides (it then follows the tokenizer) or raise it"
-        )
-    T = cfg.context_len(model_cfg)
-    data_lib.check_length(split.train, T, "training")
-    val_windows = data_lib.eval_windows(split.val, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
-    val_windows = val_windows.reshape(cfg.eval_iters, cfg.batch_size, T + 1)  # [E, B, T+1]
 
-    model = Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))
+def fit(
+    cfg: TrainConfig,
+    run_dir: str,
+    *,
+    model_cfg: ModelConfig,
+    source,
+    val_windows: np.ndarray,
+    pad_id: int | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    quiet: bool = False,
+    meta: dict[str, Any] | None = None,
+    label: str = "train",
+) -> dict[str, Any]:
+    """Train ``model_cfg`` on ``source`` (``batch(batch_size=, seed=, step=) -> [n, T+1]``) into ``run_dir``.
+
+    ``val_windows`` [E, B, T+1] are evaluated (teacher-forced NLL) every ``cfg.eval_interval``
+    steps and at the end; ``meta`` is stored in every checkpoint beside the configs. ``stop_after``
+    ends this invocation after that many optimizer steps (as if interrupted; a checkpoint is
+    written), which the resume tests use to split one run in two. Returns per-step losses and
+    objective metrics, val losses, tokens/s, the final step and the trained ``model``.
+    """
+    latest = check_run_dir(run_dir, resume)
+    manager = ckpt.make_manager(run_dir, max_to_keep=cfg.max_to_keep)
+    T = source.seq_len
+    key = seed_key(cfg.seed)
+    model = Transformer(model_cfg, rngs=nnx.Rngs(key))
     graphdef, params = nnx.split(model)
     del model
-    tx, schedule = optimizer_from_config(params, cfg)
+    tx, schedule = optimizer_from_config(cfg)
     opt_state = tx.init(params)
     start = 0
     if resume:
-        start, meta = ckpt.read_meta(run_dir, latest)
-        ckpt.check_compatible(run_dir, meta["model_config"], model_cfg)
+        start, saved = ckpt.read_meta(run_dir, latest)
+        ckpt.check_compatible(run_dir, saved["model_config"], model_cfg)
         params, opt_state = ckpt.restore(manager, start, params=params, opt_state=opt_state)
     os.makedirs(run_dir, exist_ok=True)
-    tokenizer.save(ckpt.tokenizer_dir(run_dir))
 
-    train_step = make_train_step(graphdef, tx, seed=cfg.seed, use_dropout=model_cfg.dropout > 0, pad_id=tokenizer.pad_id)
-    eval_step = make_eval_step(graphdef, pad_id=tokenizer.pad_id)
+    objective = objective_for(cfg, pad_id=pad_id, dropout=model_cfg.dropout > 0)
+    train_step = make_train_step(graphdef, tx, objective)
+    eval_step = make_eval_step(graphdef, pad_id=pad_id)
     A, B = cfg.accum_steps, cfg.batch_size
     tokens_per_step = A * B * T
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
     log_path = cfg.log_file or os.path.join(run_dir, "metrics.jsonl")
+    _keep_logged_steps(log_path, start)
     log = open(log_path, "a", encoding="utf-8")
-    tb = _tensorboard_writer(os.path.join(run_dir, "tb"))
-    n_params = count_params(model_cfg)
-    progress = _Progress(cfg.steps, start, quiet)
-    progress.log(
-        f"model {cfg.model}: {n_params / 1e6:.2f}M params, vocab {model_cfg.vocab_size}, context {T}; "
-        f"{len(split.train):,} train / {len(split.val):,} val tokens; {tokens_per_step:,} tokens per step"
-    )
+    tb = None
+    progress = None
+    try:
+        tb = _tensorboard_writer(os.path.join(run_dir, "tb"))
+        n_params = count_params(model_cfg)
+        progress = _Progress(cfg.steps, start, quiet, label)
+        progress.log(
+            f"model: {n_params / 1e6:.2f}M params ({model_cfg.n_layers} layers x {model_cfg.d_model}), vocab "
+            f"{model_cfg.vocab_size}, context {T}; {tokens_per_step:,} tokens per step"
+        )
+        if cfg.scheduled_sampling is not None:
+            progress.log(cfg.scheduled_sampling.describe())
 
-    def meta_for(step: int) -> dict[str, Any]:
-        return {
-            "seed": cfg.seed,
-            # Batches are a pure function of (seed, step), so the step is the data position;
-            # stored explicitly so that other samplers could resume from it.
-            "data_position": {"step": step, "windows_consumed": step * A * B},
-            "model_config": model_cfg.to_dict(),
-            "train_config": cfg.to_dict(),
-            "tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__),
-        }
+        def meta_for(step: int) -> dict[str, Any]:
+            return {
+                "seed": cfg.seed,
+                # Batches are a pure function of (seed, step), so the step is the data position;
+                # stored explicitly so that other samplers could resume from it.
+                "data_position": {"step": step, "windows_consumed": step * A * B},
+                "model_config": model_cfg.to_dict(),
+                "train_config": cfg.to_dict(),
+                **(meta or {}),
+            }
 
-    def write(record: dict[str, Any]) -> None:
-        log.write(json.dumps(record) + "\n")
+        def write(record: dict[str, Any]) -> None:
+            log.write(json.dumps(record) + "\n")
+            if tb is not None:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        tb.add_scalar(k, v, record["step"])
+
+        def evaluate(step: int) -> float:
+            val = float(eval_step(params, val_windows))
+            write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+            progress.log(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50.0)):.2f})")
+            return val
+
+        history: dict[str, list[float]] = {}
+        val_losses: list[tuple[int, float]] = []
+        pending: list[tuple[int, dict]] = []  # device-side metrics not yet fetched: no sync per step
+        t_last, steps_since, tok_s = time.perf_counter(), 0, float("nan")
+        t_start = t_last
+        measured_tokens, measured_time = 0, 0.0
+        for step in range(start, end):
+            windows = source.batch(batch_size=A * B, seed=cfg.seed, step=step)
+            params, opt_state, metrics = train_step(params, opt_state, windows.reshape(A, B, T + 1), step, key)
+            pending.append((step, metrics))
+            steps_since += 1
+            done = step + 1
+            evaluating = done % cfg.eval_interval == 0 or done == cfg.steps
+            saving = done % cfg.ckpt_interval == 0 or done == end
+            # Fetch before an evaluation or a checkpoint, too: the log then holds every step the checkpoint
+            # holds, and the records come in the same order however the run was interrupted.
+            if done % cfg.log_interval == 0 or done == end or saving or evaluating:
+                fetched = jax.device_get(pending)  # one sync for the whole interval
+                now = time.perf_counter()
+                elapsed = now - t_last
+                tok_s = steps_since * tokens_per_step / elapsed
+                # The first interval includes compilation; leave it out of the run's average.
+                if step >= start + cfg.log_interval:
+                    measured_tokens += steps_since * tokens_per_step
+                    measured_time += elapsed
+                for s, m in fetched:
+                    m = {k: float(v) for k, v in m.items()}
+                    for k, v in m.items():
+                        history.setdefault(k, []).append(v)
+                    write({"step": s + 1, "loss": m.pop("loss"), "lr": float(schedule(s)), "grad_norm": m.pop("grad_norm"),
+                           "tokens_per_s": tok_s, **{k: v for k, v in m.items() if k != "tokens"}})
+                log.flush()
+                last = fetched[-1][1]
+                extra = "".join(f"  {_BAR_NAMES.get(k, k)} {float(last[k]):.3f}" for k in objective.metric_names if k in _BAR_NAMES)
+                progress.update(done, f"loss {float(last['loss']):.4f}{extra}  {tok_s:,.0f} tok/s")
+                pending, t_last, steps_since = [], now, 0
+            t_pause = time.perf_counter()
+            if evaluating:
+                val_losses.append((done, evaluate(done)))
+            if saving:
+                log.flush()
+                ckpt.save(manager, done, params=params, opt_state=opt_state, meta=meta_for(done))
+            t_last += time.perf_counter() - t_pause  # evaluation and saving stay out of tokens/s
+        manager.wait_until_finished()
+    finally:
+        if progress is not None:
+            progress.stop()
+        log.close()
         if tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tb.add_scalar(k, v, record["step"])
-
-    def evaluate(step: int) -> float:
-        val = float(eval_step(params, val_windows))
-        write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-        progress.log(f"step {step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50.0)):.2f})")
-        return val
-
-    losses: list[float] = []
-    val_losses: list[tuple[int, float]] = []
-    pending: list[tuple[int, dict]] = []  # device-side metrics not yet fetched: no sync per step
-    t_last, steps_since, tok_s = time.perf_counter(), 0, float("nan")
-    t_start = t_last
-    measured_tokens, measured_time = 0, 0.0
-    for step in range(start, end):
-        windows = data_lib.get_batch(split.train, batch_size=A * B, seq_len=T, seed=cfg.seed, step=step)
-        params, opt_state, metrics = train_step(params, opt_state, windows.reshape(A, B, T + 1), step)
-        pending.append((step, metrics))
-        steps_since += 1
-        done = step + 1
-        if done % cfg.log_interval == 0 or done == end:
-            fetched = jax.device_get(pending)  # one sync for the whole interval
-            now = time.perf_counter()
-            elapsed = now - t_last
-            tok_s = steps_since * tokens_per_step / elapsed
-            # The first interval includes compilation; leave it out of the run's average.
-            if step >= start + cfg.log_interval:
-                measured_tokens += steps_since * tokens_per_step
-                measured_time += elapsed
-            for s, m in fetched:
-                losses.append(float(m["loss"]))
-                write({"step": s + 1, "loss": float(m["loss"]), "lr": float(schedule(s)),
-                       "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s})
-            log.flush()
-            progress.update(done, f"loss {losses[-1]:.4f}  {tok_s:,.0f} tok/s")
-            pending, t_last, steps_since = [], now, 0
-        t_pause = time.perf_counter()
-        if done % cfg.eval_interval == 0 or done == cfg.steps:
-            val_losses.append((done, evaluate(done)))
-        if done % cfg.ckpt_interval == 0 or done == end:
-            ckpt.save(manager, done, params=params, opt_state=opt_state, meta=meta_for(done))
-        t_last += time.perf_counter() - t_pause  # evaluation and saving stay out of tokens/s
-    manager.wait_until_finished()
-    progress.stop()
-    log.close()
-    if tb is not None:
-        tb.close()
+            tb.close()
     return {
-        "losses": losses,
+        "losses": history.get("loss", []),
+        "history": history,
         "val_losses": val_losses,
         "final_step": end,
         "tokens_per_s": measured_tokens / measured_time if measured_time else tok_s,
@@ -200,4 +262,37 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
         "n_params": n_params,
         "model_config": model_cfg,
         "seq_len": T,
+        "model": nnx.merge(graphdef, params),
     }
+
+
+def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: int | None = None,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` on its text corpus into ``run_dir`` (see ``fit`` for what comes back).
+
+    On resume the run's saved tokenizer is used (a char vocabulary must not change); otherwise a
+    fresh one is built. The tokenizer is saved in ``run_dir`` so that ``arjax generate --ckpt``
+    needs nothing else.
+    """
+    check_run_dir(run_dir, resume)
+    text = data_lib.read_text(cfg.data)
+    tok_dir = ckpt.tokenizer_dir(run_dir)
+    if resume and os.path.isdir(tok_dir):
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        tokenizer = build_tokenizer(cfg.tokenizer, text=text, path=cfg.tokenizer_path)
+    split = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction)
+    model_cfg = cfg.model_config(vocab_size=tokenizer.vocab_size)
+    check_fits(tokenizer, model_cfg.vocab_size)
+    T = cfg.context_len(model_cfg)
+    source = data_lib.Windows(split.train, T)
+    val_windows = data_lib.eval_windows(split.val, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
+    val_windows = val_windows.reshape(cfg.eval_iters, cfg.batch_size, T + 1)  # [E, B, T+1]
+    tokenizer.save(tok_dir)
+    if not quiet:
+        print(f"data: {len(split.train):,} train / {len(split.val):,} val tokens ({getattr(tokenizer, 'kind', '?')} tokenizer)")
+    return fit(
+        cfg, run_dir, model_cfg=model_cfg, source=source, val_windows=val_windows, pad_id=tokenizer.pad_id,
+        resume=resume, stop_after=stop_after, quiet=quiet,
+        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__)},
+    )

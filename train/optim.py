@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 
@@ -49,8 +51,8 @@ def lr_schedule(*, lr: float, warmup_steps: int, decay_steps: int, min_lr: float
     )
 
 
+@functools.lru_cache(maxsize=64)
 def make_optimizer(
-    params,
     *,
     lr: float,
     warmup_steps: int,
@@ -62,19 +64,23 @@ def make_optimizer(
     grad_clip: float | None = 1.0,
     decay_embeddings: bool = False,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (fp32 moments on fp32 master weights) behind global-norm clipping; returns (tx, schedule)."""
+    """AdamW (fp32 moments on fp32 master weights) behind global-norm clipping; returns (tx, schedule).
+
+    The weight-decay mask is a function of the parameters' names (``decay_mask``), so the
+    transformation does not depend on any particular parameters. Equal settings return the same
+    transformation object: a jitted train step keyed on it is shared, so a study training many
+    seeds with one optimizer compiles its step once.
+    """
     schedule = lr_schedule(lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, min_lr=min_lr)
-    adamw = optax.adamw(
-        schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=decay_mask(params, decay_embeddings=decay_embeddings)
-    )
+    mask = functools.partial(decay_mask, decay_embeddings=decay_embeddings)
+    adamw = optax.adamw(schedule, b1=beta1, b2=beta2, weight_decay=weight_decay, mask=mask)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
     return optax.chain(*parts, adamw), schedule
 
 
-def optimizer_from_config(params, cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def optimizer_from_config(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer a TrainConfig describes."""
     return make_optimizer(
-        params,
         lr=cfg.lr,
         warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.lr_decay_steps or cfg.steps,

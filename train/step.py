@@ -1,77 +1,149 @@
-"""The teacher-forced train step and the eval step: `jax.jit` over split NNX state, merged inside."""
+"""The one train step (any objective) and the eval step: `jax.jit` over split NNX state, merged inside.
+
+An *objective* is a pytree with a method ``objective(model, batch [B, T+1], key, step) ->
+(summed loss, token count, metrics)``, where ``metrics`` maps each name in ``objective.metric_names``
+to ``(numerator, denominator)`` sums that the step adds up over micro-batches and divides once
+(e.g. ``mix_rate`` is fed inputs over replaceable inputs). Teacher forcing (``TeacherForcing``, here) and scheduled sampling
+(``arjax.train.exposure.scheduled_sampling.ScheduledSampling``) are two objectives.
+
+Everything the step needs beyond the graph and the optimizer is a traced argument: the step
+number, the run's key (so runs over seeds share one program) and the objective's own numbers
+(a schedule). The jitted functions live at module level with the graph and the optimizer as
+static arguments, so two runs of one architecture and optimizer compile once between them.
+"""
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from arjax.train.loss import next_token_loss
 
-
-def step_key(seed: int, step) -> jax.Array:
-    """The dropout key for optimizer step ``step``: a function of (seed, step) only, so a resumed run is exact."""
-    return jax.random.fold_in(jax.random.key(seed), step)
+# How many times each jitted function was traced (compiled): tests and benchmarks count them.
+TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
-def _loss_sum(params, graphdef, batch, dropout_rng, pad_id):
-    """Summed NLL and token count for one micro-batch [B, T+1], in one parallel (teacher-forced) pass."""
-    model = nnx.merge(graphdef, params)
+def seed_key(seed) -> jax.Array:
+    """The run's root key from any Python int seed (or a key, passed through).
+
+    Seeds in [0, 2**32) give ``jax.random.key(seed)``. JAX (without x64) keeps only the low 32
+    bits of larger seeds, so 2**32 would silently repeat seed 0; every other int is hashed to the
+    key's two 32-bit words instead, so distinct seeds give distinct streams.
+    """
+    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed={seed!r} must be an int")
+    seed = int(seed)
+    if 0 <= seed < 2**32:
+        return jax.random.key(seed)
+    words = np.random.SeedSequence(2 * abs(seed) + (seed < 0)).generate_state(2, np.uint32)
+    return jax.random.wrap_key_data(words)
+
+
+def step_key(key: jax.Array, step) -> jax.Array:
+    """The key of optimizer step ``step``: a function of (run key, step) only, so a resumed run is exact."""
+    return jax.random.fold_in(key, step)
+
+
+def teacher_forced_nll(model, batch: jax.Array, pad_id: int | None, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
+    """Summed NLL and token count for one batch [B, T+1], in one parallel (teacher-forced) pass."""
     inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T], [B, T]
     logits, _ = model(inputs, dropout_rng=dropout_rng)  # [B, T, V] float32
     mask = None if pad_id is None else targets != pad_id
     mean, n = next_token_loss(logits, targets, mask)
-    # The sum (not the mean) so micro-batches combine weighted by their token counts.
-    return mean * n, n
+    return mean * n, n  # the sum (not the mean): micro-batches combine weighted by their token counts
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, seed: int, use_dropout: bool, pad_id: int | None = None):
-    """``train_step(params, opt_state, batches [A, B, T+1], step) -> (params, opt_state, metrics)``.
+@struct.dataclass(kw_only=True)
+class TeacherForcing:
+    """The teacher-forcing objective: next-token cross-entropy on gold inputs; no metrics of its own."""
 
-    One jitted call per optimizer update: the A micro-batches are scanned, their gradients summed
-    and divided by the total token count, so A micro-batches of B equal one batch of A*B.
-    Params and optimizer state are donated: their buffers are reused for the new values.
+    pad_id: int | None = struct.field(pytree_node=False, default=None)
+    dropout: bool = struct.field(pytree_node=False, default=False)
+    metric_names = ()
+
+    def __call__(self, model, batch, key, step):
+        loss_sum, n = teacher_forced_nll(model, batch, self.pad_id, key if self.dropout else None)
+        return loss_sum, n, {}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _train_step(graphdef, tx, params, opt_state, batches, step, key, objective):
+    TRACE_COUNTS["train_step"] += 1
+    key = step_key(key, step)
+
+    def micro(carry, xs):
+        grads_acc, sums = carry
+        batch, i = xs
+
+        def loss_fn(params):
+            loss_sum, n, metrics = objective(nnx.merge(graphdef, params), batch, jax.random.fold_in(key, i), step)
+            return loss_sum, (n, metrics)
+
+        (loss_sum, (n, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        new = {"loss": (loss_sum, n), **metrics}
+        sums = jax.tree.map(lambda a, b: a + jnp.asarray(b, jnp.float32), sums, new)
+        return (jax.tree.map(jnp.add, grads_acc, grads), sums), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums0 = {name: (zero, zero) for name in ("loss", *objective.metric_names)}
+    A = batches.shape[0]
+    (grads, sums), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), sums0), (batches, jnp.arange(A)))
+    n = jnp.maximum(sums["loss"][1], 1.0)
+    grads = jax.tree.map(lambda g: g / n, grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {name: jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0) for name, (num, den) in sums.items()}
+    metrics.update(grad_norm=optax.tree.norm(grads), tokens=sums["loss"][1])
+    return params, opt_state, metrics
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, objective=None):
+    """``train_step(params, opt_state, batches [A, B, T+1], step, key, objective=None) -> (params, opt_state, metrics)``.
+
+    One jitted call per optimizer update: the A micro-batches are scanned, the objective's
+    summed losses and gradients added up and divided by the total token count, so A
+    micro-batches of B equal one batch of A*B. Params and optimizer state are donated: their
+    buffers are reused for the new values. ``key`` is the run's key (or an int seed); the step's
+    key is ``fold_in(key, step)`` and micro-batch i's ``fold_in(step key, i)``. ``objective``
+    (default: the one given here, else ``TeacherForcing()``) may be replaced per call by another
+    of the same structure, e.g. new schedule numbers, without recompiling. ``metrics`` holds
+    ``loss``, ``grad_norm``, ``tokens`` and the objective's own.
     """
+    default = TeacherForcing() if objective is None else objective
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batches, step):
-        key = step_key(seed, step)
-
-        def micro(carry, xs):
-            grads_acc, loss_acc, n_acc = carry
-            batch, i = xs
-            rng = jax.random.fold_in(key, i) if use_dropout else None
-            (loss_sum, n), grads = jax.value_and_grad(_loss_sum, has_aux=True)(params, graphdef, batch, rng, pad_id)
-            return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, n_acc + n), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        A = batches.shape[0]
-        (grads, loss_sum, n), _ = jax.lax.scan(
-            micro, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), (batches, jnp.arange(A))
-        )
-        n = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g: g / n, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads), "tokens": n}
-        return params, opt_state, metrics
+    def train_step(params, opt_state, batches, step, key, objective=None):
+        if getattr(batches, "ndim", None) != 3:
+            raise ValueError(
+                f"batches has shape {getattr(batches, 'shape', None)}; pass [A micro-batches, B, T+1] "
+                "(add a leading axis of 1 for one batch)"
+            )
+        return _train_step(graphdef, tx, params, opt_state, jnp.asarray(batches, jnp.int32),
+                           jnp.asarray(step, jnp.int32), seed_key(key), default if objective is None else objective)
 
     return train_step
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_step(graphdef, pad_id, params, windows):
+    TRACE_COUNTS["eval_step"] += 1
+    model = nnx.merge(graphdef, params)
+
+    def one(carry, batch):
+        loss_sum, n = teacher_forced_nll(model, batch, pad_id)
+        return (carry[0] + loss_sum, carry[1] + n), None
+
+    (loss_sum, n), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), windows)
+    return loss_sum / jnp.maximum(n, 1.0)
+
+
 def make_eval_step(graphdef, *, pad_id: int | None = None):
-    """``eval_step(params, windows [N, B, T+1]) -> mean NLL`` over every target token of the N batches."""
-
-    @jax.jit
-    def eval_step(params, windows):
-        def one(carry, batch):
-            loss_sum, n = _loss_sum(params, graphdef, batch, None, pad_id)
-            return (carry[0] + loss_sum, carry[1] + n), None
-
-        (loss_sum, n), _ = jax.lax.scan(one, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), windows)
-        return loss_sum / jnp.maximum(n, 1.0)
-
-    return eval_step
+    """``eval_step(params, windows [N, B, T+1]) -> mean NLL`` over every target token of the N batches (teacher forced)."""
+    return functools.partial(_eval_step, graphdef, pad_id)

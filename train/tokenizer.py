@@ -1,10 +1,10 @@
-"""Byte- and character-level tokenizers sharing one interface, and `load_tokenizer(dir)` for every kind."""
+"""Tokenizers behind one interface: bytes, characters, and Hugging Face `tokenizers` (load a local directory or train a byte-level BPE); `load_tokenizer(dir)` reads every kind."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 # The file our tokenizers write; a directory holding a Hugging Face tokenizer.json without this
 # file is treated as kind "hf".
@@ -98,6 +98,16 @@ class CharTokenizer:
 KINDS = ("byte", "char", "hf")
 
 
+def check_fits(tokenizer, model_vocab_size: int) -> None:
+    """The one vocabulary check: a tokenizer may not produce ids the model has no embedding for."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_vocab_size}; "
+            "ids past the embedding table would be silently clamped. Use the tokenizer the model was trained "
+            f"with, or a model with vocab_size >= {tokenizer.vocab_size}"
+        )
+
+
 def build_tokenizer(kind: str, text: str | None = None, path: str | None = None):
     """A fresh tokenizer for training: "byte" needs nothing, "char" is fit on ``text``, "hf" loads ``path``."""
     if kind == "byte":
@@ -109,19 +119,8 @@ def build_tokenizer(kind: str, text: str | None = None, path: str | None = None)
     if kind == "hf":
         if not path:
             raise ValueError("tokenizer kind 'hf' needs a directory with tokenizer.json; set tokenizer_path")
-        return _load_hf(path)
+        return load_hf_tokenizer(path)
     raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {KINDS}")
-
-
-def _load_hf(directory: str):
-    try:
-        from arjax.train import hf_tokenizer
-    except ImportError as e:
-        raise ValueError(
-            f"{directory} holds a Hugging Face tokenizer but arjax.train.hf_tokenizer is unavailable ({e}); "
-            "install the extra with `pip install arjax[hf]`"
-        ) from None
-    return hf_tokenizer.load(directory)
 
 
 def load_tokenizer(directory: str):
@@ -129,7 +128,7 @@ def load_tokenizer(directory: str):
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.exists(meta_path):
         if os.path.exists(os.path.join(directory, "tokenizer.json")):
-            return _load_hf(directory)
+            return load_hf_tokenizer(directory)
         raise ValueError(f"no tokenizer in {directory!r}: expected {META_FILE} (ours) or tokenizer.json (Hugging Face)")
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
@@ -139,5 +138,143 @@ def load_tokenizer(directory: str):
     if kind == "char":
         return CharTokenizer(list(meta["chars"]))
     if kind == "hf":
-        return _load_hf(directory)
+        return load_hf_tokenizer(directory)
     raise ValueError(f"{meta_path} has unknown tokenizer kind {kind!r}; expected one of {KINDS}")
+
+
+# ----------------------------------------------------------------------------- Hugging Face (the "hf" extra)
+
+EOS_TOKEN = "<|endoftext|>"  # the one special token our trained BPE gets (GPT-2's convention)
+_SPECIAL_FIELDS = ("eos_token", "bos_token", "pad_token")
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` with the special-token ids transformers would give it."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer, *, eos_token: str | None = None, bos_token: str | None = None,
+                 pad_token: str | None = None, add_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.special_tokens = {"eos_token": eos_token, "bos_token": bos_token, "pad_token": pad_token}
+        # Whether encode() runs the post-processor (e.g. Llama's BOS), as transformers' tokenizer(text) does.
+        self.add_special_tokens = add_special_tokens
+        for field, token in self.special_tokens.items():
+            if token is not None and tokenizer.token_to_id(token) is None:
+                raise ValueError(f"{field}={token!r} is not in this tokenizer's vocabulary; fix tokenizer_config.json")
+
+    def _id(self, field: str) -> int | None:
+        token = self.special_tokens[field]
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id("eos_token")
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id("bos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._id("pad_token")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str) -> None:
+        """tokenizer.json + tokenizer_config.json (what transformers' AutoTokenizer reads) + our kind marker."""
+        os.makedirs(directory, exist_ok=True)
+        self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(1e30)}
+        config.update({k: v for k, v in self.special_tokens.items() if v is not None})
+        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=1, ensure_ascii=False)
+        _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size})
+
+
+def _token_str(value: Any) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _special_tokens_from_files(directory: str, tokenizer) -> dict[str, str | None]:
+    found: dict[str, str | None] = {k: None for k in _SPECIAL_FIELDS}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win, as in transformers
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            for field in _SPECIAL_FIELDS:
+                if _token_str(data.get(field)) is not None:
+                    found[field] = _token_str(data[field])
+    # Fall back to the model's config.json ids (HF model directories keep eos/bos ids there).
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        for field in _SPECIAL_FIELDS:
+            value = data.get(field + "_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if found[field] is None and isinstance(value, int):
+                found[field] = tokenizer.id_to_token(value)
+    return found
+
+
+def load_hf_tokenizer(directory: str) -> HFTokenizer:
+    """A local HF tokenizer directory: tokenizer.json, or vocab/merges files that transformers can read."""
+    from tokenizers import Tokenizer  # the "hf" extra
+
+    path = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(path):
+        tokenizer = Tokenizer.from_file(path)
+        return HFTokenizer(tokenizer, **_special_tokens_from_files(directory, tokenizer))
+    if not os.path.isdir(directory):
+        raise ValueError(f"tokenizer directory {directory!r} does not exist")
+    try:  # slow-tokenizer files (vocab.json + merges.txt, tokenizer.model): transformers converts them offline
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # transformers raises many types here; the user needs one message
+        raise ValueError(f"no usable tokenizer in {directory!r} (expected tokenizer.json): {e}") from None
+    if not hasattr(hf, "backend_tokenizer"):
+        raise ValueError(f"the tokenizer in {directory!r} has no fast (tokenizers) backend; save it as tokenizer.json")
+    tokens = {f: getattr(hf, f, None) for f in _SPECIAL_FIELDS}
+    return HFTokenizer(hf.backend_tokenizer, **{k: (str(v) if v is not None else None) for k, v in tokens.items()})
+
+
+def train_bpe(data_file: str, vocab_size: int, out_dir: str | None = None) -> HFTokenizer:
+    """Train a byte-level BPE (GPT-2 style: every string encodable) on a text file; save it if ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # the "hf" extra
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for a byte-level BPE: the {len(alphabet)} byte symbols and "
+            f"{EOS_TOKEN!r} need {len(alphabet) + 1}; use --vocab-size {len(alphabet) + 1} or more"
+        )
+    if not os.path.isfile(data_file):
+        raise ValueError(f"training text {data_file!r} does not exist; pass --data FILE")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train([data_file], trainer)
+    out = HFTokenizer(tokenizer, eos_token=EOS_TOKEN)
+    if out_dir:
+        out.save(out_dir)
+    return out

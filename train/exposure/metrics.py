@@ -1,6 +1,6 @@
 """Exposure-bias metrics that are exact under an oracle: per-step errors, ExAccErr, KLs, EB-C, repetition, CIs.
 
-Notation. ``o`` is the oracle (``arjax.train.oracles``), ``m`` the model, ``F`` a decoding strategy
+Notation. ``o`` is the oracle (``arjax.train.exposure.oracles``), ``m`` the model, ``F`` a decoding strategy
 (greedy, temperature, top-k, top-p) and ``m^F(. | c)`` the distribution the decoder actually draws
 the next token from at context ``c`` (greedy: a point mass on the argmax). A *roll-in* is the way
 contexts are produced: oracle roll-in draws ``x_<t ~ o`` (teacher forcing on oracle samples), model
@@ -58,7 +58,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from scipy import stats  # a dependency of jax
 
+from arjax.decode import SamplingParams, filter_logits, generate
 from arjax.train.loss import token_nll
 
 DEGENERATE = 1e-5  # per-step loss (nats) below which eps(l) counts as zero and ExAccErr as undefined
@@ -92,8 +94,6 @@ class Decoding:
 
 def sampling_params(decoding: Decoding, batch: int):
     """The decoder's ``SamplingParams`` for ``decoding`` (one row each)."""
-    from arjax.decode import SamplingParams
-
     return SamplingParams.make(batch, temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
 
 
@@ -109,8 +109,6 @@ def policy_log_probs(logits: jax.Array, decoding: Decoding) -> jax.Array:
 
 @jax.jit
 def _policy_log_probs(logits, sampling):  # [..., V]; sampling has one row per context
-    from arjax.decode.sampling import filter_logits
-
     flat = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)  # [N, V]
     return jax.nn.log_softmax(filter_logits(flat, sampling), -1).reshape(logits.shape)
 
@@ -185,8 +183,6 @@ class ModelScorer:
 def rollout(model, prompts, *, length: int, decoding: Decoding, seed: int) -> np.ndarray:
     """Free-running continuations from the jitted decoder: ``prompts`` [B, P] (BOS first for an oracle;
     equal lengths, so no padding) continued by ``length`` tokens -> [B, P + length] int32."""
-    from arjax.decode import generate
-
     prompts = np.asarray(prompts, np.int32)
     out = generate(model, prompts.tolist(), max_new_tokens=length, sampling=sampling_params(decoding, len(prompts)), seed=seed)
     toks = np.asarray(out.tokens)[:, :length].astype(np.int32)
@@ -270,8 +266,6 @@ def mean_ci(values, alpha: float = 0.05) -> tuple[float, float]:
         return float("nan"), float("nan")
     if len(v) == 1:
         return float(v[0]), float("nan")
-    from scipy import stats  # scipy ships with jax
-
     half = stats.t.ppf(1 - alpha / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
     return float(v.mean()), float(half)
 

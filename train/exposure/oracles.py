@@ -1,6 +1,6 @@
 """Oracle language models with exact next-token conditionals: a random transformer, an HMM, a Dyck grammar.
 
-Every oracle shares one interface (what the exposure-bias metrics in ``arjax.train.exposure`` need):
+Every oracle shares one interface (what the exposure-bias metrics in ``arjax.train.exposure.metrics`` need):
 
 - ``vocab_size``, ``bos_id``: sequences are ``[BOS, x_1, ..., x_L]``; BOS is column 0.
 - ``log_probs(tokens [B, T]) -> [B, T, V]`` float32: row ``t`` is ``log o(. | tokens[:, :t+1])``,
@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from arjax.decode import SamplingParams, generate
+from arjax.model import Transformer
 
 
 class Oracle(Protocol):
@@ -228,8 +231,6 @@ class TransformerOracle:
     def random(cls, cfg, *, seed: int = 0, init_std: float = 0.3, temperature: float = 1.0) -> "TransformerOracle":
         """A transformer with random weights drawn at ``init_std`` (larger than the training init, so
         the conditionals are far from uniform and depend on the context)."""
-        from arjax.model import Transformer
-
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be positive (it divides the logits)")
         model = Transformer(cfg.replace(init_std=float(init_std), dropout=0.0), rngs=nnx.Rngs(seed))
@@ -247,8 +248,6 @@ class TransformerOracle:
 
     def sample(self, key, batch: int, length: int) -> jax.Array:
         """BOS followed by ``length`` tokens drawn by the jitted decoder at the oracle's temperature."""
-        from arjax.decode import SamplingParams, generate
-
         _check_sample_args(batch, length)
         if length + 1 > self.model.cfg.max_len:
             raise ValueError(f"length={length} + BOS exceeds the oracle's max_len={self.model.cfg.max_len}")

@@ -25,15 +25,14 @@ Coins (``granularity``): per ``token``, per ``sequence`` (one draw per row), or 
 inputs as the token coins give, but all at the start, then model inputs to the end of the row).
 
 Public API:
-  ScheduledSamplingConfig              frozen, keyword-only, strict (``from_dict`` refuses unknown keys)
-  make_schedule, GoldSchedule          re-exported from ``arjax.train.schedules``
+  ScheduledSamplingConfig              frozen, keyword-only, strict; the ``scheduled_sampling:`` section
+                                       of a run config (``arjax.train.config.TrainConfig``)
+  ScheduledSampling(cfg, pad_id=None, dropout=False)
+                                       the objective for ``arjax.train.step.make_train_step``
   draw_coins(key, gold_prob, B, T, granularity) -> use_model [B, T] bool
   ss_loss(model, tokens, key, gold_prob, cfg, *, mask=None, dropout_rng=None) -> (loss, aux)
-  make_ss_train_step(graphdef, tx, cfg, *, seed, use_dropout=False, pad_id=None)
-      -> ss_train_step(params, opt_state, batches [A, B, T+1], step, schedule=cfg.schedule)
-         -> (params, opt_state, metrics)
 
-``aux`` / ``metrics`` carry, every step: ``gold_prob`` (the scheduled probability, mean over
+``aux`` (and the train step's metrics) carry, every step: ``gold_prob`` (the scheduled probability, mean over
 replaceable inputs), ``mix_rate`` (the realised fraction of replaceable inputs fed by the model),
 ``differ_rate`` (the fraction whose fed-back token differs from gold; for mixtures, the argmax of
 the mixture), and ``pass1_loss`` / ``pass2_loss``. A run whose ``differ_rate`` stays at 0 is
@@ -42,98 +41,82 @@ teacher forcing in disguise.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
+from flax import struct
 
+from arjax.decode import SamplingParams, decode_step, init_state, prefill, sample
 from arjax.model.cache import init_cache
-from arjax.model.config import strict_from_dict
+from arjax.model.config import check_field_types, strict_from_dict
+from arjax.train.exposure.schedules import GoldSchedule, as_gold_schedule, constant
 from arjax.train.loss import next_token_loss
-from arjax.train.schedules import GoldSchedule, as_gold_schedule, constant, make_schedule
-from arjax.train.step import step_key
 
-__all__ = [
-    "ScheduledSamplingConfig",
-    "GoldSchedule",
-    "make_schedule",
-    "draw_coins",
-    "ss_loss",
-    "make_ss_train_step",
-    "from_dict",
-]
+__all__ = ["ScheduledSamplingConfig", "ScheduledSampling", "draw_coins", "ss_loss", "from_dict"]
 
-_CHOICES = {
-    "method": ("parallel", "sequential"),
-    "feed": ("argmax", "sample", "soft", "soft_topk", "gumbel"),
-    "granularity": ("token", "sequence", "prefix"),
-}
 _SOFT_FEEDS = ("soft", "soft_topk", "gumbel")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@struct.dataclass(kw_only=True)
 class ScheduledSamplingConfig:
-    """Everything static about the scheduled-sampling objective (the schedule's numbers stay traced)."""
+    """Everything about the scheduled-sampling objective. A pytree: the schedule's numbers are traced
+    leaves, every other field is static (part of the compiled program)."""
 
-    method: Literal["parallel", "sequential"] = "parallel"
-    num_passes: int = 2  # parallel only: 2 = two-pass (Mihaylova & Martins), K > 2 = Duckworth et al.
-    feed: Literal["argmax", "sample", "soft", "soft_topk", "gumbel"] = "sample"
-    temperature: float = 1.0  # sampling temperature (sample, soft, soft_topk) or Gumbel-softmax tau (gumbel)
-    top_k: int = 0  # soft_topk only: the mixture is over the k most likely tokens
-    gumbel_hard: bool = False  # gumbel only: feed the one-hot argmax, gradient of the soft sample (straight-through)
-    granularity: Literal["token", "sequence", "prefix"] = "token"
+    method: Literal["parallel", "sequential"] = struct.field(pytree_node=False, default="parallel")
+    # parallel only: 2 = two-pass (Mihaylova & Martins), K > 2 = Duckworth et al.
+    num_passes: int = struct.field(pytree_node=False, default=2)
+    feed: Literal["argmax", "sample", "soft", "soft_topk", "gumbel"] = struct.field(pytree_node=False, default="sample")
+    # sampling temperature (sample, soft, soft_topk) or Gumbel-softmax tau (gumbel)
+    temperature: float = struct.field(pytree_node=False, default=1.0)
+    top_k: int = struct.field(pytree_node=False, default=0)  # soft_topk only: the mixture is over the k most likely tokens
+    # gumbel only: feed the one-hot argmax, gradient of the soft sample (straight-through)
+    gumbel_hard: bool = struct.field(pytree_node=False, default=False)
+    granularity: Literal["token", "sequence", "prefix"] = struct.field(pytree_node=False, default="token")
     # Gradient into the earlier pass through what is fed back (mixtures only: a drawn token has none).
-    grad_through_pass1: bool = False
-    pass1_weight: float = 0.0  # weight of the teacher-forced (pass 1) loss
-    pass2_weight: float = 1.0  # weight of the scheduled-sampling (last pass / sequential) loss
-    schedule: GoldSchedule = dataclasses.field(default_factory=lambda: GoldSchedule(step=constant(1.0)))
+    grad_through_pass1: bool = struct.field(pytree_node=False, default=False)
+    pass1_weight: float = struct.field(pytree_node=False, default=0.0)  # weight of the teacher-forced (pass 1) loss
+    pass2_weight: float = struct.field(pytree_node=False, default=1.0)  # weight of the scheduled (last pass / sequential) loss
+    # The gold probability over training steps (and optionally positions); a bare Schedule is its step part.
+    schedule: GoldSchedule = struct.field(default_factory=lambda: GoldSchedule(step=constant(1.0)))
 
     def __post_init__(self):
-        for name in ("num_passes", "top_k"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise TypeError(f"ScheduledSamplingConfig.{name}={getattr(self, name)!r} should be int")
-        for name in ("temperature", "pass1_weight", "pass2_weight"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise TypeError(f"ScheduledSamplingConfig.{name}={v!r} should be a number")
-        for name in ("gumbel_hard", "grad_through_pass1"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"ScheduledSamplingConfig.{name}={getattr(self, name)!r} should be bool")
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"ScheduledSamplingConfig.{name}={getattr(self, name)!r}; choose one of {choices}")
+        if not isinstance(self.schedule, GoldSchedule):
+            object.__setattr__(self, "schedule", as_gold_schedule(self.schedule))
+        check_field_types(self)
         if self.method == "parallel" and self.num_passes < 2:
             raise ValueError(f"num_passes={self.num_passes}: parallel scheduled sampling needs at least 2 passes")
         if self.method == "sequential" and self.num_passes != 2:
             raise ValueError(f"num_passes={self.num_passes} applies to method='parallel' only; leave it at 2 for 'sequential'")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0; use feed='argmax' for greedy feedback")
+        if not 0 < self.temperature < float("inf"):
+            raise ValueError(f"temperature={self.temperature} must be finite and > 0; use feed='argmax' for greedy feedback")
         if self.feed == "soft_topk" and self.top_k < 1:
             raise ValueError(f"feed='soft_topk' needs top_k >= 1, got top_k={self.top_k}")
         if self.feed != "soft_topk" and self.top_k != 0:
             raise ValueError(f"top_k={self.top_k} is used only by feed='soft_topk' (feed={self.feed!r}); leave it at 0")
         if self.gumbel_hard and self.feed != "gumbel":
             raise ValueError(f"gumbel_hard=True needs feed='gumbel', got feed={self.feed!r}")
-        if self.pass1_weight < 0 or self.pass2_weight < 0 or self.pass1_weight + self.pass2_weight == 0:
+        weights = (self.pass1_weight, self.pass2_weight)
+        if not all(0 <= w < float("inf") for w in weights) or sum(weights) == 0:
             raise ValueError(
-                f"loss weights pass1_weight={self.pass1_weight}, pass2_weight={self.pass2_weight} must be >= 0 and not both 0"
+                f"loss weights pass1_weight={self.pass1_weight}, pass2_weight={self.pass2_weight} must be finite, "
+                ">= 0 and not both 0"
             )
-        object.__setattr__(self, "schedule", as_gold_schedule(self.schedule))
 
     @property
     def soft(self) -> bool:
         return self.feed in _SOFT_FEEDS
 
-    def replace(self, **overrides: Any) -> "ScheduledSamplingConfig":
-        return from_dict({**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **overrides})
+    def describe(self) -> str:
+        """One line for logs: method, feed, coins and schedule."""
+        method = "sequential" if self.method == "sequential" else f"{self.num_passes}-pass"
+        sched = self.schedule
+        where = f" x position {sched.position.describe()} ({sched.combine})" if sched.position is not None else ""
+        return f"scheduled sampling: {method}, feed {self.feed}, coins per {self.granularity}, gold probability {sched.step.describe()}{where}"
 
 
 def from_dict(d: dict[str, Any]) -> ScheduledSamplingConfig:
-    """Strict: an unknown key is an error, never silently ignored."""
+    """Strict: an unknown key is an error, never silently ignored; ``schedule`` is a nested mapping."""
     return strict_from_dict(ScheduledSamplingConfig, d)
 
 
@@ -249,8 +232,6 @@ def _sequential(model, inputs, targets, use_model, key, cfg, dropout_rng):
 
 def _sequential_decode(model, inputs, use_model, key, cfg):
     """Token feeds through ``decode_step``: prefill x_0, then one forced token per step."""
-    from arjax.decode import SamplingParams, decode_step, init_state, prefill, sample
-
     B, T = inputs.shape
     cache = init_cache(model.cfg, B, T)
     pos0 = jnp.zeros((B, 1), jnp.int32)
@@ -357,99 +338,44 @@ def ss_loss(
     return loss, aux
 
 
-# ----------------------------------------------------------------------------- the train step
+# ----------------------------------------------------------------------------- the objective
 
 
-def make_ss_train_step(
-    graphdef,
-    tx: optax.GradientTransformation,
-    cfg: ScheduledSamplingConfig,
-    *,
-    seed: int,
-    use_dropout: bool = False,
-    pad_id: int | None = None,
-):
-    """``ss_train_step(params, opt_state, batches [A, B, T+1], step, schedule=cfg.schedule)``
-    ``-> (params, opt_state, metrics)``.
+@struct.dataclass(kw_only=True)
+class ScheduledSampling:
+    """Scheduled sampling as an objective of ``arjax.train.step.make_train_step``.
 
-    The same shape as the teacher-forced ``arjax.train.step.make_train_step`` (same optimizer,
-    micro-batches scanned and weighted by token count, params and optimizer state donated), with
-    the scheduled-sampling loss. ``step`` and ``schedule`` are traced: the gold probability
-    changes every step without recompiling, and so do the schedule's numbers (k, c, eps_min);
-    only a different schedule family (``kind``) or ``combine`` is a new program.
+    A pytree like its config: the schedule's numbers are traced, so a new schedule of the same
+    family (and every new step) reuses the compiled train step. ``pad_id`` targets carry no loss
+    and their inputs are never counted as fed; ``dropout`` turns the model's dropout on.
     """
-    if not isinstance(cfg, ScheduledSamplingConfig):
-        raise ValueError(f"cfg={cfg!r}: pass a ScheduledSamplingConfig")
-    if use_dropout and cfg.method == "sequential" and not cfg.soft:
-        raise ValueError(
-            f"method='sequential' with feed={cfg.feed!r} runs the decoder's decode_step, which has no dropout; "
-            "train with dropout=0 or use method='parallel'"
-        )
 
-    def micro_loss(params, batch, key, gold_prob, dropout_rng):
-        model = nnx.merge(graphdef, params)
-        mask = None if pad_id is None else batch[:, 1:] != pad_id
-        loss, aux = ss_loss(model, batch, key, gold_prob, cfg, mask=mask, dropout_rng=dropout_rng)
-        aux = {k: v for k, v in aux.items() if k not in ("use_model", "fed_tokens")}
-        return loss * aux["n_tokens"], aux  # summed, so micro-batches combine by token count
+    cfg: ScheduledSamplingConfig
+    pad_id: int | None = struct.field(pytree_node=False, default=None)
+    dropout: bool = struct.field(pytree_node=False, default=False)
+    metric_names = ("pass1_loss", "pass2_loss", "gold_prob", "mix_rate", "differ_rate")
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batches, step, schedule):
-        key = step_key(seed, step)  # (seed, step) alone: a resumed run draws the same coins
-        T = batches.shape[-1] - 1
-        gold_prob = schedule(step, T)  # [T], traced
-
-        def micro(carry, xs):
-            grads_acc, sums = carry
-            batch, i = xs
-            k = jax.random.fold_in(key, i)
-            rng = jax.random.fold_in(k, 1_000_003) if use_dropout else None
-            (loss_sum, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, batch, k, gold_prob, rng)
-            n = aux["n_tokens"]
-            new = {
-                "loss": loss_sum,
-                "pass1_loss": aux["pass1_loss"] * n,
-                "pass2_loss": aux["pass2_loss"] * n,
-                "tokens": n,
-                "n_fed": aux["n_fed"].astype(jnp.float32),
-                "n_differ": aux["n_differ"].astype(jnp.float32),
-                "n_replaceable": aux["n_replaceable"].astype(jnp.float32),
-                "gold_sum": aux["gold_prob"] * aux["n_replaceable"],
-            }
-            sums = {k_: sums[k_] + new[k_] for k_ in sums}
-            return (jax.tree.map(jnp.add, grads_acc, grads), sums), None
-
-        names = ("loss", "pass1_loss", "pass2_loss", "tokens", "n_fed", "n_differ", "n_replaceable", "gold_sum")
-        zeros = {k_: jnp.zeros((), jnp.float32) for k_ in names}
-        A = batches.shape[0]
-        (grads, s), _ = jax.lax.scan(
-            micro, (jax.tree.map(jnp.zeros_like, params), zeros), (batches, jnp.arange(A))
-        )
-        n = jnp.maximum(s["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / n, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        n_rep = jnp.maximum(s["n_replaceable"], 1.0)
-        metrics = {
-            "loss": s["loss"] / n,
-            "pass1_loss": s["pass1_loss"] / n,
-            "pass2_loss": s["pass2_loss"] / n,
-            "grad_norm": optax.tree.norm(grads),
-            "tokens": s["tokens"],
-            "gold_prob": s["gold_sum"] / n_rep,
-            "mix_rate": s["n_fed"] / n_rep,
-            "differ_rate": s["n_differ"] / n_rep,
-            "n_differ": s["n_differ"],
-        }
-        return params, opt_state, metrics
-
-    def ss_train_step(params, opt_state, batches, step, schedule=None):
-        if batches.ndim != 3:
+    def __post_init__(self):
+        if self.dropout and self.cfg.method == "sequential" and not self.cfg.soft:
             raise ValueError(
-                f"batches has shape {batches.shape}; pass [A micro-batches, B, T+1] (add a leading axis of 1 for one batch)"
+                f"method='sequential' with feed={self.cfg.feed!r} runs the decoder's decode_step, which has no "
+                "dropout; train with dropout=0 or use method='parallel'"
             )
-        schedule = cfg.schedule if schedule is None else as_gold_schedule(schedule)
-        return train_step(params, opt_state, batches, jnp.asarray(step, jnp.int32), schedule)
 
-    ss_train_step.jitted = train_step  # for compile counting in tests and benchmarks
-    return ss_train_step
+    def __call__(self, model, batch: jax.Array, key: jax.Array, step: jax.Array):
+        """``(summed loss, token count, metrics as (numerator, denominator) sums)`` for one micro-batch [B, T+1]."""
+        T = batch.shape[1] - 1
+        gold_prob = self.cfg.schedule(step, T)  # [T], traced
+        coin_key, dropout_key = jax.random.split(key)
+        mask = None if self.pad_id is None else batch[:, 1:] != self.pad_id
+        loss, aux = ss_loss(model, batch, coin_key, gold_prob, self.cfg, mask=mask,
+                            dropout_rng=dropout_key if self.dropout else None)
+        n, n_rep = aux["n_tokens"], aux["n_replaceable"].astype(jnp.float32)
+        metrics = {
+            "pass1_loss": (aux["pass1_loss"] * n, n),
+            "pass2_loss": (aux["pass2_loss"] * n, n),
+            "gold_prob": (aux["gold_prob"] * n_rep, n_rep),
+            "mix_rate": (aux["n_fed"].astype(jnp.float32), n_rep),
+            "differ_rate": (aux["n_differ"].astype(jnp.float32), n_rep),
+        }
+        return loss * n, n, metrics  # the sum, so micro-batches combine by token count

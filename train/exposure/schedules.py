@@ -5,8 +5,9 @@ A schedule answers "with what probability is the gold token fed at this input?".
 decoding steps") decay it with the decoding position ``t`` as well, and compose the two.
 
 Schedules are pytrees whose numbers (``k``, ``c``, ``eps_min``) are leaves and whose family
-(``kind``) is static, so a jitted train step that takes ``(step, schedule)`` as arguments
-evaluates them on traced scalars: a new step, or new numbers, never recompile.
+(``kind``) is static, so a jitted train step that takes the schedule (inside its scheduled-sampling
+objective) as an argument evaluates it on traced scalars: a new step, or new numbers, never
+recompile. In a run config they are mappings: ``schedule: {step: {kind: linear, k: 1.0, c: 1e-4}}``.
 
     sched = make_schedule("inverse_sigmoid", k=500.0)              # Bengio et al.: k / (k + exp(i / k))
     gold = GoldSchedule(step=sched,
@@ -33,6 +34,15 @@ KINDS = ("constant", "linear", "exponential", "inverse_sigmoid")
 COMBINES = ("product", "min")
 
 
+_PARAMS = {
+    "constant": ("k",),
+    "linear": ("k", "c", "eps_min"),
+    "exponential": ("k", "eps_min"),
+    "inverse_sigmoid": ("k", "eps_min"),
+}
+_DEFAULTS = {"k": 1.0, "c": 0.0, "eps_min": 0.0}
+
+
 def _concrete(*values) -> bool:
     """True when every value is a plain number: validation runs where users build a schedule,
     not when JAX rebuilds one from traced leaves inside jit."""
@@ -43,7 +53,8 @@ def _concrete(*values) -> bool:
 class Schedule:
     """One decay family evaluated at a step or position ``x``: ``schedule(x) -> gold probability``.
 
-    Frozen and keyword-only; the numbers are traced leaves, ``kind`` is static.
+    Frozen and keyword-only; the numbers are traced leaves, ``kind`` is static. Strict: a number
+    the family does not use must stay at its default (a typo must not silently become the default).
     """
 
     kind: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = struct.field(pytree_node=False)
@@ -54,8 +65,20 @@ class Schedule:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"schedule kind={self.kind!r}; choose one of {KINDS}")
-        if not _concrete(self.k, self.c, self.eps_min):
-            return
+        values = {"k": self.k, "c": self.c, "eps_min": self.eps_min}
+        for name, v in values.items():
+            if isinstance(v, (str, bool, list, dict)):
+                raise TypeError(f"schedule {name}={v!r} ({type(v).__name__}) should be a number")
+        if not _concrete(*values.values()):
+            return  # traced leaves inside jit: validated when the user built it
+        for name, v in values.items():  # 1 and 1.0 must be the same (float32) leaf to jit
+            object.__setattr__(self, name, float(v))
+        for name, v in values.items():
+            if not math.isfinite(v):
+                raise ValueError(f"schedule parameter {name}={v!r} must be a finite number")
+        unused = [n for n in values if n not in _PARAMS[self.kind] and values[n] != _DEFAULTS[n]]
+        if unused:
+            raise ValueError(f"schedule {self.kind!r} takes {list(_PARAMS[self.kind])}, not {unused}")
         if not 0.0 <= self.eps_min <= 1.0:
             raise ValueError(f"eps_min={self.eps_min} must be in [0, 1] (it is a probability floor)")
         if self.kind == "constant" and not 0.0 <= self.k <= 1.0:
@@ -82,13 +105,9 @@ class Schedule:
             p = k / (k + jnp.exp(x / k))
         return jnp.clip(jnp.maximum(p, eps), 0.0, 1.0)
 
-
-_PARAMS = {
-    "constant": {"k"},
-    "linear": {"k", "c", "eps_min"},
-    "exponential": {"k", "eps_min"},
-    "inverse_sigmoid": {"k", "eps_min"},
-}
+    def describe(self) -> str:
+        """One line for logs, e.g. ``linear(k=1, c=0.0001, eps_min=0.75)``."""
+        return f"{self.kind}(" + ", ".join(f"{n}={getattr(self, n):g}" for n in _PARAMS[self.kind]) + ")"
 
 
 def make_schedule(kind: str, **params: float) -> Schedule:
@@ -98,13 +117,10 @@ def make_schedule(kind: str, **params: float) -> Schedule:
     """
     if kind not in KINDS:
         raise ValueError(f"unknown schedule kind {kind!r}; choose one of {KINDS}")
-    unknown = sorted(set(params) - _PARAMS[kind])
+    unknown = sorted(set(params) - set(_PARAMS[kind]))
     if unknown:
-        raise ValueError(f"schedule {kind!r} takes {sorted(_PARAMS[kind])}, not {unknown}")
-    for name, value in params.items():
-        if not _concrete(value) or not math.isfinite(value):
-            raise ValueError(f"schedule parameter {name}={value!r} must be a finite number")
-    return Schedule(kind=kind, **{n: float(v) for n, v in params.items()})
+        raise ValueError(f"schedule {kind!r} takes {list(_PARAMS[kind])}, not {unknown}")
+    return Schedule(kind=kind, **params)
 
 
 def constant(p: float) -> Schedule:

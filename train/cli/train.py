@@ -1,0 +1,163 @@
+"""`arjax train` (teacher forcing or scheduled sampling, from a run config) and `arjax eval`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from flax import nnx
+
+from arjax.train import data as data_lib
+from arjax.train.checkpoint import load_model, read_meta
+from arjax.train.cli.common import Help, UsageError
+from arjax.train.config import TrainConfig, from_dict, load_config, parse_yaml_value
+from arjax.train.loop import train
+from arjax.train.step import make_eval_step
+
+# CLI flag -> TrainConfig field, for the common overrides.
+_TRAIN_FLAGS = {
+    "data": "data", "model": "model", "tokenizer": "tokenizer", "steps": "steps", "batch_size": "batch_size",
+    "seq_len": "seq_len", "accum_steps": "accum_steps", "lr": "lr", "warmup_steps": "warmup_steps",
+    "min_lr": "min_lr", "weight_decay": "weight_decay", "seed": "seed", "eval_interval": "eval_interval",
+    "ckpt_interval": "ckpt_interval", "log_interval": "log_interval",
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested mappings key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set key=value`` (value parsed as YAML) -> nested overrides.
+
+    A dotted key sets a nested key: ``scheduled_sampling.feed=argmax``,
+    ``scheduled_sampling.schedule.step.c=1e-4``; ``model.KEY`` is short for ``model_overrides.KEY``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r} is not KEY=VALUE; e.g. --set weight_decay=0.05 or --set model.dropout=0.1")
+        key, raw = item.split("=", 1)
+        path = key.split(".")
+        if path[0] == "model" and len(path) > 1:
+            path[0] = "model_overrides"
+        if not all(path):
+            raise UsageError(f"--set {item!r}: {key!r} is not a key; e.g. --set scheduled_sampling.feed=argmax")
+        nested: Any = parse_yaml_value(raw)
+        for name in reversed(path):
+            nested = {name: nested}
+        out = _merge(out, nested)
+    return out
+
+
+def train_config_from_args(args) -> TrainConfig:
+    overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.config:
+        base = load_config(args.config)
+    elif args.resume:
+        # Resuming without --config: continue with the run's own saved config, not the defaults.
+        base = from_dict(read_meta(args.out)[1]["train_config"])
+    else:
+        base = TrainConfig()
+    merged = _merge({**base.to_dict(), **overrides}, parse_set(args.set or []))
+    try:
+        return from_dict(merged)
+    except TypeError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_train(args) -> int:
+    cfg = train_config_from_args(args)
+    result = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
+    val = result["val_losses"][-1][1] if result["val_losses"] else float("nan")
+    loss = result["losses"][-1] if result["losses"] else float("nan")
+    ss = ""
+    if cfg.scheduled_sampling is not None and result["history"].get("mix_rate"):
+        ss = f", mixing rate {result['history']['mix_rate'][-1]:.3f}"
+    print(
+        f"trained to step {result['final_step']}: train loss {loss:.4f}{ss}, val loss {val:.4f}, "
+        f"{result['tokens_per_s']:,.0f} tokens/s; checkpoint in {args.out}"
+    )
+    return 0
+
+
+def evaluate_run(run_dir: str, data: str | None = None, *, batch_size: int | None = None, iters: int | None = None) -> dict[str, float]:
+    """Mean NLL and perplexity of a run's latest checkpoint.
+
+    Without ``data``: the run's own validation split and windows, so the number matches the
+    val loss the training log reported. With ``data``: evenly spaced windows over the whole file.
+    Converted weights (no training run) need ``data``.
+    """
+    model, tokenizer, cfg = load_model(run_dir)
+    if cfg is None and data is None:
+        raise UsageError(f"{run_dir!r} holds converted weights with no training data of its own; pass --data FILE")
+    T = model.cfg.max_len if cfg is None else cfg.context_len(model.cfg)
+    B = batch_size or (8 if cfg is None else cfg.batch_size)
+    E = iters or (8 if cfg is None else cfg.eval_iters)
+    if data is None:
+        ids = data_lib.tokenize_and_split(data_lib.read_text(cfg.data), tokenizer, val_fraction=cfg.val_fraction).val
+    else:
+        ids = np.asarray(tokenizer.encode(data_lib.read_text(data)), dtype=np.int32)
+    windows = data_lib.eval_windows(ids, n_windows=E * B, seq_len=T).reshape(E, B, T + 1)
+    graphdef, params = nnx.split(model)
+    loss = float(make_eval_step(graphdef, pad_id=tokenizer.pad_id)(params, windows))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(E * B * T)}
+
+
+def cmd_eval(args) -> int:
+    r = evaluate_run(args.ckpt, args.data, batch_size=args.batch_size, iters=args.iters)
+    where = args.data or "the run's validation split"
+    print(f"{where}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML run config (tpu_configs/*.yaml) or from defaults",
+        description="Train a decoder-only transformer with teacher forcing, or with scheduled sampling when the "
+        "config has a scheduled_sampling: section. Settings come from --config (a YAML file of TrainConfig keys), "
+        "then from the flags below, which override it. Checkpoints, the tokenizer and metrics.jsonl go to --out; "
+        "`arjax generate --ckpt OUT` then needs nothing else.",
+        formatter_class=Help,
+    )
+    p.add_argument("--config", metavar="YAML", help="run config file, e.g. tpu_configs/cpu-demo.yaml (default: built-in defaults)")
+    p.add_argument("--out", metavar="DIR", default="runs/default", help="run directory for checkpoints, tokenizer and metrics")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (exactly reproducible); without --config it reuses the run's saved config")
+    p.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on (default: the config's; none means Python's bundled pydoc topics)")
+    p.add_argument("--model", metavar="PRESET", help="model preset name, e.g. demo, tiny, shakespeare-char, gpt2-small (default: the config's)")
+    p.add_argument("--tokenizer", choices=("byte", "char", "hf"), help="tokenizer kind (default: the config's)")
+    p.add_argument("--steps", type=int, metavar="N", help="number of optimizer updates (default: the config's)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="windows per micro-batch (default: the config's)")
+    p.add_argument("--seq-len", type=int, metavar="N", help="tokens per training window (default: the config's, else the model's max_len)")
+    p.add_argument("--accum-steps", type=int, metavar="N", help="micro-batches accumulated per update (default: the config's)")
+    p.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default: the config's)")
+    p.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup steps (default: the config's)")
+    p.add_argument("--min-lr", type=float, metavar="LR", help="learning rate at the end of the cosine decay (default: the config's)")
+    p.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay (default: the config's)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed for init, batch sampling, dropout and scheduled-sampling coins (default: the config's)")
+    p.add_argument("--eval-interval", type=int, metavar="N", help="steps between validation evaluations (default: the config's)")
+    p.add_argument("--ckpt-interval", type=int, metavar="N", help="steps between checkpoints (default: the config's)")
+    p.add_argument("--log-interval", type=int, metavar="N", help="steps between loss fetches/log lines (default: the config's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other TrainConfig key, repeatable; model.KEY=VALUE overrides the model preset, "
+                   "dotted keys reach nested ones, e.g. scheduled_sampling.feed=argmax")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="validation loss and perplexity of a trained run",
+        description="Evaluate a run's latest checkpoint: mean next-token loss and perplexity (teacher forced).",
+        formatter_class=Help,
+    )
+    p.add_argument("--ckpt", metavar="DIR", required=True, help="run directory written by `arjax train --out DIR`")
+    p.add_argument("--data", metavar="FILE", help="text file to evaluate on, all of it (default: the run's own validation split)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="windows per batch (default: the run's batch_size)")
+    p.add_argument("--iters", type=int, metavar="N", help="number of batches (default: the run's eval_iters)")
+    p.set_defaults(func=cmd_eval)
