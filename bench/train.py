@@ -2,6 +2,11 @@
 
     python bench/train.py                      # the full 2000-step run (a few minutes on 2 cores)
     python bench/train.py --steps 200          # a quick look (val loss will be far from the target)
+    python bench/train.py --config tpu_configs/shakespeare-char-cpu.yaml \
+                          --config tpu_configs/shakespeare-char-cpu-ss.yaml   # teacher forcing vs scheduled sampling
+
+Several --config flags train one after the other in the same process and print one table, so the
+objectives are compared on the same machine in the same run.
 
 Targets: val loss <= 1.89 (nanoGPT's README reports ~1.88 for this recipe) and model FLOPs
 >= 50% of the machine's fp32 matmul peak, measured in the same process with a large jitted matmul.
@@ -53,35 +58,46 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=os.path.join(ROOT, "tpu_configs/shakespeare-char-cpu.yaml"), help="run config (default: %(default)s)")
+    p.add_argument("--config", action="append", help="run config, repeatable (default: tpu_configs/shakespeare-char-cpu.yaml)")
     p.add_argument("--data", default=os.path.join(ROOT, "../shared/data/tinyshakespeare.txt"), help="text file (default: %(default)s)")
     p.add_argument("--steps", type=int, help="override the config's steps (default: the config's)")
     p.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul used to measure peak (default: %(default)s)")
     args = p.parse_args(argv)
 
+    configs = args.config or [os.path.join(ROOT, "tpu_configs/shakespeare-char-cpu.yaml")]
     overrides = {"data": os.path.abspath(args.data)}
     if args.steps:
         overrides["steps"] = args.steps
-    cfg = load_config(args.config, **overrides)
+    cfgs = [load_config(path, **overrides) for path in configs]
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs visible")
-    peak_before = matmul_peak_flops(args.matmul_n)
-    with tempfile.TemporaryDirectory() as out:
-        result = train(cfg, out, quiet=not sys.stdout.isatty())
-    peak_after = matmul_peak_flops(args.matmul_n)
-    peak = max(peak_before, peak_after)  # two measurements: a busy neighbour lowers one, not both
+    peaks = [matmul_peak_flops(args.matmul_n)]
+    results = []
+    for path, cfg in zip(configs, cfgs):
+        with tempfile.TemporaryDirectory() as out:
+            results.append(train(cfg, out, quiet=not sys.stdout.isatty()))
+        peaks.append(matmul_peak_flops(args.matmul_n))
+    peak = max(peaks)  # several measurements: a busy neighbour lowers some, not all
 
-    T = result["seq_len"]
-    fpt = flops_per_token(result["model_config"], T)
-    achieved = result["tokens_per_s"] * fpt
-    val = result["val_losses"][-1][1]
-    n_params = result["n_params"]
-    print(f"config          {os.path.relpath(args.config, ROOT)} ({result['final_step']} steps, {n_params / 1e6:.2f}M params, context {T})")
-    print(f"final val loss  {val:.4f}   (target <= 1.89, nanoGPT ~1.88)  {'PASS' if val <= 1.89 else 'MISS'}")
-    print(f"train loss      {result['losses'][-1]:.4f}")
-    print(f"throughput      {result['tokens_per_s']:,.0f} tokens/s (compile excluded); wall {result['wall_s']:.0f} s")
-    print(f"model FLOPs     {fpt / 1e6:.2f} MFLOP/token -> {achieved / 1e9:.1f} GFLOP/s")
-    print(f"matmul peak     {peak / 1e9:.1f} GFLOP/s fp32 ({args.matmul_n}^2 jitted matmul; before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})")
-    print(f"fraction        {achieved / peak:.1%} of matmul peak   (target >= 50%)  {'PASS' if achieved / peak >= 0.5 else 'MISS'}")
+    print(f"matmul peak     {peak / 1e9:.1f} GFLOP/s fp32 ({args.matmul_n}^2 jitted matmul; samples "
+          + ", ".join(f"{x / 1e9:.1f}" for x in peaks) + ")")
+    for path, cfg, result in zip(configs, cfgs, results):
+        T = result["seq_len"]
+        fpt = flops_per_token(result["model_config"], T)
+        achieved = result["tokens_per_s"] * fpt
+        val = result["val_losses"][-1][1]
+        ms = cfg.accum_steps * cfg.batch_size * T / result["tokens_per_s"] * 1e3
+        objective = "teacher forcing" if cfg.scheduled_sampling is None else cfg.scheduled_sampling.describe()
+        print(f"\nconfig          {os.path.relpath(path, ROOT)} ({result['final_step']} steps, {result['n_params'] / 1e6:.2f}M params, context {T})")
+        print(f"objective       {objective}")
+        if "mix_rate" in result["history"]:
+            h = result["history"]
+            print(f"mixing          gold probability {h['gold_prob'][-1]:.3f}, realised mixing rate {h['mix_rate'][-1]:.3f}, "
+                  f"differ rate {h['differ_rate'][-1]:.3f} (last step)")
+        print(f"final val loss  {val:.4f}   (target <= 1.89, nanoGPT ~1.88)  {'PASS' if val <= 1.89 else 'MISS'}")
+        print(f"train loss      {result['losses'][-1]:.4f}")
+        print(f"throughput      {result['tokens_per_s']:,.0f} tokens/s, {ms:.1f} ms/step (compile excluded); wall {result['wall_s']:.0f} s")
+        print(f"model FLOPs     {fpt / 1e6:.2f} MFLOP/token (teacher-forced count) -> {achieved / 1e9:.1f} GFLOP/s")
+        print(f"fraction        {achieved / peak:.1%} of matmul peak   (target >= 50%)  {'PASS' if achieved / peak >= 0.5 else 'MISS'}")
     return 0
 
 
