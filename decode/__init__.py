@@ -1,4 +1,9 @@
-"""arjax.decode: prefill, the jitted while_loop decoder, and samplers."""
+"""arjax.decode: prefill, the jitted while_loop decoder, and samplers.
+
+    sampling.py   SamplingParams (per-row traced values), filter_logits (HF's pipeline), sample
+    loop.py       DecodeState, the pure decode_step, prefill, and generate / stream (one jitted
+                  prefill + lax.while_loop, bucketed shapes)
+"""
 
 from arjax.decode.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
 from arjax.decode.loop import (

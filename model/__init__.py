@@ -1,4 +1,12 @@
-"""arjax.model: the decoder-only transformer, its config presets and its KV cache."""
+"""arjax.model: the decoder-only transformer, its config presets and its KV cache.
+
+    config.py        ModelConfig (frozen, strict), presets (get_config), and the strict loader
+                     (check_field_types, strict_from_dict) every config of arjax uses
+    transformer.py   Transformer: model(tokens, positions, cache) -> (logits, cache), one call for
+                     training, prefill and decode; attention_mask, rope, count_params
+    cache.py         KVCache (static shape, heads-major) and init_cache
+    hf.py            Hugging Face GPT-2 / Llama conversion tables, safetensors in and out
+"""
 
 from arjax.model.config import PRESETS, ModelConfig, get_config
 from arjax.model.cache import KVCache, init_cache

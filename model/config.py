@@ -174,7 +174,7 @@ def strict_from_dict(cls, d: Mapping[str, Any], where: str | None = None):
     except (TypeError, ValueError) as e:
         if where == cls.__name__ or str(e).startswith(where):
             raise
-        raise type(e)(f"{where}: {e}") from None
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{where}: {e}") from None
 
 
 PRESETS: dict[str, ModelConfig] = {

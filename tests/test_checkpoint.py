@@ -1,5 +1,7 @@
 """Checkpoints: stop-and-resume reproduces an uninterrupted run exactly; mismatched models are refused."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,24 @@ def test_resume_refuses_a_different_model_naming_the_keys(cfg, runs):
     other = cfg.replace(steps=10, model_overrides={"dropout": 0.1, "d_model": 64, "n_layers": 3})
     with pytest.raises(ValueError, match=r"d_model: checkpoint 32 vs requested 64, n_layers: checkpoint 2 vs requested 3"):
         train(other, str(runs[0] / "a"), resume=True, quiet=True)
+
+
+def test_resume_refuses_other_run_settings_and_other_data(cfg, runs, tmp_path):
+    run = str(tmp_path / "a")
+    shutil.copytree(runs[0] / "a", run)  # the module's runs stay as they are for the other tests
+    with pytest.raises(ValueError, match=r"other settings \(lr: checkpoint 0.001 vs now 0.002; seed: checkpoint 0 vs now 1\)"):
+        train(cfg.replace(lr=2e-3, seed=1), run, resume=True, quiet=True)
+    with pytest.raises(ValueError, match=r"steps=5 is below the checkpoint's step 8"):
+        train(cfg.replace(steps=5), run, resume=True, quiet=True)
+    other = tmp_path / "other.txt"
+    other.write_text(_TEXT.replace("fox", "cat"))
+    with pytest.raises(ValueError, match="is not the text the run .* was trained on"):
+        train(cfg.replace(data=str(other), steps=9), run, resume=True, quiet=True)
+    # What may change: how far it goes, how often it logs, evaluates and saves, where its data lives.
+    moved = tmp_path / "moved.txt"
+    moved.write_text(_TEXT)
+    more = train(cfg.replace(data=str(moved), steps=9, log_interval=1, eval_interval=9), run, resume=True, quiet=True)
+    assert more["final_step"] == 9 and len(more["losses"]) == 1
 
 
 def test_run_dir_guards(cfg, runs, tmp_path):

@@ -228,6 +228,9 @@ def test_convert_from_hf_and_back_through_a_run_directory(tmp_path):
     convert.convert_from_hf(str(hf_dir), str(run))
     model, tok2, train_cfg = checkpoint.load_model(str(run))  # what `arjax generate --ckpt RUN` uses
     assert train_cfg is None  # converted weights: no training run, no placeholder config
+    from arjax.train.cli import main
+
+    assert main(["train", "--out", str(run), "--resume"]) == 2  # weights only: a clear error, not a KeyError
     assert tok2.encode("the lazy fox") == tok.encode("the lazy fox") and tok2.eos_id == tok.eos_id
     tokens, _ = _padded_batch()
     want = _hf_logits(ref, tokens)

@@ -98,7 +98,7 @@ def test_the_loop_closes_its_log_progress_and_tensorboard_on_error(data_file, tm
     def broken_save(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(loop, "_tensorboard_writer", lambda log_dir: Writer())
+    monkeypatch.setattr(loop, "_tensorboard_writer", lambda log_dir, purge_step=None: Writer())
     monkeypatch.setattr(loop, "_Progress", Progress)
     monkeypatch.setattr(loop.ckpt, "save", broken_save)
     cfg = TrainConfig(model="tiny", model_overrides={"n_layers": 1}, tokenizer="char", data=data_file, batch_size=2,

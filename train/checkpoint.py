@@ -110,7 +110,10 @@ def load_model(run_dir: str, step: int | None = None):
         raise ValueError(f"checkpoint directory {run_dir!r} does not exist; pass the --out directory of `arjax train`")
     step, meta = read_meta(run_dir, step)
     model_cfg = model_config_from_dict(meta["model_config"])
-    cfg = train_config.from_dict(meta["train_config"]) if "train_config" in meta else None
+    try:  # the run config is a convenience here (eval's defaults); the weights need only the model config
+        cfg = train_config.from_dict(meta["train_config"]) if "train_config" in meta else None
+    except (TypeError, ValueError):
+        cfg = None
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))

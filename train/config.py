@@ -46,7 +46,6 @@ class TrainConfig:
     log_interval: int = 10  # how often the host fetches the loss (each fetch is a device sync)
     ckpt_interval: int = 500
     max_to_keep: int = 3
-    log_file: str | None = None  # metrics JSONL; None: <out>/metrics.jsonl
     # The objective: teacher forcing when null, else scheduled sampling with these settings
     # (method, feed, coins, schedule: arjax.train.exposure.scheduled_sampling.ScheduledSamplingConfig).
     scheduled_sampling: ScheduledSamplingConfig | None = None

@@ -9,10 +9,12 @@ it reads the corpus, builds or reloads the tokenizer and saves it beside the che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -34,12 +36,22 @@ from arjax.train.tokenizer import build_tokenizer, check_fits, load_tokenizer
 _BAR_NAMES = {"mix_rate": "mix", "gold_prob": "gold", "differ_rate": "differ"}
 
 
-def _tensorboard_writer(log_dir: str):
-    """A TensorBoard writer when a writer package is already installed; we add no dependency for it."""
+# Run-config keys a resumed run may change: they decide how far the run goes, how often it logs,
+# evaluates and saves, and where its inputs now live, not what any step computes.
+RESUMABLE_KEYS = ("steps", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "max_to_keep", "data",
+                  "tokenizer_path")
+
+
+def _tensorboard_writer(log_dir: str, purge_step: int | None = None):
+    """A TensorBoard writer when a writer package is already installed; we add no dependency for it.
+
+    ``purge_step``: on resume, events at and after it (logged after the checkpoint, before the
+    interruption) are hidden, so TensorBoard, like the JSONL, holds every step once.
+    """
     for module in ("tensorboardX", "torch.utils.tensorboard"):
         try:
             mod = __import__(module, fromlist=["SummaryWriter"])
-            return mod.SummaryWriter(log_dir)
+            return mod.SummaryWriter(log_dir, purge_step=purge_step)
         except Exception:  # not installed, or torch without the tensorboard package
             continue
     return None
@@ -104,6 +116,28 @@ def latest_checkpoint(run_dir: str) -> int | None:
     return ckpt.make_manager(run_dir).latest_step() if os.path.isdir(ckpt.checkpoint_dir(run_dir)) else None
 
 
+def check_same_run(run_dir: str, saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """A resumed run must compute what the interrupted one would have: the same model and the same
+    run config, up to ``RESUMABLE_KEYS``; else one error naming every key that differs."""
+    start = saved["step"]
+    if "train_config" not in saved:
+        raise ValueError(
+            f"the checkpoint in {run_dir!r} holds converted weights only (no optimizer state, no run config); it "
+            "cannot be resumed. Start a new run in another --out directory"
+        )
+    ckpt.check_compatible(run_dir, saved["model_config"], model_cfg)
+    before, now = saved["train_config"], cfg.to_dict()
+    diff = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE_KEYS and before.get(k) != now.get(k)]
+    if diff:
+        parts = "; ".join(f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"the run in {run_dir!r} was trained with other settings ({parts}); a resumed run may change only "
+            f"{', '.join(RESUMABLE_KEYS)}. Resume with the run's own settings (omit --config) or start a new --out"
+        )
+    if cfg.steps < start:
+        raise ValueError(f"steps={cfg.steps} is below the checkpoint's step {start} in {run_dir!r}; pass --steps {start} or more")
+
+
 def check_run_dir(run_dir: str, resume: bool) -> int | None:
     """The latest checkpoint step of ``run_dir`` (None for a new run), after the resume guards."""
     latest = latest_checkpoint(run_dir)
@@ -151,7 +185,7 @@ def fit(
     start = 0
     if resume:
         start, saved = ckpt.read_meta(run_dir, latest)
-        ckpt.check_compatible(run_dir, saved["model_config"], model_cfg)
+        check_same_run(run_dir, saved, cfg, model_cfg)
         params, opt_state = ckpt.restore(manager, start, params=params, opt_state=opt_state)
     os.makedirs(run_dir, exist_ok=True)
 
@@ -162,13 +196,13 @@ def fit(
     tokens_per_step = A * B * T
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
-    log_path = cfg.log_file or os.path.join(run_dir, "metrics.jsonl")
+    log_path = os.path.join(run_dir, "metrics.jsonl")
     _keep_logged_steps(log_path, start)
     log = open(log_path, "a", encoding="utf-8")
     tb = None
     progress = None
     try:
-        tb = _tensorboard_writer(os.path.join(run_dir, "tb"))
+        tb = _tensorboard_writer(os.path.join(run_dir, "tb"), purge_step=start + 1 if resume else None)
         n_params = count_params(model_cfg)
         progress = _Progress(cfg.steps, start, quiet, label)
         progress.log(
@@ -177,6 +211,11 @@ def fit(
         )
         if cfg.scheduled_sampling is not None:
             progress.log(cfg.scheduled_sampling.describe())
+            if cfg.scheduled_sampling.always_gold:
+                warnings.warn(
+                    "scheduled_sampling.schedule keeps the gold probability at 1, so no input is ever the model's: "
+                    "this trains teacher forcing at the cost of scheduled sampling; set scheduled_sampling.schedule, "
+                    "e.g. {step: {kind: linear, k: 1.0, c: 1.0e-4, eps_min: 0.75}}", stacklevel=2)
 
         def meta_for(step: int) -> dict[str, Any]:
             return {
@@ -274,8 +313,16 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     fresh one is built. The tokenizer is saved in ``run_dir`` so that ``arjax generate --ckpt``
     needs nothing else.
     """
-    check_run_dir(run_dir, resume)
+    latest = check_run_dir(run_dir, resume)
     text = data_lib.read_text(cfg.data)
+    data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if resume:
+        saved = ckpt.read_meta(run_dir, latest)[1].get("data_sha256")
+        if saved is not None and saved != data_sha256:
+            raise ValueError(
+                f"the training text {cfg.data or 'pydoc (the bundled corpus)'!r} is not the text the run in {run_dir!r} "
+                "was trained on (its SHA-256 differs); resume with the same data or start a new --out"
+            )
     tok_dir = ckpt.tokenizer_dir(run_dir)
     if resume and os.path.isdir(tok_dir):
         tokenizer = load_tokenizer(tok_dir)
@@ -283,7 +330,8 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
         tokenizer = build_tokenizer(cfg.tokenizer, text=text, path=cfg.tokenizer_path)
     split = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction)
     model_cfg = cfg.model_config(vocab_size=tokenizer.vocab_size)
-    check_fits(tokenizer, model_cfg.vocab_size)
+    check_fits(tokenizer, model_cfg.vocab_size,
+               fix="remove vocab_size from model_overrides (it then follows the tokenizer) or raise it")
     T = cfg.context_len(model_cfg)
     source = data_lib.Windows(split.train, T)
     val_windows = data_lib.eval_windows(split.val, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
@@ -294,5 +342,5 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     return fit(
         cfg, run_dir, model_cfg=model_cfg, source=source, val_windows=val_windows, pad_id=tokenizer.pad_id,
         resume=resume, stop_after=stop_after, quiet=quiet,
-        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__)},
+        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__), "data_sha256": data_sha256},
     )

@@ -98,13 +98,13 @@ class CharTokenizer:
 KINDS = ("byte", "char", "hf")
 
 
-def check_fits(tokenizer, model_vocab_size: int) -> None:
+def check_fits(tokenizer, model_vocab_size: int, *, fix: str | None = None) -> None:
     """The one vocabulary check: a tokenizer may not produce ids the model has no embedding for."""
     if tokenizer.vocab_size > model_vocab_size:
+        fix = fix or f"use the tokenizer the model was trained with, or a model with vocab_size >= {tokenizer.vocab_size}"
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_vocab_size}; "
-            "ids past the embedding table would be silently clamped. Use the tokenizer the model was trained "
-            f"with, or a model with vocab_size >= {tokenizer.vocab_size}"
+            f"ids past the embedding table would be silently clamped. Fix: {fix}"
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from arjax.train.cli import convert, generate, study, train
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Warnings (a damaged checkpoint skipped, a schedule that never mixes) as one line each.
+    warnings.formatwarning = lambda message, *_, **__: f"arjax {args.command}: warning: {message}\n"
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -11,7 +11,7 @@ from flax import nnx
 from arjax.train import data as data_lib
 from arjax.train.checkpoint import load_model, read_meta
 from arjax.train.cli.common import Help, UsageError
-from arjax.train.config import TrainConfig, from_dict, load_config, parse_yaml_value
+from arjax.train.config import TrainConfig, from_dict, load_yaml, parse_yaml_value
 from arjax.train.loop import train
 from arjax.train.step import make_eval_step
 
@@ -56,19 +56,26 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def train_config_from_args(args) -> TrainConfig:
+    """The run config: the file (or, resuming without one, the run's own saved config, else the
+    defaults), then the flags, then ``--set``; merged as mappings and checked once, so a flag can
+    fix what the file alone would not allow."""
     overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     if args.config:
-        base = load_config(args.config)
+        base = load_yaml(args.config, "config file", "tpu_configs/")
     elif args.resume:
         # Resuming without --config: continue with the run's own saved config, not the defaults.
-        base = from_dict(read_meta(args.out)[1]["train_config"])
+        meta = read_meta(args.out)[1]
+        if "train_config" not in meta:
+            raise UsageError(f"{args.out!r} holds converted weights (no run config, no optimizer state); it cannot be resumed")
+        base = meta["train_config"]
     else:
-        base = TrainConfig()
-    merged = _merge({**base.to_dict(), **overrides}, parse_set(args.set or []))
+        base = {}
+    merged = _merge({**base, **overrides}, parse_set(args.set or []))
+    where = f"{args.config}: " if args.config else ""
     try:
         return from_dict(merged)
-    except TypeError as e:
-        raise UsageError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}{e}") from None
 
 
 def cmd_train(args) -> int:

@@ -61,6 +61,7 @@ from flax import nnx
 from scipy import stats  # a dependency of jax
 
 from arjax.decode import SamplingParams, filter_logits, generate
+from arjax.model.config import check_field_types
 from arjax.train.loss import token_nll
 
 DEGENERATE = 1e-5  # per-step loss (nats) below which eps(l) counts as zero and ExAccErr as undefined
@@ -80,6 +81,7 @@ class Decoding:
     top_p: float = 1.0
 
     def __post_init__(self):
+        check_field_types(self)
         if self.temperature < 0:
             raise ValueError(f"decoding {self.name!r}: temperature={self.temperature} must be >= 0 (0 is greedy)")
         if self.top_k < 0:

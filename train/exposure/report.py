@@ -271,7 +271,7 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
         f"ran in {results['seconds'] / 60:.1f} min on `{results['jax_backend']}`.",
         "",
         "Numbers are mean ± 95% CI half-width over seeds (Student t). ExAccErr(l) = (R(l) / (l eps(l)) - 1) x 100% "
-        f"with per-step losses {', '.join(f'`{x}`' for x in cfg.eval.ex_losses)} (exact definitions in `arjax.train.exposure`: "
+        f"with per-step losses {', '.join(f'`{x}`' for x in cfg.eval.ex_losses)} (exact definitions in `arjax.train.exposure.metrics`: "
         "`regret` = oracle NLL of the decoder's token minus that of the oracle decoded the same way, zero for a perfect model; "
         "`kl` = KL(o||m) at the context, zero for a perfect model; `oracle_nll` = expected oracle NLL of the token the decoder "
         "emits, which also moves with how predictable the visited contexts are). \"vs oracle decoded alike\" replaces eps's "

@@ -1,4 +1,4 @@
-"""Scheduled sampling for transformers: two-pass, K-pass parallel and exact sequential objectives, and their jitted train step.
+"""Scheduled sampling for transformers: two-pass, K-pass parallel and exact sequential objectives, as an objective of the one train step.
 
 Scheduled sampling (Bengio et al. 2015) trains on inputs in which some gold tokens are replaced
 by the model's own predictions, so training sees the kind of prefixes generation produces.
@@ -27,7 +27,7 @@ inputs as the token coins give, but all at the start, then model inputs to the e
 Public API:
   ScheduledSamplingConfig              frozen, keyword-only, strict; the ``scheduled_sampling:`` section
                                        of a run config (``arjax.train.config.TrainConfig``)
-  ScheduledSampling(cfg, pad_id=None, dropout=False)
+  ScheduledSampling(cfg=..., pad_id=None, dropout=False)
                                        the objective for ``arjax.train.step.make_train_step``
   draw_coins(key, gold_prob, B, T, granularity) -> use_model [B, T] bool
   ss_loss(model, tokens, key, gold_prob, cfg, *, mask=None, dropout_rng=None) -> (loss, aux)
@@ -106,6 +106,12 @@ class ScheduledSamplingConfig:
     @property
     def soft(self) -> bool:
         return self.feed in _SOFT_FEEDS
+
+    @property
+    def always_gold(self) -> bool:
+        """True when the schedule is a constant gold probability of 1: teacher forcing at twice the passes."""
+        s = self.schedule
+        return all(x is None or (x.kind == "constant" and x.k >= 1.0) for x in (s.step, s.position))
 
     def describe(self) -> str:
         """One line for logs: method, feed, coins and schedule."""

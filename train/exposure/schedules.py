@@ -28,6 +28,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 KINDS = ("constant", "linear", "exponential", "inverse_sigmoid")
@@ -44,9 +45,9 @@ _DEFAULTS = {"k": 1.0, "c": 0.0, "eps_min": 0.0}
 
 
 def _concrete(*values) -> bool:
-    """True when every value is a plain number: validation runs where users build a schedule,
-    not when JAX rebuilds one from traced leaves inside jit."""
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    """True when every value is a plain number (numpy scalars included): validation runs where users
+    build a schedule, not when JAX rebuilds one from traced leaves inside jit."""
+    return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
 
 
 @struct.dataclass(kw_only=True)
@@ -143,6 +144,10 @@ class GoldSchedule:
     def __post_init__(self):
         if self.combine not in COMBINES:
             raise ValueError(f"GoldSchedule combine={self.combine!r}; choose one of {COMBINES}")
+        if not isinstance(self.step, Schedule):
+            raise TypeError(f"GoldSchedule step={self.step!r} should be a schedule, e.g. {{kind: linear, k: 1.0, c: 1.0e-4}}")
+        if self.position is not None and not isinstance(self.position, Schedule):
+            raise TypeError(f"GoldSchedule position={self.position!r} should be a schedule or null, e.g. {{kind: exponential, k: 0.99}}")
 
     def __call__(self, step, seq_len: int) -> jax.Array:
         """[T] float32 gold probability for input positions 0..T-1 at training step ``step`` (may be traced).

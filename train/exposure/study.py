@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from arjax.model.config import ModelConfig, strict_from_dict
+from arjax.model.config import ModelConfig, check_field_types, strict_from_dict
 from arjax.train import loop
 from arjax.train.checkpoint import load_model
 from arjax.train.config import TrainConfig, load_yaml
@@ -65,6 +65,9 @@ class OracleSpec:
     scorer: str = ""
     text: str = ""
 
+    def __post_init__(self):
+        check_field_types(self)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSpec:
@@ -72,6 +75,9 @@ class DataSpec:
     n_train: int = 2048
     n_test: int = 512
     seed: int = 0
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +88,9 @@ class MethodSpec:
     name: str
     scheduled_sampling: ScheduledSamplingConfig | None = None
 
+    def __post_init__(self):
+        check_field_types(self)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSpec:
@@ -91,6 +100,9 @@ class EvalSpec:
     # Per-step losses for ExAccErr (definitions in arjax.train.exposure.metrics); the first is the headline.
     ex_losses: tuple[str, ...] = ("regret", "kl", "oracle_nll")
     include_oracle: bool = True  # also evaluate the oracle itself as a model (the decoding-only baseline)
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 # The study's training settings are TrainConfig keys; these defaults suit tiny oracle models.
@@ -103,7 +115,7 @@ _STUDY_OWNED = {
     "model": "study.model", "model_overrides": "study.model", "data": "study.data and study.oracle",
     "tokenizer": "study.oracle", "tokenizer_path": "study.oracle", "val_fraction": "study.data.n_test",
     "seq_len": "study.data.length", "eval_iters": "study.data.n_test", "seed": "study.seeds",
-    "scheduled_sampling": "study.methods", "log_file": "the run directories under --out",
+    "scheduled_sampling": "study.methods",
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -121,6 +133,7 @@ class StudyConfig:
     eval: EvalSpec = dataclasses.field(default_factory=EvalSpec)
 
     def __post_init__(self):
+        check_field_types(self)
         for what, name in [("study name", self.name)] + [(f"methods[{i}].name", m.name) for i, m in enumerate(self.methods)]:
             if not isinstance(name, str) or not _NAME.fullmatch(name) or name in ("runs", "oracle"):
                 raise ValueError(
@@ -293,7 +306,8 @@ def _check_out_dir(cfg: StudyConfig, out_dir: str, resume: bool) -> None:
     """A new study needs a fresh folder; a resumed one must have been run with the same config."""
     saved_path = os.path.join(out_dir, "study.json")
     current = jsonable(dataclasses.asdict(cfg))
-    if os.path.isfile(saved_path):
+    # A study that never started a run (e.g. its scorer path was wrong) may be started afresh.
+    if os.path.isfile(saved_path) and os.path.isdir(os.path.join(out_dir, "runs")):
         if not resume:
             raise ValueError(f"{out_dir!r} already holds a study; pass --resume to continue it or choose a new --out")
         with open(saved_path, encoding="utf-8") as f:
@@ -305,7 +319,7 @@ def _check_out_dir(cfg: StudyConfig, out_dir: str, resume: bool) -> None:
                 "the same config or choose a new --out"
             )
         return
-    if resume:
+    if resume and not os.path.isfile(saved_path):
         raise ValueError(f"--resume given but {out_dir!r} holds no study; drop --resume to start it")
     os.makedirs(out_dir, exist_ok=True)
     _write_json(saved_path, current)
