@@ -13,6 +13,7 @@ from flax import nnx, struct
 
 from arjax.decode.sampling import SamplingParams, sample
 from arjax.model import KVCache, Transformer, init_cache
+from arjax.model.rng import check_seed, seed_key
 
 # stop_reason codes held in DecodeState; GenerateOutput spells them out.
 RUNNING, STOP_EOS, STOP_LENGTH = 0, 1, 2
@@ -232,8 +233,7 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         prompts = list(np.asarray(prompts))
     if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
         raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} {prompts!r:.60}")
-    if not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed={seed!r} must be an int")
+    check_seed(seed)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
     buckets = tuple(sorted(int(b) for b in buckets))
@@ -342,7 +342,7 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps) -> Iterator[li
     limit = min(chunk, N)
     state = _start(
         graphdef, plan.num_slots, plan.cache_len, params, jnp.asarray(plan.tokens), jnp.asarray(plan.positions),
-        jax.random.key(seed), i32(N), sampling, eos, pad, i32(limit),
+        seed_key(seed), i32(N), sampling, eos, pad, i32(limit),
     )
     emitted = np.zeros(B, np.int64)
     while True:

@@ -81,27 +81,37 @@ class SamplingParams:
                     f"SamplingParams.{name} has shape {a.shape}, expected ({batch if batch is not None else 'B'},): "
                     "one value per prompt; build it with SamplingParams.make(batch, ...)"
                 )
-        _check(arrays["temperature"], lambda t: t >= 0, "temperature", "must be >= 0 (0 means greedy); use a non-negative temperature")
+        _check(arrays["temperature"], lambda t: (t >= 0) & np.isfinite(t), "temperature", "must be a finite number >= 0 (0 means greedy)")
         _check(arrays["top_k"], lambda k: k >= 0, "top_k", "must be >= 0 (0 turns top-k off)")
         if vocab_size is not None:
             _check(arrays["top_k"], lambda k: k <= vocab_size, "top_k", f"exceeds the vocabulary size {vocab_size}; use 0 < top_k <= {vocab_size} or 0 for off")
         _check(arrays["top_p"], lambda p: (p > 0) & (p <= 1), "top_p", "must be in (0, 1] (1 turns top-p off)")
         _check(arrays["min_p"], lambda p: (p >= 0) & (p <= 1), "min_p", "must be in [0, 1] (0 turns min-p off)")
-        _check(arrays["repetition_penalty"], lambda r: r > 0, "repetition_penalty", "must be > 0 (1 turns it off; > 1 discourages repeats)")
+        _check(arrays["repetition_penalty"], lambda r: (r > 0) & np.isfinite(r), "repetition_penalty", "must be a finite number > 0 (1 turns it off; > 1 discourages repeats)")
 
 
 _FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 def _per_row(name: str, value, batch: int, dtype) -> np.ndarray:
-    a = np.asarray(value)
-    if a.ndim == 0:
-        a = np.full((batch,), a)
-    if a.shape != (batch,):
-        raise ValueError(f"{name} has {a.shape[0] if a.ndim == 1 else a.shape} values for {batch} prompts; pass one value or one per prompt")
-    if dtype == np.int32 and not np.all(np.equal(np.mod(a, 1), 0)):
-        raise ValueError(f"{name}={value!r} must be whole numbers")
-    return a.astype(dtype)
+    """One value per row, checked before the cast: a real, finite number that fits ``dtype``
+    (4294967301 would silently wrap to 5 as an int32, 1e39 become inf as a float32)."""
+    values = list(value) if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) else [value]
+    if len(values) == 1:
+        values = values * batch
+    if len(values) != batch:
+        raise ValueError(f"{name} has {len(values)} values for {batch} prompts; pass one value or one per prompt")
+    limit = int(np.iinfo(np.int32).max) if dtype == np.int32 else float(np.finfo(np.float32).max)
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{name}={v!r} must be a number")
+        if not np.isfinite(float(v)):
+            raise ValueError(f"{name}={v!r} must be a finite number")
+        if dtype == np.int32 and float(v) != int(v):
+            raise ValueError(f"{name}={v!r} must be a whole number")
+        if abs(v) > limit:
+            raise ValueError(f"{name}={v!r} does not fit a {np.dtype(dtype).name}; use a value of magnitude <= {limit:,}")
+    return np.asarray(values, dtype)
 
 
 def _check(a: np.ndarray, ok, name: str, fix: str) -> None:

@@ -3,10 +3,46 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal
+
+INT32_MAX = 2**31 - 1  # every int a config holds becomes a 32-bit integer on the device unless marked ANY_INT
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric config field; ``check_field_types`` checks it."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    fix: str = ""
+
+    def __contains__(self, v) -> bool:
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+
+
+def bounds(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+           fix: str = "", **metadata) -> dict:
+    """Field metadata for a range: ``lr: float = dataclasses.field(default=1e-3, metadata=bounds(0, lo_open=True))``."""
+    return {"bounds": Bounds(lo, hi, lo_open, hi_open, fix), **metadata}
+
+
+POSITIVE = bounds(0, lo_open=True)  # > 0
+NON_NEGATIVE = bounds(0)  # >= 0
+ANY_INT = {"any_int": True}  # a Python int of any size (seeds): not limited to 32 bits
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -17,30 +53,29 @@ class ModelConfig:
     width, ``n_kv_heads < n_heads`` turns on grouped-query attention.
     """
 
-    vocab_size: int
-    max_len: int  # longest sequence (positions) the model is built for
-    n_layers: int
-    n_heads: int
-    d_model: int
-    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
-    head_dim: int | None = None  # None: d_model // n_heads
-    d_ff: int | None = None  # None: 4 * d_model (gelu) or the Llama 8/3 rule rounded to 64 (swiglu)
+    vocab_size: int = dataclasses.field(metadata=POSITIVE)
+    max_len: int = dataclasses.field(metadata=POSITIVE)  # longest sequence (positions) the model is built for
+    n_layers: int = dataclasses.field(metadata=POSITIVE)
+    n_heads: int = dataclasses.field(metadata=POSITIVE)
+    d_model: int = dataclasses.field(metadata=POSITIVE)
+    # None: same as n_heads (plain multi-head attention)
+    n_kv_heads: int | None = dataclasses.field(default=None, metadata=POSITIVE)
+    head_dim: int | None = dataclasses.field(default=None, metadata=POSITIVE)  # None: d_model // n_heads
+    # None: 4 * d_model (gelu) or the Llama 8/3 rule rounded to 64 (swiglu)
+    d_ff: int | None = dataclasses.field(default=None, metadata=POSITIVE)
     pos: Literal["learned", "rope"] = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: float = dataclasses.field(default=10000.0, metadata=POSITIVE)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
+    norm_eps: float = dataclasses.field(default=1e-5, metadata=POSITIVE)
     mlp: Literal["gelu", "swiglu"] = "gelu"
     use_bias: bool = True  # biases in attention/MLP projections and LayerNorm (GPT-2 yes, Llama no)
     tie_embeddings: bool = True
-    dropout: float = 0.0
+    dropout: float = dataclasses.field(default=0.0, metadata=bounds(0, 1, hi_open=True))
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype; params stay fp32
-    init_std: float = 0.02
+    init_std: float = dataclasses.field(default=0.02, metadata=NON_NEGATIVE)
 
     def __post_init__(self):
         check_field_types(self)
-        for name in ("vocab_size", "max_len", "n_layers", "n_heads", "d_model"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.num_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.num_kv_heads}; "
@@ -50,8 +85,6 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
         if self.pos == "rope" and self.dim_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
     # Derived sizes: one place, so that model, cache and converters agree.
     @property
@@ -106,6 +139,9 @@ def check_field_types(obj) -> None:
     The one type check behind every strict config (model, run, scheduled sampling, study): ``bool``
     is not accepted for an ``int`` (a YAML ``true`` for ``steps`` is a mistake, not 1),
     ``Literal`` fields must hold one of their choices, and ``tuple[X, ...]`` fields hold X's.
+    Numbers too: every float is finite, every int fits 32 bits (unless the field's metadata says
+    ``ANY_INT``, as seeds do), and a field with ``bounds(...)`` metadata is in its range; the error
+    names the field, the value and the allowed range.
     """
     cls = type(obj)
     hints = typing.get_type_hints(cls)
@@ -117,11 +153,25 @@ def check_field_types(obj) -> None:
             raise TypeError(f"{cls.__name__}.{f.name}={value!r} ({type(value).__name__}) should be {names}")
         if choices and value not in choices:
             raise ValueError(f"{cls.__name__}.{f.name}={value!r}; choose one of {choices}")
+        _check_number(f"{cls.__name__}.{f.name}", value, f.metadata)
         item = _items(hints[f.name])
         if item is not None and isinstance(value, tuple):
             for i, x in enumerate(value):
                 if not isinstance(x, item) or (isinstance(x, bool) and item is not bool):
                     raise TypeError(f"{cls.__name__}.{f.name}[{i}]={x!r} ({type(x).__name__}) should be {item.__name__}")
+
+
+def _check_number(name: str, value, metadata) -> None:
+    """Finite, within 32 bits (ints, unless ``ANY_INT``), and within the field's ``bounds``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    if isinstance(value, int) and not metadata.get("any_int") and abs(value) > INT32_MAX:
+        raise ValueError(f"{name}={value} does not fit a 32-bit integer; use a value below 2**31 = {INT32_MAX + 1}")
+    b = metadata.get("bounds")
+    if b is not None and value not in b:
+        raise ValueError(f"{name}={value!r} must be {b.describe()}" + (f"; {b.fix}" if b.fix else ""))
 
 
 def _is_config(hint) -> bool:
@@ -163,10 +213,15 @@ def strict_from_dict(cls, d: Mapping[str, Any], where: str | None = None):
         return d
     if not isinstance(d, Mapping):
         raise ValueError(f"{where} must be a mapping of {cls.__name__} keys, got {d!r:.80}")
-    known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    known = sorted(f.name for f in fields)
     unknown = sorted((k for k in d if k not in known), key=str)
     if unknown:
         raise ValueError(f"unknown {where} keys {unknown}; known keys are {known}")
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{where} needs {'keys' if len(missing) > 1 else 'key'} {missing}; known keys are {known}")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in d.items()}
     try:

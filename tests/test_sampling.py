@@ -171,16 +171,18 @@ def test_same_key_same_tokens_and_new_values_do_not_recompile():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(temperature=-0.5), r"temperature=-0.5 \(row 0\) must be >= 0"),
-        (dict(temperature=[1.0, float("nan")]), r"temperature=nan \(row 1\)"),
+        (dict(temperature=-0.5), r"temperature=-0.5 \(row 0\) must be a finite number >= 0"),
+        (dict(temperature=[1.0, float("nan")]), r"temperature=nan must be a finite number"),
+        (dict(temperature=float("inf")), r"temperature=inf must be a finite number"),
+        (dict(top_k=2**32 + 5), r"top_k=4294967301 does not fit a int32"),
         (dict(top_k=-1), r"top_k=-1 .* must be >= 0"),
         (dict(top_k=V + 1, vocab_size=V), rf"top_k={V + 1} .*exceeds the vocabulary size {V}"),
-        (dict(top_k=1.5), r"top_k=1.5 must be whole numbers"),
+        (dict(top_k=1.5), r"top_k=1.5 must be a whole number"),
         (dict(top_p=0.0), r"top_p=0.0 .* must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p=1.5 .* must be in \(0, 1\]"),
         (dict(min_p=-0.1), r"min_p=-0.1.* must be in \[0, 1\]"),
         (dict(min_p=2.0), r"min_p=2.0 .* must be in \[0, 1\]"),
-        (dict(repetition_penalty=0.0), r"repetition_penalty=0.0 .* must be > 0"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty=0.0 .* must be a finite number > 0"),
         (dict(temperature=[1.0, 1.0, 1.0]), r"temperature has 3 values for 2 prompts"),
     ],
 )

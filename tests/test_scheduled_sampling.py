@@ -238,7 +238,9 @@ def test_coin_granularities():
         (dict(feed="soft_topk"), "top_k=0"),
         (dict(top_k=5), "top_k=5"),
         (dict(gumbel_hard=True), "gumbel_hard"),
-        (dict(pass1_weight=0.0, pass2_weight=0.0), "not both 0"),
+        (dict(pass1_weight=0.0, pass2_weight=0.0), "both 0"),
+        (dict(pass1_weight=-1.0), "pass1_weight=-1.0 must be >= 0"),
+        (dict(temperature=float("inf")), "temperature=inf must be a finite number"),
         (dict(granularity="row"), "granularity='row'"),
     ],
 )

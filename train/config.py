@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import yaml
 
-from arjax.model.config import ModelConfig, check_field_types, get_config, strict_from_dict
+from arjax.model.config import ANY_INT, NON_NEGATIVE, POSITIVE, ModelConfig, bounds, check_field_types, get_config, strict_from_dict
 from arjax.train.exposure.scheduled_sampling import ScheduledSamplingConfig
 
 
@@ -21,31 +21,37 @@ class TrainConfig:
     model_overrides: dict = dataclasses.field(default_factory=dict)
     # Data: a UTF-8 text file, or None for the bundled default corpus (CPython's pydoc topics).
     data: str | None = None
-    val_fraction: float = 0.1  # the last fraction of the tokens is validation
+    # Bytes that are not UTF-8: "strict" refuses the file (naming the byte offset), "replace" reads them as U+FFFD.
+    data_errors: Literal["strict", "replace"] = "strict"
+    # the last fraction of the tokens is validation
+    val_fraction: float = dataclasses.field(default=0.1, metadata=bounds(0, 1, lo_open=True, hi_open=True))
     tokenizer: Literal["byte", "char", "hf"] = "byte"
     tokenizer_path: str | None = None  # directory of a Hugging Face tokenizer (kind "hf" only)
     # Batches: batch_size windows of seq_len tokens per micro-batch; accum_steps micro-batches per update.
-    batch_size: int = 16
-    seq_len: int | None = None  # None: the model's max_len
-    accum_steps: int = 1
-    steps: int = 1000  # optimizer updates
+    batch_size: int = dataclasses.field(default=16, metadata=POSITIVE)
+    seq_len: int | None = dataclasses.field(default=None, metadata=POSITIVE)  # None: the model's max_len
+    accum_steps: int = dataclasses.field(default=1, metadata=POSITIVE)
+    steps: int = dataclasses.field(default=1000, metadata=POSITIVE)  # optimizer updates
     # Optimizer: AdamW, linear warmup then cosine decay to min_lr at lr_decay_steps (None: steps).
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    lr_decay_steps: int | None = None
-    min_lr: float = 1e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float | None = 1.0  # global-norm clip; None turns it off
+    lr: float = dataclasses.field(default=1e-3, metadata=POSITIVE)
+    warmup_steps: int = dataclasses.field(default=100, metadata=NON_NEGATIVE)
+    lr_decay_steps: int | None = dataclasses.field(default=None, metadata=POSITIVE)
+    min_lr: float = dataclasses.field(default=1e-4, metadata=NON_NEGATIVE)
+    weight_decay: float = dataclasses.field(default=0.1, metadata=NON_NEGATIVE)
+    beta1: float = dataclasses.field(default=0.9, metadata=bounds(0, 1, hi_open=True))
+    beta2: float = dataclasses.field(default=0.95, metadata=bounds(0, 1, hi_open=True))
+    # global-norm clip; None turns it off
+    grad_clip: float | None = dataclasses.field(default=1.0, metadata=bounds(0, lo_open=True, fix="use null to turn clipping off"))
     decay_embeddings: bool = False  # nanoGPT decays the (tied) embedding; we default to not
-    seed: int = 0  # initialisation, batch sampling and dropout all derive from it
+    # initialisation, batch sampling, dropout and scheduled-sampling coins all derive from it; any int
+    seed: int = dataclasses.field(default=0, metadata=ANY_INT)
     # Evaluation, logging and checkpoints (all in optimizer steps).
-    eval_interval: int = 250
-    eval_iters: int = 20  # validation batches of batch_size windows per evaluation
-    log_interval: int = 10  # how often the host fetches the loss (each fetch is a device sync)
-    ckpt_interval: int = 500
-    max_to_keep: int = 3
+    eval_interval: int = dataclasses.field(default=250, metadata=POSITIVE)
+    eval_iters: int = dataclasses.field(default=20, metadata=POSITIVE)  # validation batches of batch_size windows per evaluation
+    # how often the host fetches the loss (each fetch is a device sync)
+    log_interval: int = dataclasses.field(default=10, metadata=POSITIVE)
+    ckpt_interval: int = dataclasses.field(default=500, metadata=POSITIVE)
+    max_to_keep: int = dataclasses.field(default=3, metadata=POSITIVE)
     # The objective: teacher forcing when null, else scheduled sampling with these settings
     # (method, feed, coins, schedule: arjax.train.exposure.scheduled_sampling.ScheduledSamplingConfig).
     scheduled_sampling: ScheduledSamplingConfig | None = None
@@ -55,19 +61,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        for name in ("batch_size", "accum_steps", "steps", "eval_interval", "eval_iters", "log_interval",
-                     "ckpt_interval", "max_to_keep"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be positive")
-        for name in ("warmup_steps",):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
-        if self.seq_len is not None and self.seq_len <= 0:
-            raise ValueError(f"TrainConfig.seq_len={self.seq_len} must be positive (or null for the model's max_len)")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"TrainConfig.val_fraction={self.val_fraction} must be in (0, 1)")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0; got lr={self.lr}, min_lr={self.min_lr}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}; the decay ends at min_lr, so use min_lr <= lr")
         if self.tokenizer == "hf" and not self.tokenizer_path:
             raise ValueError("tokenizer: hf needs tokenizer_path, a directory with a Hugging Face tokenizer.json")
         model_cfg = self.model_config(vocab_size=None)  # unknown preset or bad overrides fail here, at load time

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from arjax.model.rng import numpy_rng
+
 # The default corpus needs nothing downloaded: CPython ships the prose of its own language
 # reference and library docs (the text `help("if")` prints) as `pydoc_data.topics`, 79 topics,
 # about 465 k characters (466 kB UTF-8) of English with code snippets in Python 3.11.
@@ -24,14 +26,29 @@ def default_corpus_text() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
-def read_text(path: str | None) -> str:
-    """The training text: ``path`` (UTF-8), or the default corpus when path is None or "pydoc"."""
+def read_text(path: str | None, errors: str = "strict") -> str:
+    """The training text: ``path`` (UTF-8), or the default corpus when path is None or "pydoc".
+
+    ``errors="strict"`` refuses bytes that are not UTF-8 (a binary or Latin-1 file would otherwise
+    train on replacement characters), naming the byte offset; ``"replace"`` reads them as U+FFFD.
+    """
     if path is None or path == DEFAULT_CORPUS:
         return default_corpus_text()
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors={errors!r}; choose 'strict' or 'replace'")
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path!r} is a directory; pass --data with a UTF-8 text file")
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist; pass --data with a UTF-8 text file (or omit it for the default corpus)")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"data file {path!r} is not UTF-8 text: byte {e.start} is 0x{raw[e.start]:02x} ({e.reason}); convert it "
+            "to UTF-8, or set data_errors: replace to read such bytes as U+FFFD"
+        ) from None
     if not text:
         raise ValueError(f"data file {path!r} is empty")
     return text
@@ -66,7 +83,7 @@ def batch_offsets(n_tokens: int, *, batch_size: int, seq_len: int, seed: int, st
     A resumed run asks for the same step numbers and so sees exactly the same batches; no
     sampler state needs restoring.
     """
-    rng = np.random.default_rng([seed, step])  # SeedSequence over both: independent streams per step
+    rng = numpy_rng(seed, step)  # SeedSequence over both: independent streams per step
     return rng.integers(0, n_tokens - seq_len - 1, size=batch_size, endpoint=True)
 
 
@@ -114,5 +131,5 @@ class Rows:
 
     def batch(self, *, batch_size: int, seed: int, step: int) -> np.ndarray:
         """[batch_size, L + 1] int32 rows drawn with replacement: a pure function of (seed, step)."""
-        idx = np.random.default_rng([seed, step]).integers(0, len(self.rows), size=batch_size)
+        idx = numpy_rng(seed, step).integers(0, len(self.rows), size=batch_size)
         return self.rows[idx]

@@ -19,32 +19,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx, struct
 
+from arjax.model.rng import seed_key
 from arjax.train.loss import next_token_loss
 
 # How many times each jitted function was traced (compiled): tests and benchmarks count them.
 TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-def seed_key(seed) -> jax.Array:
-    """The run's root key from any Python int seed (or a key, passed through).
-
-    Seeds in [0, 2**32) give ``jax.random.key(seed)``. JAX (without x64) keeps only the low 32
-    bits of larger seeds, so 2**32 would silently repeat seed 0; every other int is hashed to the
-    key's two 32-bit words instead, so distinct seeds give distinct streams.
-    """
-    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed={seed!r} must be an int")
-    seed = int(seed)
-    if 0 <= seed < 2**32:
-        return jax.random.key(seed)
-    words = np.random.SeedSequence(2 * abs(seed) + (seed < 0)).generate_state(2, np.uint32)
-    return jax.random.wrap_key_data(words)
 
 
 def step_key(key: jax.Array, step) -> jax.Array:

@@ -61,7 +61,8 @@ from flax import nnx
 from scipy import stats  # a dependency of jax
 
 from arjax.decode import SamplingParams, filter_logits, generate
-from arjax.model.config import check_field_types
+from arjax.model.config import bounds, check_field_types
+from arjax.model.rng import numpy_rng
 from arjax.train.loss import token_nll
 
 DEGENERATE = 1e-5  # per-step loss (nats) below which eps(l) counts as zero and ExAccErr as undefined
@@ -76,18 +77,12 @@ class Decoding:
     """A decoding strategy F: ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 switch those filters off."""
 
     name: str
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = dataclasses.field(default=1.0, metadata=bounds(0, fix="0 is greedy"))
+    top_k: int = dataclasses.field(default=0, metadata=bounds(0, fix="0 turns it off"))
+    top_p: float = dataclasses.field(default=1.0, metadata=bounds(0, 1, lo_open=True, fix="1 turns it off"))
 
     def __post_init__(self):
         check_field_types(self)
-        if self.temperature < 0:
-            raise ValueError(f"decoding {self.name!r}: temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if self.top_k < 0:
-            raise ValueError(f"decoding {self.name!r}: top_k={self.top_k} must be >= 0 (0 turns it off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"decoding {self.name!r}: top_p={self.top_p} must be in (0, 1] (1 turns it off)")
 
     @property
     def is_ancestral(self) -> bool:
@@ -248,7 +243,7 @@ def bootstrap_ci(
     """
     if n_boot < 1 or not 0 < alpha < 1:
         raise ValueError(f"bootstrap needs n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     est = np.asarray(stat(*samples), np.float64)
     boots = []
     for _ in range(n_boot):

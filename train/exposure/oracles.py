@@ -25,6 +25,7 @@ from flax import nnx
 
 from arjax.decode import SamplingParams, generate
 from arjax.model import Transformer
+from arjax.model.rng import numpy_rng, seed_key
 
 
 class Oracle(Protocol):
@@ -109,7 +110,7 @@ class HMMOracle(_StateMachineOracle):
             raise ValueError(f"concentration={concentration} must be positive (Dirichlet parameter)")
         self.vocab_size, self.bos_id, self.n_states = vocab_size, 0, n_states
         # numpy draws the parameters: jax's Dirichlet compiles a gamma sampler, seconds for a few numbers.
-        rng = np.random.default_rng(seed)
+        rng = numpy_rng(seed)
 
         def dirichlet(rows, size):
             p = rng.dirichlet(np.full(size, concentration), size=rows) + 1e-6  # floor: no exact zeros
@@ -233,7 +234,7 @@ class TransformerOracle:
         the conditionals are far from uniform and depend on the context)."""
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be positive (it divides the logits)")
-        model = Transformer(cfg.replace(init_std=float(init_std), dropout=0.0), rngs=nnx.Rngs(seed))
+        model = Transformer(cfg.replace(init_std=float(init_std), dropout=0.0), rngs=nnx.Rngs(seed_key(seed)))
         return cls(model, temperature=temperature)
 
     def log_probs(self, tokens) -> jax.Array:
@@ -285,7 +286,7 @@ def make_dataset(oracle, *, seed: int, n: int, length: int, chunk: int = 256) ->
     """
     if n <= 0 or length <= 0:
         raise ValueError(f"make_dataset needs n > 0 and length > 0, got n={n}, length={length}")
-    key = jax.random.key(seed)
+    key = seed_key(seed)
     chunk = min(chunk, n)
     parts = [np.asarray(oracle.sample(jax.random.fold_in(key, i), chunk, length)) for i in range(math.ceil(n / chunk))]
     return np.concatenate(parts, axis=0)[:n].astype(np.int32)

@@ -49,7 +49,7 @@ from flax import struct
 
 from arjax.decode import SamplingParams, decode_step, init_state, prefill, sample
 from arjax.model.cache import init_cache
-from arjax.model.config import check_field_types, strict_from_dict
+from arjax.model.config import NON_NEGATIVE, bounds, check_field_types, strict_from_dict
 from arjax.train.exposure.schedules import GoldSchedule, as_gold_schedule, constant
 from arjax.train.loss import next_token_loss
 
@@ -65,18 +65,18 @@ class ScheduledSamplingConfig:
 
     method: Literal["parallel", "sequential"] = struct.field(pytree_node=False, default="parallel")
     # parallel only: 2 = two-pass (Mihaylova & Martins), K > 2 = Duckworth et al.
-    num_passes: int = struct.field(pytree_node=False, default=2)
+    num_passes: int = struct.field(pytree_node=False, default=2, metadata=bounds(2, fix="parallel scheduled sampling needs at least 2 passes"))
     feed: Literal["argmax", "sample", "soft", "soft_topk", "gumbel"] = struct.field(pytree_node=False, default="sample")
     # sampling temperature (sample, soft, soft_topk) or Gumbel-softmax tau (gumbel)
-    temperature: float = struct.field(pytree_node=False, default=1.0)
-    top_k: int = struct.field(pytree_node=False, default=0)  # soft_topk only: the mixture is over the k most likely tokens
+    temperature: float = struct.field(pytree_node=False, default=1.0, metadata=bounds(0, lo_open=True, fix="use feed 'argmax' for greedy feedback"))
+    top_k: int = struct.field(pytree_node=False, default=0, metadata=NON_NEGATIVE)  # soft_topk only: the mixture is over the k most likely tokens
     # gumbel only: feed the one-hot argmax, gradient of the soft sample (straight-through)
     gumbel_hard: bool = struct.field(pytree_node=False, default=False)
     granularity: Literal["token", "sequence", "prefix"] = struct.field(pytree_node=False, default="token")
     # Gradient into the earlier pass through what is fed back (mixtures only: a drawn token has none).
     grad_through_pass1: bool = struct.field(pytree_node=False, default=False)
-    pass1_weight: float = struct.field(pytree_node=False, default=0.0)  # weight of the teacher-forced (pass 1) loss
-    pass2_weight: float = struct.field(pytree_node=False, default=1.0)  # weight of the scheduled (last pass / sequential) loss
+    pass1_weight: float = struct.field(pytree_node=False, default=0.0, metadata=NON_NEGATIVE)  # weight of the teacher-forced (pass 1) loss
+    pass2_weight: float = struct.field(pytree_node=False, default=1.0, metadata=NON_NEGATIVE)  # weight of the scheduled (last pass / sequential) loss
     # The gold probability over training steps (and optionally positions); a bare Schedule is its step part.
     schedule: GoldSchedule = struct.field(default_factory=lambda: GoldSchedule(step=constant(1.0)))
 
@@ -84,24 +84,16 @@ class ScheduledSamplingConfig:
         if not isinstance(self.schedule, GoldSchedule):
             object.__setattr__(self, "schedule", as_gold_schedule(self.schedule))
         check_field_types(self)
-        if self.method == "parallel" and self.num_passes < 2:
-            raise ValueError(f"num_passes={self.num_passes}: parallel scheduled sampling needs at least 2 passes")
         if self.method == "sequential" and self.num_passes != 2:
             raise ValueError(f"num_passes={self.num_passes} applies to method='parallel' only; leave it at 2 for 'sequential'")
-        if not 0 < self.temperature < float("inf"):
-            raise ValueError(f"temperature={self.temperature} must be finite and > 0; use feed='argmax' for greedy feedback")
         if self.feed == "soft_topk" and self.top_k < 1:
             raise ValueError(f"feed='soft_topk' needs top_k >= 1, got top_k={self.top_k}")
         if self.feed != "soft_topk" and self.top_k != 0:
             raise ValueError(f"top_k={self.top_k} is used only by feed='soft_topk' (feed={self.feed!r}); leave it at 0")
         if self.gumbel_hard and self.feed != "gumbel":
             raise ValueError(f"gumbel_hard=True needs feed='gumbel', got feed={self.feed!r}")
-        weights = (self.pass1_weight, self.pass2_weight)
-        if not all(0 <= w < float("inf") for w in weights) or sum(weights) == 0:
-            raise ValueError(
-                f"loss weights pass1_weight={self.pass1_weight}, pass2_weight={self.pass2_weight} must be finite, "
-                ">= 0 and not both 0"
-            )
+        if self.pass1_weight + self.pass2_weight == 0:
+            raise ValueError("loss weights pass1_weight and pass2_weight are both 0; give one of them a positive weight")
 
     @property
     def soft(self) -> bool:

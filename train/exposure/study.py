@@ -24,7 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from arjax.model.config import ModelConfig, check_field_types, strict_from_dict
+from arjax.model.config import ANY_INT, NON_NEGATIVE, POSITIVE, ModelConfig, bounds, check_field_types, strict_from_dict
+from arjax.model.rng import numpy_rng
 from arjax.train import loop
 from arjax.train.checkpoint import load_model
 from arjax.train.config import TrainConfig, load_yaml
@@ -49,19 +50,19 @@ class OracleSpec:
     """
 
     kind: str = "transformer"
-    seed: int = 0
-    vocab_size: int = 32
-    n_layers: int = 2
-    n_heads: int = 2
-    d_model: int = 32
-    init_std: float = 0.4
-    temperature: float = 1.0
-    n_states: int = 16
-    concentration: float = 0.3
-    n_types: int = 2
-    max_depth: int = 8
-    p_open: float = 0.5
-    noise: float = 0.01
+    seed: int = dataclasses.field(default=0, metadata=ANY_INT)
+    vocab_size: int = dataclasses.field(default=32, metadata=bounds(2))
+    n_layers: int = dataclasses.field(default=2, metadata=POSITIVE)
+    n_heads: int = dataclasses.field(default=2, metadata=POSITIVE)
+    d_model: int = dataclasses.field(default=32, metadata=POSITIVE)
+    init_std: float = dataclasses.field(default=0.4, metadata=POSITIVE)
+    temperature: float = dataclasses.field(default=1.0, metadata=POSITIVE)
+    n_states: int = dataclasses.field(default=16, metadata=POSITIVE)
+    concentration: float = dataclasses.field(default=0.3, metadata=POSITIVE)
+    n_types: int = dataclasses.field(default=2, metadata=POSITIVE)
+    max_depth: int = dataclasses.field(default=8, metadata=POSITIVE)
+    p_open: float = dataclasses.field(default=0.5, metadata=bounds(0, 1, lo_open=True, hi_open=True))
+    noise: float = dataclasses.field(default=0.01, metadata=bounds(0, 1, hi_open=True))
     scorer: str = ""
     text: str = ""
 
@@ -71,10 +72,10 @@ class OracleSpec:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSpec:
-    length: int = 32  # tokens generated after BOS (sequences are length + 1 long)
-    n_train: int = 2048
-    n_test: int = 512
-    seed: int = 0
+    length: int = dataclasses.field(default=32, metadata=POSITIVE)  # tokens after BOS (sequences are length + 1 long)
+    n_train: int = dataclasses.field(default=2048, metadata=POSITIVE)
+    n_test: int = dataclasses.field(default=512, metadata=POSITIVE)
+    seed: int = dataclasses.field(default=0, metadata=ANY_INT)
 
     def __post_init__(self):
         check_field_types(self)
@@ -94,9 +95,10 @@ class MethodSpec:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalSpec:
-    n_rollouts: int = 512
-    prompt_len: int = 8  # oracle tokens after BOS that prompt every roll-out (greedy needs diverse prompts)
-    n_boot: int = 200
+    n_rollouts: int = dataclasses.field(default=512, metadata=POSITIVE)
+    # oracle tokens after BOS that prompt every roll-out (greedy needs diverse prompts)
+    prompt_len: int = dataclasses.field(default=8, metadata=NON_NEGATIVE)
+    n_boot: int = dataclasses.field(default=200, metadata=POSITIVE)
     # Per-step losses for ExAccErr (definitions in arjax.train.exposure.metrics); the first is the headline.
     ex_losses: tuple[str, ...] = ("regret", "kl", "oracle_nll")
     include_oracle: bool = True  # also evaluate the oracle itself as a model (the decoding-only baseline)
@@ -155,9 +157,6 @@ class StudyConfig:
         bad = [x for x in self.eval.ex_losses if x not in metrics.STEP_LOSSES]
         if bad or not self.eval.ex_losses:
             raise ValueError(f"eval.ex_losses={list(self.eval.ex_losses)}: choose from {metrics.STEP_LOSSES}")
-        for name in ("length", "n_train", "n_test"):
-            if getattr(self.data, name) <= 0:
-                raise ValueError(f"data.{name}={getattr(self.data, name)} must be positive")
         if not 0 <= self.eval.prompt_len < self.data.length:
             raise ValueError(f"eval.prompt_len={self.eval.prompt_len} must be in [0, data.length={self.data.length})")
         # Everything that would otherwise fail after minutes of sampling and training is checked now.
@@ -235,7 +234,7 @@ def _text_source(cfg: StudyConfig):
     scorer, tokenizer, _ = load_model(cfg.oracle.scorer)
     split = tokenize_and_split(read_text(cfg.oracle.text), tokenizer)
     n = cfg.data.length + 1
-    rng = np.random.default_rng(cfg.data.seed)
+    rng = numpy_rng(cfg.data.seed)
 
     def windows(ids, count):
         if len(ids) < n + 1:
