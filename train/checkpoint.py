@@ -1,15 +1,32 @@
-"""Checkpoints with orbax: params, optimizer state, step and the run's configs; `load_model(dir)` for generate/eval.
+"""Checkpoints with orbax, verified: params, optimizer state, the run's configs and a fingerprint of every array.
 
-A run directory holds ``checkpoints/<step>/`` (orbax, written atomically), ``tokenizer/`` and
+A run directory holds ``checkpoints/<step>/`` (orbax: written to a temporary folder and renamed
+when complete, so a save interrupted midway is never a checkpoint), ``tokenizer/`` and
 ``metrics.jsonl``, so ``arjax generate --ckpt DIR`` needs nothing but DIR.
+
+Every save records a fingerprint of each array in the checkpoint's metadata; every load computes
+them again on what it read. A checkpoint that cannot be read (a truncated or deleted array file,
+missing metadata) or whose arrays differ from their fingerprints (flipped bytes) is *damaged*:
+loaders then fall back to the newest intact checkpoint, with one warning naming the damaged step,
+which stays on disk (``train --resume`` moves it aside, into ``damaged/``, so the run can save that
+step again). ``verify(run_dir)`` checks every checkpoint (``arjax checkpoints RUN``).
 """
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -19,8 +36,17 @@ from arjax.train import config as train_config
 from arjax.train.tokenizer import load_tokenizer
 
 CKPT_SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "damaged"
 TOKENIZER_SUBDIR = "tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta["fingerprints"] holds a fingerprint of every array
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped (or one predates fingerprints and was loaded unverified)."""
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that cannot be read back as it was written."""
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -31,10 +57,82 @@ def tokenizer_dir(run_dir: str) -> str:
     return os.path.join(os.path.abspath(run_dir), TOKENIZER_SUBDIR)
 
 
-def make_manager(run_dir: str, *, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+def make_manager(run_dir: str, *, max_to_keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
+    """The orbax manager of a run. A writer (``create``) clears the temporary folders of saves that
+    were interrupted (killed, disk full); they were never checkpoints."""
     # Synchronous: the next train step donates (reuses) the params buffers a background save would read.
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=create)
     return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
+
+
+def all_steps(run_dir: str) -> list[int]:
+    """Every (complete) checkpoint step of ``run_dir``, oldest first; nothing is created."""
+    if not os.path.isdir(checkpoint_dir(run_dir)):
+        return []
+    return sorted(make_manager(run_dir, create=False).all_steps())
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words, one per element (narrower types widened, wider split)."""
+    x = x.reshape(-1)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size < 4:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # 8-byte types: [n, 2] words
+
+
+@jax.jit
+def _fingerprint_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
+    """Two position-weighted sums mod 2**32 of each array's words -> [len(arrays), 2] uint32.
+
+    The weights are odd, so any single flipped bit changes the first sum; the second mixes the
+    words first, so that swaps and most multi-bit changes move it too. Integer sums wrap exactly
+    and commute, so the result does not depend on how the array is laid out or sharded: it is the
+    same on any mesh (a checkpoint can be verified on other devices than wrote it).
+    """
+    out = []
+    for x in arrays:
+        w = _words(x)
+        i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+        m1 = (i * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+        m2 = ((i ^ jnp.uint32(0x85EBCA6B)) * jnp.uint32(0xC2B2AE35)) | jnp.uint32(1)
+        mixed = (w ^ (w >> 15)) * jnp.uint32(0x2C1B3C6D)
+        out.append(jnp.stack([jnp.sum(w * m1, dtype=jnp.uint32), jnp.sum(mixed * m2, dtype=jnp.uint32)]))
+    return out
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def fingerprints(tree) -> dict[str, str]:
+    """``{path: fingerprint}`` for every array leaf of ``tree`` (e.g. ``blocks/0/attn/q/kernel``)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    if not leaves:
+        return {}
+    sums = jax.device_get(_fingerprint_arrays([jnp.asarray(x) for _, x in leaves]))
+    return {_path_str(p): f"{int(s[0]):08x}{int(s[1]):08x}" for (p, _), s in zip(leaves, sums)}
+
+
+def _check_fingerprints(item: str, restored, recorded: dict[str, str]) -> None:
+    got = fingerprints(restored)
+    if set(got) != set(recorded):
+        raise DamagedCheckpoint(f"{item} holds arrays {sorted(set(got) ^ set(recorded))[:3]} its metadata does not list")
+    bad = [k for k in recorded if got[k] != recorded[k]]
+    if bad:
+        raise DamagedCheckpoint(f"{len(bad)} array(s) of {item} differ from their fingerprints, e.g. {bad[0]!r}")
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state=None, meta: dict[str, Any]) -> None:
@@ -43,25 +141,166 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state=None, m
 
     Params are stored as a nested dict of arrays named like the model (readable by other tools);
     the optimizer state (absent for converted weights) as its flat list of leaves, rebuilt on
-    restore from a fresh ``tx.init``.
+    restore from a fresh ``tx.init``. The fingerprint of every array goes into ``meta``.
     """
-    items = {
-        "params": ocp.args.StandardSave(nnx.to_pure_dict(params)),
-        "meta": ocp.args.JsonSave({"format": FORMAT_VERSION, "step": step, **meta}),
-    }
+    pure = nnx.to_pure_dict(params)
+    items = {"params": ocp.args.StandardSave(pure)}
+    prints = {"params": fingerprints(pure)}
     if opt_state is not None:
-        items["opt_state"] = ocp.args.StandardSave(jax.tree.leaves(opt_state))
-    manager.save(step, args=ocp.args.Composite(**items))
+        leaves = jax.tree.leaves(opt_state)
+        items["opt_state"] = ocp.args.StandardSave(leaves)
+        prints["opt_state"] = fingerprints(leaves)
+    meta = {"format": FORMAT_VERSION, "step": step, **meta, "fingerprints": prints}
+    items["meta"] = ocp.args.JsonSave(meta)
+    try:
+        manager.save(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # tensorstore reports a full disk as a ValueError; say what it is
+        text = str(e)
+        if isinstance(e, OSError) or "No space left" in text or "os_error_code='28'" in text or "os_error_code='13'" in text:
+            code = getattr(e, "errno", None) or (errno.EACCES if "os_error_code='13'" in text else errno.ENOSPC)
+            raise OSError(code, os.strerror(code), os.path.join(str(manager.directory), str(step))) from None
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def read_meta(run_dir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """(step, meta) of the latest (or given) checkpoint in ``run_dir``."""
-    manager = make_manager(run_dir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    """(step, meta) of the given checkpoint, or of the newest one whose metadata reads (no array is read)."""
+    steps = all_steps(run_dir)
+    if not steps:
         raise ValueError(f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); train first with `arjax train --out {run_dir}`")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return step, meta
+    candidates = [step] if step is not None else steps[::-1]
+    reasons = []
+    for s in candidates:
+        try:
+            return s, _read_meta(run_dir, s)
+        except DamagedCheckpoint as e:
+            reasons.append(f"step {s}: {e}")
+    raise ValueError(f"no readable checkpoint metadata in {run_dir!r}: {'; '.join(reasons)}")
+
+
+def _read_meta(run_dir: str, step: int) -> dict[str, Any]:
+    if step not in all_steps(run_dir):
+        raise ValueError(f"{run_dir!r} has no checkpoint at step {step}; it has {all_steps(run_dir)}")
+    try:
+        meta = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for missing or garbled files
+        raise DamagedCheckpoint(f"its metadata cannot be read ({_short(e)})") from None
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise DamagedCheckpoint("its metadata has no model_config")
+    return meta
+
+
+def _short(e: Exception) -> str:
+    """One short line for an orbax/tensorstore error: its first sentence and the array it names."""
+    text = " ".join(str(e).split())
+    arrays = re.findall(r"'path': '([^'/][^']*)/'", text)  # tensorstore names the array's own folder
+    text = text.split(" See full TensorStore details")[0]
+    text = text[:160].rstrip(".") + ("..." if len(text) > 160 else "")
+    return text + (f"; array {arrays[-1]}" if arrays else "")
+
+
+def _drop_orbax_leftovers() -> None:
+    """When one array of a checkpoint fails to read, orbax leaves the reads of the others unawaited;
+    collect them now, quietly, instead of letting Python print a traceback for each later."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+def _restore_verified(run_dir: str, step: int, meta: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
+    """The items of checkpoint ``step`` (``targets``: item -> abstract tree, or None to restore as saved),
+    each checked against its recorded fingerprints; DamagedCheckpoint otherwise."""
+    missing = [name for name in targets if not os.path.isdir(os.path.join(checkpoint_dir(run_dir), str(step), name))]
+    if missing:
+        raise DamagedCheckpoint(f"its {missing[0]} folder is missing")
+    args = {name: ocp.args.StandardRestore(t) if t is not None else ocp.args.StandardRestore() for name, t in targets.items()}
+    try:
+        restored = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # a truncated or deleted array file: tensorstore, OS and value errors alike
+        reason = _short(e)
+        del e
+        _drop_orbax_leftovers()
+        raise DamagedCheckpoint(f"its arrays cannot be read ({reason})") from None
+    recorded = meta.get("fingerprints")
+    if recorded is None:
+        warnings.warn(f"checkpoint step {step} in {run_dir!r} predates fingerprints (format {meta.get('format')}); "
+                      "loaded without verification", CheckpointWarning, stacklevel=3)
+    else:
+        for name in targets:
+            _check_fingerprints(name, restored[name], recorded.get(name, {}))
+    return {name: restored[name] for name in targets}
+
+
+def restore_intact(
+    run_dir: str,
+    targets: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    step: int | None = None,
+    check: Callable[[int, dict[str, Any]], None] | None = None,
+    move_damaged: bool = False,
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """``(step, meta, items)`` of the newest intact checkpoint (or of ``step``), verified.
+
+    ``targets(meta)`` names the items to read and their abstract trees; ``check(step, meta)`` may
+    refuse a checkpoint for a reason that is not damage (its error propagates). Each damaged
+    checkpoint skipped gives one ``CheckpointWarning``; ``move_damaged`` moves them into
+    ``run_dir/damaged/`` (a resumed run then saves those steps anew). No intact checkpoint: one
+    ValueError listing why each failed.
+    """
+    steps = all_steps(run_dir)
+    if not steps:
+        raise ValueError(f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); train first with `arjax train --out {run_dir}`")
+    candidates = [step] if step is not None else steps[::-1]
+    reasons = []
+    for s in candidates:
+        try:
+            meta = _read_meta(run_dir, s)
+            if check is not None:
+                check(s, meta)
+            return s, meta, _restore_verified(run_dir, s, meta, targets(meta))
+        except DamagedCheckpoint as e:
+            reasons.append(f"step {s}: {e}")
+            where = _move_aside(run_dir, s) if move_damaged else None
+            kept = f"moved to {where}" if where else "kept on disk"
+            later = "; trying the previous one" if s != candidates[-1] else ""
+            warnings.warn(f"checkpoint step {s} in {run_dir!r} is damaged ({e}); it is {kept}{later}",
+                          CheckpointWarning, stacklevel=2)
+    raise ValueError(f"no intact checkpoint in {run_dir!r}: " + "; ".join(reasons))
+
+
+def _move_aside(run_dir: str, step: int) -> str:
+    """Move a damaged checkpoint out of the way (kept, not deleted) so the step can be saved again."""
+    dest = os.path.join(os.path.abspath(run_dir), DAMAGED_SUBDIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(os.path.join(checkpoint_dir(run_dir), str(step)), dest)
+    return dest
+
+
+def verify(run_dir: str) -> list[dict[str, Any]]:
+    """Every checkpoint of ``run_dir``, oldest first: ``{step, ok, detail, items, bytes}`` (``arjax checkpoints``)."""
+    report = []
+    for s in all_steps(run_dir):
+        folder = os.path.join(checkpoint_dir(run_dir), str(s))
+        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
+        items = sorted(d for d in ("params", "opt_state") if os.path.isdir(os.path.join(folder, d)))
+        entry = {"step": s, "ok": False, "detail": "", "items": items, "bytes": size}
+        try:
+            meta = _read_meta(run_dir, s)
+            names = ["params"] + (["opt_state"] if "opt_state" in meta.get("fingerprints", {"opt_state": 1}) else [])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CheckpointWarning)
+                _restore_verified(run_dir, s, meta, {name: None for name in names})
+            entry["ok"] = True
+            entry["detail"] = "unverified: predates fingerprints" if caught else f"{sum(len(v) for v in meta['fingerprints'].values())} arrays match their fingerprints"
+        except DamagedCheckpoint as e:
+            entry["detail"] = f"damaged: {e}"
+        report.append(entry)
+    return report
 
 
 def config_mismatch(saved: dict[str, Any], requested: ModelConfig) -> dict[str, tuple[Any, Any]]:
@@ -80,45 +319,48 @@ def check_compatible(run_dir: str, saved: dict[str, Any], requested: ModelConfig
         )
 
 
-def restore(manager: ocp.CheckpointManager, step: int, *, params, opt_state):
-    """(params, opt_state) of checkpoint ``step``, shaped like the given (fresh) ones."""
-    if not os.path.isdir(os.path.join(manager.directory, str(step), "opt_state")):
-        raise ValueError(
-            f"checkpoint {step} in {manager.directory} holds weights only (a converted checkpoint); it cannot be "
-            "resumed. Start a new run (fine-tuning from converted weights is not supported yet)"
-        )
-    abstract_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))
+def abstract_params(model_cfg: ModelConfig):
+    """(graphdef, state, pure-dict target of ShapeDtypeStructs) of a model, nothing allocated."""
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, state, jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+
+
+def restore_training_state(run_dir: str, *, params, opt_state, check: Callable[[int, dict[str, Any]], None]):
+    """``(step, meta, params, opt_state)`` of the newest intact checkpoint, shaped like the given
+    (fresh) ones; damaged newer checkpoints are moved into ``run_dir/damaged/``."""
+    target_params = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(params))
     leaves, treedef = jax.tree.flatten(opt_state)
-    abstract_opt = [ocp.utils.to_shape_dtype_struct(x) for x in leaves]
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt)
-        ),
-    )
-    nnx.replace_by_pure_dict(params, restored["params"])
-    return params, jax.tree.unflatten(treedef, list(restored["opt_state"]))
+    target_opt = [ocp.utils.to_shape_dtype_struct(x) for x in leaves]
+
+    step, meta, items = restore_intact(run_dir, lambda meta: {"params": target_params, "opt_state": target_opt},
+                                       check=check, move_damaged=True)
+    nnx.replace_by_pure_dict(params, items["params"])
+    return step, meta, params, jax.tree.unflatten(treedef, list(items["opt_state"]))
 
 
 def load_model(run_dir: str, step: int | None = None):
-    """``(model, tokenizer, train_cfg)`` from a run directory: the latest (or given) checkpoint's weights.
+    """``(model, tokenizer, train_cfg)`` from a run directory: the newest intact (or given) checkpoint's weights.
 
     ``model.cfg`` is the ModelConfig it was trained with; ``train_cfg`` the TrainConfig of the run
     that trained it, or None for converted weights (``arjax convert --from-hf``).
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"checkpoint directory {run_dir!r} does not exist; pass the --out directory of `arjax train`")
-    step, meta = read_meta(run_dir, step)
-    model_cfg = model_config_from_dict(meta["model_config"])
+
+    def targets(meta):
+        try:
+            model_cfg = model_config_from_dict(meta["model_config"])
+        except (TypeError, ValueError) as e:
+            raise DamagedCheckpoint(f"its model_config is invalid ({e})") from None
+        return {"params": abstract_params(model_cfg)[2]}
+
+    step, meta, items = restore_intact(run_dir, targets, step=step)
+    graphdef, state, _ = abstract_params(model_config_from_dict(meta["model_config"]))
+    nnx.replace_by_pure_dict(state, items["params"])
+    model = nnx.merge(graphdef, state)
     try:  # the run config is a convenience here (eval's defaults); the weights need only the model config
         cfg = train_config.from_dict(meta["train_config"]) if "train_config" in meta else None
     except (TypeError, ValueError):
         cfg = None
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
-    manager = make_manager(run_dir)
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    nnx.replace_by_pure_dict(state, restored["params"])
-    model = nnx.merge(graphdef, state)
     return model, load_tokenizer(tokenizer_dir(run_dir)), cfg

@@ -10,6 +10,8 @@ it reads the corpus, builds or reloads the tokenizer and saves it beside the che
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -29,7 +31,8 @@ from arjax.train import data as data_lib
 from arjax.train.config import TrainConfig
 from arjax.train.exposure.scheduled_sampling import ScheduledSampling
 from arjax.train.optim import optimizer_from_config
-from arjax.train.step import TeacherForcing, make_eval_step, make_train_step, seed_key
+from arjax.model.rng import seed_key
+from arjax.train.step import TeacherForcing, make_eval_step, make_train_step
 from arjax.train.tokenizer import build_tokenizer, check_fits, load_tokenizer
 
 # Short names for the objective's metrics in the progress bar.
@@ -48,11 +51,13 @@ def _tensorboard_writer(log_dir: str, purge_step: int | None = None):
     ``purge_step``: on resume, events at and after it (logged after the checkpoint, before the
     interruption) are hidden, so TensorBoard, like the JSONL, holds every step once.
     """
-    for module in ("tensorboardX", "torch.utils.tensorboard"):
+    # torch's writer needs the tensorboard package; look before importing torch (a second per run).
+    for module, needs in (("tensorboardX", "tensorboardX"), ("torch.utils.tensorboard", "tensorboard")):
+        if importlib.util.find_spec(needs) is None:
+            continue
         try:
-            mod = __import__(module, fromlist=["SummaryWriter"])
-            return mod.SummaryWriter(log_dir, purge_step=purge_step)
-        except Exception:  # not installed, or torch without the tensorboard package
+            return importlib.import_module(module).SummaryWriter(log_dir, purge_step=purge_step)
+        except Exception:  # a broken install: train without TensorBoard rather than fail
             continue
     return None
 
@@ -113,7 +118,8 @@ def _keep_logged_steps(path: str, last_step: int) -> None:
 
 def latest_checkpoint(run_dir: str) -> int | None:
     """The step of the newest checkpoint in ``run_dir``, or None."""
-    return ckpt.make_manager(run_dir).latest_step() if os.path.isdir(ckpt.checkpoint_dir(run_dir)) else None
+    steps = ckpt.all_steps(run_dir)
+    return steps[-1] if steps else None
 
 
 def check_same_run(run_dir: str, saved: dict[str, Any], cfg: TrainConfig, model_cfg: ModelConfig) -> None:
@@ -140,6 +146,8 @@ def check_same_run(run_dir: str, saved: dict[str, Any], cfg: TrainConfig, model_
 
 def check_run_dir(run_dir: str, resume: bool) -> int | None:
     """The latest checkpoint step of ``run_dir`` (None for a new run), after the resume guards."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run directory {run_dir!r} is a file; pass --out with a directory (new or a run to --resume)")
     latest = latest_checkpoint(run_dir)
     if resume and latest is None:
         raise ValueError(f"--resume given but {run_dir!r} has no checkpoint; drop --resume to start a new run")
@@ -173,8 +181,7 @@ def fit(
     written), which the resume tests use to split one run in two. Returns per-step losses and
     objective metrics, val losses, tokens/s, the final step and the trained ``model``.
     """
-    latest = check_run_dir(run_dir, resume)
-    manager = ckpt.make_manager(run_dir, max_to_keep=cfg.max_to_keep)
+    check_run_dir(run_dir, resume)
     T = source.seq_len
     key = seed_key(cfg.seed)
     model = Transformer(model_cfg, rngs=nnx.Rngs(key))
@@ -183,11 +190,11 @@ def fit(
     tx, schedule = optimizer_from_config(cfg)
     opt_state = tx.init(params)
     start = 0
-    if resume:
-        start, saved = ckpt.read_meta(run_dir, latest)
-        check_same_run(run_dir, saved, cfg, model_cfg)
-        params, opt_state = ckpt.restore(manager, start, params=params, opt_state=opt_state)
+    if resume:  # the newest intact checkpoint; damaged newer ones are moved aside (kept) with a warning
+        start, _, params, opt_state = ckpt.restore_training_state(
+            run_dir, params=params, opt_state=opt_state, check=lambda step, meta: check_same_run(run_dir, meta, cfg, model_cfg))
     os.makedirs(run_dir, exist_ok=True)
+    manager = ckpt.make_manager(run_dir, max_to_keep=cfg.max_to_keep)
 
     objective = objective_for(cfg, pad_id=pad_id, dropout=model_cfg.dropout > 0)
     train_step = make_train_step(graphdef, tx, objective)
@@ -313,11 +320,11 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     fresh one is built. The tokenizer is saved in ``run_dir`` so that ``arjax generate --ckpt``
     needs nothing else.
     """
-    latest = check_run_dir(run_dir, resume)
-    text = data_lib.read_text(cfg.data)
+    check_run_dir(run_dir, resume)
+    text = data_lib.read_text(cfg.data, cfg.data_errors)
     data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if resume:
-        saved = ckpt.read_meta(run_dir, latest)[1].get("data_sha256")
+        saved = ckpt.read_meta(run_dir)[1].get("data_sha256")
         if saved is not None and saved != data_sha256:
             raise ValueError(
                 f"the training text {cfg.data or 'pydoc (the bundled corpus)'!r} is not the text the run in {run_dir!r} "

@@ -1,0 +1,173 @@
+"""Damaged checkpoints are caught and skipped: truncated, deleted or flipped array files, missing metadata, wrong fingerprints."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arjax.train import checkpoint as ckpt
+from arjax.train.cli import main
+from arjax.train.config import TrainConfig
+from arjax.train.loop import train
+
+# orbax leaves the reads of a damaged checkpoint's other arrays unawaited when one fails.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+_TEXT = "".join(f"entry {i}: pack my box with five dozen liquor jugs.\n" for i in range(200))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 4-step run with a checkpoint after every step, and the same run stopped after 3 (for the resume test)."""
+    root = tmp_path_factory.mktemp("integrity")
+    data = root / "text.txt"
+    data.write_text(_TEXT)
+    cfg = TrainConfig(model="tiny", model_overrides={"n_layers": 1}, data=str(data), batch_size=2, seq_len=16, steps=4,
+                      warmup_steps=1, eval_interval=4, eval_iters=1, log_interval=1, ckpt_interval=1, max_to_keep=4)
+    full = train(cfg, str(root / "full"), quiet=True)
+    train(cfg, str(root / "three"), stop_after=3, quiet=True)
+    return root, cfg, full
+
+
+def _biggest_array_file(run, step, item="params"):
+    files = glob.glob(os.path.join(run, "checkpoints", str(step), item, "**", "d", "*"), recursive=True)
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(run, step):
+    path = _biggest_array_file(run, step)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete(run, step):
+    os.remove(_biggest_array_file(run, step))
+
+
+def _flip(run, step):
+    path = _biggest_array_file(run, step)
+    data = bytearray(open(path, "rb").read())
+    for i in range(len(data) // 3, len(data) // 3 + 8):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def _drop_meta(run, step):
+    os.remove(os.path.join(run, "checkpoints", str(step), "meta", "metadata"))
+
+
+def _wrong_fingerprint(run, step):
+    """The arrays read fine but one differs from what was recorded (as flipped bytes in raw storage would)."""
+    path = os.path.join(run, "checkpoints", str(step), "meta", "metadata")
+    meta = json.load(open(path))
+    name = sorted(meta["fingerprints"]["params"])[0]
+    meta["fingerprints"]["params"][name] = "0" * 16
+    json.dump(meta, open(path, "w"))
+
+
+DAMAGE = {"truncated": _truncate, "deleted": _delete, "flipped": _flip, "no metadata": _drop_meta,
+          "wrong fingerprint": _wrong_fingerprint}
+
+
+def test_a_fingerprint_changes_with_any_flipped_bit_and_not_with_the_layout():
+    x = jax.random.normal(jax.random.key(0), (64, 33))
+    base = ckpt.fingerprints({"x": x})["x"]
+    raw = np.asarray(x).view(np.uint32).copy()
+    for index in (0, 1000, raw.size - 1):
+        for bit in (0, 17, 31):
+            y = raw.copy().reshape(-1)
+            y[index] ^= np.uint32(1 << bit)
+            assert ckpt.fingerprints({"x": jnp.asarray(y.view(np.float32).reshape(x.shape))})["x"] != base
+    swapped = np.asarray(x).copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert ckpt.fingerprints({"x": swapped})["x"] != base
+    for dtype in (jnp.bfloat16, jnp.int8, jnp.bool_, jnp.int32):
+        assert len(ckpt.fingerprints({"x": jnp.zeros(5, dtype)})["x"]) == 16
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_checkpoint_is_skipped_with_one_warning(base, kind, tmp_path):
+    root, cfg, full = base
+    run = str(tmp_path / "run")
+    shutil.copytree(root / "full", run)
+    DAMAGE[kind](run, 4)
+    with pytest.warns(ckpt.CheckpointWarning, match=r"checkpoint step 4 in .* is damaged \(.*\); it is kept on disk; trying the previous one"):
+        model, _, _ = ckpt.load_model(run)
+    # Step 3's weights, read and verified; the damaged checkpoint is still there.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step3, _, _ = ckpt.load_model(run, step=3)
+    np.testing.assert_array_equal(model.embed.embedding[...], step3.embed.embedding[...])
+    assert ckpt.all_steps(run) == [1, 2, 3, 4]
+    report = {r["step"]: r for r in ckpt.verify(run)}
+    assert not report[4]["ok"] and report[4]["detail"].startswith("damaged") and report[3]["ok"]
+
+
+def test_the_cli_warns_in_one_line_and_fails_in_one_line(base, tmp_path, capsys):
+    root, cfg, full = base
+    run = str(tmp_path / "run")
+    shutil.copytree(root / "full", run)
+    _truncate(run, 4)
+    assert main(["eval", "--ckpt", run]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arjax eval: warning: checkpoint step 4") and "Traceback" not in err[0]
+    assert main(["checkpoints", run]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "use step 3" in out
+    for step in (1, 2, 3):
+        _drop_meta(run, step)
+    assert main(["generate", "--ckpt", run, "--prompt", "entry"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("arjax generate: error: no intact checkpoint in") and "step 4:" in err[-1] and "step 1:" in err[-1]
+    assert all(line.startswith("arjax generate: ") for line in err)  # warnings and the error, one line each
+
+
+def test_resume_skips_a_damaged_checkpoint_and_matches_the_uninterrupted_run(base, tmp_path):
+    """The run stopped after 3 steps has its step-3 checkpoint damaged: it resumes from step 2, moves
+    step 3 aside (kept), redoes it and ends with the uninterrupted run's losses and weights."""
+    root, cfg, full = base
+    run = str(tmp_path / "run")
+    shutil.copytree(root / "three", run)
+    _flip(run, 3)
+    _wrong_fingerprint(run, 3)  # whichever way the flip shows, the checkpoint is damaged
+    with pytest.warns(ckpt.CheckpointWarning, match=r"step 3 .* is damaged .* moved to .*damaged"):
+        resumed = train(cfg, run, resume=True, quiet=True)
+    assert resumed["losses"] == full["losses"][2:]
+    assert os.listdir(os.path.join(run, "damaged"))[0].startswith("3-")
+    a, _, _ = ckpt.load_model(run)
+    b, _, _ = ckpt.load_model(str(root / "full"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 4]  # step 3 logged once, though it ran twice
+
+
+def test_an_interrupted_save_is_never_a_checkpoint(base, tmp_path):
+    """A save killed midway leaves orbax's temporary folder, which no loader takes for a checkpoint."""
+    root, cfg, full = base
+    run = str(tmp_path / "run")
+    shutil.copytree(root / "full", run)
+    partial = os.path.join(run, "checkpoints", "5.orbax-checkpoint-tmp-1234567")
+    shutil.copytree(os.path.join(run, "checkpoints", "4"), partial)
+    os.remove(_biggest_array_file(run, "5.orbax-checkpoint-tmp-1234567"))
+    assert ckpt.all_steps(run) == [1, 2, 3, 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.load_model(run)
+    assert main(["checkpoints", run]) == 0
+
+
+def test_checkpoints_command_runs_as_a_process(base, subprocess_env):
+    root, _, _ = base
+    out = subprocess.run([sys.executable, "-m", "arjax.train.cli", "checkpoints", str(root / "full")],
+                         capture_output=True, text=True, timeout=120, env=subprocess_env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(" ok ") == 4 and "arrays match their fingerprints" in out.stdout and not out.stderr
