@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 from typing import Any, Callable, Mapping
 
@@ -32,6 +33,25 @@ def _refuse(model_type: str, field: str, value: Any, why: str) -> ValueError:
     return ValueError(f"{model_type} config has {field}={value!r}: {why}; arjax cannot load this checkpoint exactly")
 
 
+_REQUIRED = object()
+
+
+def _num(hf: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED):
+    """``hf[key]`` as an int or float, with an error naming the key when it is missing or not a number."""
+    v = hf.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise ValueError(
+                f"config.json has no {key!r}, which a {hf.get('model_type')} config needs; the file is incomplete "
+                "(save the model again with transformers' save_pretrained)"
+            )
+        return default
+    whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (kind is int and not whole):
+        raise ValueError(f"config.json has {key}={v!r}; it should be {'an integer' if kind is int else 'a finite number'}")
+    return kind(v)
+
+
 def _rope(hf: dict, model_type: str) -> float:
     """rope_theta from transformers 5 ``rope_parameters`` or the older ``rope_theta`` + ``rope_scaling``."""
     params = hf.get("rope_parameters") or {}
@@ -43,7 +63,7 @@ def _rope(hf: dict, model_type: str) -> float:
         raise _refuse(model_type, "rope_type", rope_type, "only plain RoPE is implemented (no scaled RoPE variants)")
     if scaling and scaling is not params and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise _refuse(model_type, "rope_scaling", scaling, "only plain RoPE is implemented")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return _num(params, "rope_theta", float, None) or _num(hf, "rope_theta", float, 10000.0)
 
 
 def hf_family(hf: Mapping[str, Any]) -> str:
@@ -88,16 +108,17 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             value = hf.get(field, defaults.get(field, False))
             if value not in allowed:
                 raise _refuse(model_type, field, value, f"arjax implements only {allowed[0]!r}")
+        d_model = _num(hf, "n_embd", int)
         return ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            max_len=int(hf["n_positions"]),
-            n_layers=int(hf["n_layer"]),
-            n_heads=int(hf["n_head"]),
-            d_model=int(hf["n_embd"]),
-            d_ff=int(hf.get("n_inner") or 4 * hf["n_embd"]),
+            vocab_size=_num(hf, "vocab_size", int),
+            max_len=_num(hf, "n_positions", int),
+            n_layers=_num(hf, "n_layer", int),
+            n_heads=_num(hf, "n_head", int),
+            d_model=d_model,
+            d_ff=_num(hf, "n_inner", int, None) or 4 * d_model,
             pos="learned",
             norm="layernorm",
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            norm_eps=_num(hf, "layer_norm_epsilon", float, 1e-5),
             mlp="gelu",
             use_bias=True,
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
@@ -107,28 +128,28 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
             raise _refuse(model_type, field, True, "arjax's Llama layout has no projection biases")
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse(model_type, "hidden_act", hf["hidden_act"], "arjax's SwiGLU uses silu")
-    max_len = int(hf["max_position_embeddings"])
-    window = hf.get("sliding_window")
-    if window is not None and hf.get("use_sliding_window", True) and int(window) < max_len:
+    max_len = _num(hf, "max_position_embeddings", int)
+    window = _num(hf, "sliding_window", int, None)
+    if window is not None and hf.get("use_sliding_window", True) and window < max_len:
         raise _refuse(
             model_type, "sliding_window", window,
             f"sliding-window attention is not implemented (it would bind below max_position_embeddings={max_len}); "
             "set sliding_window to null only if the model was trained without it",
         )
-    d_model, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    d_model, n_heads = _num(hf, "hidden_size", int), _num(hf, "num_attention_heads", int)
     return ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=_num(hf, "vocab_size", int),
         max_len=max_len,
-        n_layers=int(hf["num_hidden_layers"]),
+        n_layers=_num(hf, "num_hidden_layers", int),
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        n_kv_heads=_num(hf, "num_key_value_heads", int, None) or n_heads,
         d_model=d_model,
-        head_dim=int(hf.get("head_dim") or d_model // n_heads),
-        d_ff=int(hf["intermediate_size"]),
+        head_dim=_num(hf, "head_dim", int, None) or d_model // max(n_heads, 1),
+        d_ff=_num(hf, "intermediate_size", int),
         pos="rope",
         rope_theta=_rope(hf, model_type),
         norm="rmsnorm",
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=_num(hf, "rms_norm_eps", float, 1e-6),
         mlp="swiglu",
         use_bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -342,18 +363,33 @@ def _zero_bias_shape(hf_name: str, cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
+    """config.json of an HF directory as a dict; a missing or malformed file is a ValueError naming it."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory!r} is not a directory; pass a Hugging Face model directory (config.json + *.safetensors)")
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {directory!r}; pass a Hugging Face model directory (config.json + *.safetensors)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); save the model again with transformers' save_pretrained") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds a {type(hf).__name__}, not a mapping of config keys")
+    return hf
 
 
 def _safetensors_files(directory: str) -> list[str]:
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index (a weight_map of tensor -> file): {e!r}") from None
+        missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+        if missing:
+            raise ValueError(f"{index} names shards that are not in {directory!r}: {missing[:3]}")
         return [os.path.join(directory, s) for s in shards]
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if files:
@@ -375,21 +411,30 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path in _safetensors_files(directory):
         try:
-            with safe_open(path, framework="np") as f:
-                for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
-        except (TypeError, ValueError):
-            # numpy has no bfloat16; read through jax (ml_dtypes) and widen to float32.
-            with safe_open(path, framework="flax") as f:
-                for key in f.keys():
-                    tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+            try:
+                with safe_open(path, framework="np") as f:
+                    for key in f.keys():
+                        tensors[key] = f.get_tensor(key)
+            except (TypeError, ValueError):
+                # numpy has no bfloat16; read through jax (ml_dtypes) and widen to float32.
+                with safe_open(path, framework="flax") as f:
+                    for key in f.keys():
+                        tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be truncated: "
+                "download or save it again"
+            ) from None
     return tensors
 
 
 def from_hf_dir(directory: str) -> Transformer:
     """Load a local HF checkpoint directory (config.json + *.safetensors, sharded or not)."""
     hf_config = read_hf_config(directory)
-    config_from_hf(hf_config)  # refuse unsupported configs before reading gigabytes of weights
+    try:
+        config_from_hf(hf_config)  # refuse unsupported configs before reading gigabytes of weights
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(directory, 'config.json')}: {e}") from None
     return model_from_hf_tensors(hf_config, read_safetensors(directory), source=directory)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,10 +18,10 @@ from arjax.model import hf  # noqa: E402
 VOCAB = 96
 
 
-def _gpt2():
+def _gpt2(vocab_size=VOCAB):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2
+        vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2
     )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
@@ -253,6 +254,65 @@ def test_generate_from_hf_dir_refuses_a_tokenizer_larger_than_the_model(tmp_path
         convert.convert_from_hf(str(tmp_path), str(tmp_path / "run"), tokenizer="byte")
 
 
+def test_convert_refuses_missing_or_foreign_tokenizers_and_replaces_out_dirs_whole(tmp_path, capsys):
+    from arjax.train.cli import convert, main
+
+    hf_dir = tmp_path / "hf"
+    _gpt2(vocab_size=1000).save_pretrained(str(hf_dir))  # no tokenizer files
+    with pytest.raises(ValueError, match="has no tokenizer .* pass --tokenizer DIR"):
+        convert.convert_from_hf(str(hf_dir), str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="tokenizer has 256 tokens but the model's vocabulary has 1000: it is not the model's"):
+        convert.convert_from_hf(str(hf_dir), str(tmp_path / "run"), tokenizer="byte")
+    assert not (tmp_path / "run").exists()  # nothing written by a refused conversion
+    shutil.rmtree(hf_dir)
+    _gpt2(vocab_size=300).save_pretrained(str(hf_dir))
+    _write_bpe(hf_dir, 300)
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(run)]) == 0
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(run)]) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    out.mkdir()
+    (out / "tokenizer.json").write_text("stale")
+    (out / "stale.txt").write_text("stale")
+    assert main(["convert", "--to-hf", str(run), "--out", str(out)]) == 2
+    assert main(["convert", "--to-hf", str(run), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "tokenizer.json").read_text() != "stale"
+    assert sorted(p.name for p in out.iterdir()) == ["arjax_tokenizer.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    (tmp_path / "file").write_text("x")
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; choose a directory" in capsys.readouterr().err
+
+
+def test_malformed_hf_files_are_errors_naming_the_file(tmp_path):
+    from arjax.train.cli import convert
+
+    good = tmp_path / "good"
+    _gpt2().save_pretrained(str(good))
+    config = json.loads((good / "config.json").read_text())
+    for name, change in [("no-embd", lambda c: c.pop("n_embd")), ("str-layers", lambda c: c.update(n_layer="two")),
+                         ("not-json", None)]:
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        if change is None:
+            (bad / "config.json").write_text("{not json")
+        else:
+            c = dict(config)
+            change(c)
+            (bad / "config.json").write_text(json.dumps(c))
+        with pytest.raises(ValueError, match=r"config.json"):
+            hf.from_hf_dir(str(bad))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file"):
+        hf.from_hf_dir(str(truncated))
+    with pytest.raises(ValueError, match="n_embd"):
+        hf.from_hf_dir(str(tmp_path / "no-embd"))
+    with pytest.raises(ValueError, match="n_layer='two'; it should be an integer"):
+        convert.load_hf_for_generate(str(tmp_path / "str-layers"))
+
+
 def test_cli_commands_parse_and_train_a_tokenizer(tmp_path):
     import argparse
 
@@ -308,6 +368,6 @@ def test_cli_generate_hf_and_convert_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--ckpt", str(tmp_path / "run"), *args]) == 0
     assert prompt + expected in capsys.readouterr().out
-    assert main(["convert", "--to-hf", str(tmp_path / "back"), "--ckpt", str(tmp_path / "run")]) == 0
+    assert main(["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
     assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).config.eos_token_id == tok.eos_id
     assert main(["convert", "--from-hf", str(hf_dir)]) == 2  # usage error: one line, status 2

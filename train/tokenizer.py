@@ -98,13 +98,26 @@ class CharTokenizer:
 KINDS = ("byte", "char", "hf")
 
 
-def check_fits(tokenizer, model_vocab_size: int, *, fix: str | None = None) -> None:
-    """The one vocabulary check: a tokenizer may not produce ids the model has no embedding for."""
-    if tokenizer.vocab_size > model_vocab_size:
-        fix = fix or f"use the tokenizer the model was trained with, or a model with vocab_size >= {tokenizer.vocab_size}"
+def check_fits(tokenizer, model_vocab_size: int, *, covers: bool = False, fix: str | None = None) -> None:
+    """The one vocabulary check: a tokenizer may not produce ids the model has no embedding for.
+
+    ``covers``: the tokenizer must also be the model's own, i.e. cover its vocabulary up to the
+    padding checkpoints add for speed (GPT-2's 50257 ids in a 50304-row table); a byte tokenizer
+    next to a 50257-token model would decode every id as the wrong text.
+    """
+    n = tokenizer.vocab_size
+    if n > model_vocab_size:
+        fix = fix or f"use the tokenizer the model was trained with, or a model with vocab_size >= {n}"
         raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_vocab_size}; "
+            f"the tokenizer has {n} tokens but the model's vocab_size is {model_vocab_size}; "
             f"ids past the embedding table would be silently clamped. Fix: {fix}"
+        )
+    padding = 128 + model_vocab_size // 256  # Qwen2 pads 151643 ids to 151936; GPT-2 variants to 50304
+    if covers and n < model_vocab_size - padding:
+        raise ValueError(
+            f"the tokenizer has {n} tokens but the model's vocabulary has {model_vocab_size}: it is not the model's "
+            f"tokenizer ({getattr(tokenizer, 'kind', type(tokenizer).__name__)}), and its ids would decode as the wrong "
+            "text. Use the tokenizer the model was trained with"
         )
 
 
