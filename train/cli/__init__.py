@@ -11,20 +11,21 @@ Each module's ``register(subparsers)`` adds its commands; each command sets ``fu
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import sys
 import warnings
 from typing import Sequence
 
 from arjax.train.cli import convert, generate, study, train
-from arjax.train.cli.common import UsageError
+from arjax.train.checkpoint import CheckpointWarning
+from arjax.train.cli.common import Parser, UsageError, os_error_message, quiet_libraries
 
 __all__ = ["main", "build_parser", "UsageError"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="arjax",
         description="arjax: train and sample autoregressive language models in JAX. "
         "Start with `arjax train --config tpu_configs/cpu-demo.yaml --out runs/demo`, then "
@@ -39,20 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Warnings (a damaged checkpoint skipped, a schedule that never mixes) as one line each.
-    warnings.formatwarning = lambda message, *_, **__: f"arjax {args.command}: warning: {message}\n"
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+        with warnings.catch_warnings(), (contextlib.nullcontext() if os.environ.get("ARJAX_DEBUG") else quiet_libraries()):
+            # Our warnings (a damaged checkpoint skipped, a schedule that never mixes), every time, one line each.
+            warnings.simplefilter("always", CheckpointWarning)
+            warnings.showwarning = lambda message, *_, **__: print(f"arjax {args.command}: warning: {message}", file=sys.stderr)
+            return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError) as e:
         if os.environ.get("ARJAX_DEBUG"):
             raise
-        # Bad user input: one line, no traceback (ARJAX_DEBUG=1 shows it).
-        print(f"arjax {args.command}: error: {e}", file=sys.stderr)
+        # Bad user input or an OS refusal (disk full, permission): one line, no traceback (ARJAX_DEBUG=1 shows it).
+        message = os_error_message(e) if isinstance(e, OSError) else " ".join(str(e).split())
+        print(f"arjax {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"arjax {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

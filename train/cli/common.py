@@ -3,10 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import gc
+import logging
+import sys
+import threading
+import warnings
 
 
 class UsageError(ValueError):
     """Bad user input: printed as one line, exit status 2."""
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """While a command runs, library chatter stays off stderr: orbax and tensorstore report one
+    failed write (a full disk) from several threads at once, as absl and asyncio log records and
+    thread tracebacks, before the exception reaches the CLI, which reports it once, in one line."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio", "concurrent.futures", "jax", "orbax")]
+    levels = [logger.level for logger in loggers]
+    hooks = threading.excepthook, sys.unraisablehook
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
+    failed = False
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+            try:
+                yield
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                gc.collect()  # the abandoned writes' tasks report themselves when collected: here, quietly
+    finally:
+        threading.excepthook, sys.unraisablehook = hooks
+        # After a failed write orbax's event loops still hold failed tasks, which asyncio logs when
+        # the interpreter exits: the loggers stay quiet then.
+        if not failed:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OS error: what happened to which path, and what to do about it."""
+    path = e.filename if e.filename is not None else "a file"
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device while writing {path!r}; free some space and run the command again (a "
+                "training run continues from its last intact checkpoint with --resume)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write or read {path!r} ({e.strerror}); choose a location you have access to, e.g. another --out"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"{path!r} is in the way ({e.strerror}); choose another path"
+    if e.errno == errno.EISDIR:
+        return f"{path!r} is a directory where a file was expected; pass a file"
+    if e.errno == errno.ENOENT:
+        return f"{path!r} does not exist; check the path"
+    return f"{e.strerror or type(e).__name__} ({path!r})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (argparse prints the whole usage first): the bad flag
+    or value, and where to look."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
 class Help(argparse.HelpFormatter):

@@ -90,7 +90,14 @@ def cmd_generate(args) -> int:
     if not eos and tokenizer.eos_id is not None:
         eos = [tokenizer.eos_id]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    gen = stream(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
+    max_new = args.max_new_tokens
+    if max_new is None:  # up to 200, as many as the model's context leaves after the longest prompt
+        room = model.cfg.max_len - max(len(p) for p in prompts)
+        if room < 1:
+            raise UsageError(f"the longest prompt has {max(len(p) for p in prompts)} tokens, the model's whole context "
+                             f"({model.cfg.max_len}); shorten it")
+        max_new = min(200, room)
+    gen = stream(model, prompts, max_new_tokens=max_new, sampling=sampling, eos_ids=eos,
                  seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps)
     rows = [_RowText(tokenizer) for _ in range(B)]
     out = sys.stdout
@@ -142,7 +149,8 @@ def register(sub) -> None:
     p.add_argument("--ckpt", metavar="DIR", help="run directory written by `arjax train --out DIR`")
     p.add_argument("--hf", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch (default: a single newline)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", default=200, help="tokens to generate per prompt")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="tokens to generate per prompt (default: 200, or what the model's context leaves after the prompt)")
     p.add_argument("--temperature", type=float, metavar="T", default=1.0, help="sampling temperature; 0 means greedy")
     p.add_argument("--top-k", type=int, metavar="K", default=0, help="sample only among the k most likely tokens; 0 turns it off")
     p.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling mass; 1 turns it off")

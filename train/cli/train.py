@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
 from flax import nnx
 
 from arjax.train import data as data_lib
-from arjax.train.checkpoint import load_model, read_meta
+from arjax.train.checkpoint import load_model, read_meta, verify
 from arjax.train.cli.common import Help, UsageError
 from arjax.train.config import TrainConfig, from_dict, load_yaml, parse_yaml_value
 from arjax.train.loop import train
@@ -17,7 +18,7 @@ from arjax.train.step import make_eval_step
 
 # CLI flag -> TrainConfig field, for the common overrides.
 _TRAIN_FLAGS = {
-    "data": "data", "model": "model", "tokenizer": "tokenizer", "steps": "steps", "batch_size": "batch_size",
+    "data": "data", "data_errors": "data_errors", "model": "model", "tokenizer": "tokenizer", "steps": "steps", "batch_size": "batch_size",
     "seq_len": "seq_len", "accum_steps": "accum_steps", "lr": "lr", "warmup_steps": "warmup_steps",
     "min_lr": "min_lr", "weight_decay": "weight_decay", "seed": "seed", "eval_interval": "eval_interval",
     "ckpt_interval": "ckpt_interval", "log_interval": "log_interval",
@@ -100,14 +101,17 @@ def evaluate_run(run_dir: str, data: str | None = None, *, batch_size: int | Non
     val loss the training log reported. With ``data``: evenly spaced windows over the whole file.
     Converted weights (no training run) need ``data``.
     """
+    for name, value in (("batch_size", batch_size), ("iters", iters)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1):
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be a positive integer (omit it for the run's own value)")
     model, tokenizer, cfg = load_model(run_dir)
     if cfg is None and data is None:
         raise UsageError(f"{run_dir!r} holds converted weights with no training data of its own; pass --data FILE")
     T = model.cfg.max_len if cfg is None else cfg.context_len(model.cfg)
-    B = batch_size or (8 if cfg is None else cfg.batch_size)
-    E = iters or (8 if cfg is None else cfg.eval_iters)
+    B = batch_size if batch_size is not None else (8 if cfg is None else cfg.batch_size)
+    E = iters if iters is not None else (8 if cfg is None else cfg.eval_iters)
     if data is None:
-        ids = data_lib.tokenize_and_split(data_lib.read_text(cfg.data), tokenizer, val_fraction=cfg.val_fraction).val
+        ids = data_lib.tokenize_and_split(data_lib.read_text(cfg.data, cfg.data_errors), tokenizer, val_fraction=cfg.val_fraction).val
     else:
         ids = np.asarray(tokenizer.encode(data_lib.read_text(data)), dtype=np.int32)
     windows = data_lib.eval_windows(ids, n_windows=E * B, seq_len=T).reshape(E, B, T + 1)
@@ -121,6 +125,20 @@ def cmd_eval(args) -> int:
     where = args.data or "the run's validation split"
     print(f"{where}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens")
     return 0
+
+
+def cmd_checkpoints(args) -> int:
+    if not os.path.isdir(args.run):
+        raise UsageError(f"run directory {args.run!r} does not exist; pass the --out directory of `arjax train`")
+    report = verify(args.run)
+    if not report:
+        raise UsageError(f"{args.run!r} holds no checkpoint (looked in {args.run}/checkpoints)")
+    for r in report:
+        status = "ok     " if r["ok"] else "DAMAGED"
+        print(f"step {r['step']:>8}  {status}  {'+'.join(r['items']) or '-':<16} {r['bytes'] / 1e6:9.2f} MB  {r['detail']}")
+    intact = [r["step"] for r in report if r["ok"]]
+    print(f"{len(intact)} of {len(report)} checkpoints intact; " + (f"generate, eval and --resume use step {intact[-1]}" if intact else "none can be loaded"))
+    return 0 if intact and report[-1]["ok"] else 1
 
 
 def register(sub) -> None:
@@ -137,6 +155,7 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="DIR", default="runs/default", help="run directory for checkpoints, tokenizer and metrics")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (exactly reproducible); without --config it reuses the run's saved config")
     p.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on (default: the config's; none means Python's bundled pydoc topics)")
+    p.add_argument("--data-errors", choices=("strict", "replace"), help="bytes of --data that are not UTF-8: refuse the file (strict) or read them as U+FFFD (replace) (default: the config's, else strict)")
     p.add_argument("--model", metavar="PRESET", help="model preset name, e.g. demo, tiny, shakespeare-char, gpt2-small (default: the config's)")
     p.add_argument("--tokenizer", choices=("byte", "char", "hf"), help="tokenizer kind (default: the config's)")
     p.add_argument("--steps", type=int, metavar="N", help="number of optimizer updates (default: the config's)")
@@ -168,3 +187,14 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="windows per batch (default: the run's batch_size)")
     p.add_argument("--iters", type=int, metavar="N", help="number of batches (default: the run's eval_iters)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "checkpoints",
+        help="list a run's checkpoints and verify each against its fingerprints",
+        description="Read every checkpoint of a run and compare each array with the fingerprint recorded when it was "
+        "saved. Exit status 0 when the newest is intact, 1 when it is damaged (loaders then fall back to the newest "
+        "intact one).",
+        formatter_class=Help,
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="run directory written by `arjax train --out RUN_DIR`")
+    p.set_defaults(func=cmd_checkpoints)
