@@ -165,12 +165,17 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state=None, m
 # ----------------------------------------------------------------------------- reading
 
 
-def read_meta(run_dir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """(step, meta) of the given checkpoint, or of the newest one whose metadata reads (no array is read)."""
+def _candidates(run_dir: str, step: int | None) -> list[int]:
+    """The checkpoint steps to try, newest first (or just ``step``); an error when there are none."""
     steps = all_steps(run_dir)
     if not steps:
         raise ValueError(f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); train first with `arjax train --out {run_dir}`")
-    candidates = [step] if step is not None else steps[::-1]
+    return [step] if step is not None else steps[::-1]
+
+
+def read_meta(run_dir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, meta) of the given checkpoint, or of the newest one whose metadata reads (no array is read)."""
+    candidates = _candidates(run_dir, step)
     reasons = []
     for s in candidates:
         try:
@@ -252,10 +257,7 @@ def restore_intact(
     ``run_dir/damaged/`` (a resumed run then saves those steps anew). No intact checkpoint: one
     ValueError listing why each failed.
     """
-    steps = all_steps(run_dir)
-    if not steps:
-        raise ValueError(f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); train first with `arjax train --out {run_dir}`")
-    candidates = [step] if step is not None else steps[::-1]
+    candidates = _candidates(run_dir, step)
     reasons = []
     for s in candidates:
         try:
