@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import re
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
@@ -454,7 +455,14 @@ def to_hf_dir(model: Transformer, directory: str, **config_extra: Any) -> None:
     hf = config_to_hf(model.cfg, **config_extra)
     tensors = model_to_hf_tensors(model)
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(directory, "model.safetensors")
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports OS failures as its own SafetensorError
+        if "os error" in str(e):
+            code = int(re.search(r"os error (\d+)", str(e)).group(1))
+            raise OSError(code, os.strerror(code), path) from None
+        raise
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2)
 

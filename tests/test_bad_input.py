@@ -138,6 +138,7 @@ def _cases(f):
         (["train", "--out", run, "--resume", "--lr", "0.5"], "lr: checkpoint"),
         (["train", "--out", run, "--resume", "--steps", "1"], "steps=1"),
         (["train", "--model", "tiny", "--seq-len", "1000", "--data", f["text"], "--out", out], "seq_len=1000"),
+        (["train", "--data", f["text"], "--out", ""], "--out"),
         # generate: every sampling number, prompts, stops, the checkpoint
         (g + ["--top-k", "4294967301"], "4294967301"),
         (g + ["--top-k", "-1"], "top_k=-1"),
@@ -211,6 +212,7 @@ def test_bad_command_lines_exit_2_with_one_line_naming_the_value(files, tmp_path
             problems.append(f"{argv}: code {r['code']}, stderr {r['stderr'][-400:]!r} (wanted one line naming {needle!r})")
     assert not problems, "\n".join(problems)
     assert not os.path.exists(files["out"]), "no bad command may leave a run behind"
+    assert sorted(os.listdir(tmp_path)) == ["cases.json", "driver.py", "out.json"], "nothing written in the working directory"
 
 
 def test_the_console_script_itself(files, subprocess_env):

@@ -278,6 +278,11 @@ def test_convert_refuses_missing_or_foreign_tokenizers_and_replaces_out_dirs_who
     assert main(["convert", "--to-hf", str(run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "stale.txt").exists() and (out / "tokenizer.json").read_text() != "stale"
     assert sorted(p.name for p in out.iterdir()) == ["arjax_tokenizer.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    # --out may never be the source, or hold it: --overwrite would delete what is being converted.
+    for target in (run, tmp_path):
+        assert main(["convert", "--to-hf", str(run), "--out", str(target), "--overwrite"]) == 2
+        assert "is or holds the directory being converted" in capsys.readouterr().err
+    assert (run / "checkpoints").is_dir()
     (tmp_path / "file").write_text("x")
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "file")]) == 2
     assert "is a file; choose a directory" in capsys.readouterr().err

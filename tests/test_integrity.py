@@ -73,8 +73,16 @@ def _wrong_fingerprint(run, step):
     json.dump(meta, open(path, "w"))
 
 
+def _edited_config(run, step):
+    """Metadata edited by hand (a model setting that would silently change every result)."""
+    path = os.path.join(run, "checkpoints", str(step), "meta", "metadata")
+    meta = json.load(open(path))
+    meta["model_config"]["norm_eps"] = 1.0
+    json.dump(meta, open(path, "w"))
+
+
 DAMAGE = {"truncated": _truncate, "deleted": _delete, "flipped": _flip, "no metadata": _drop_meta,
-          "wrong fingerprint": _wrong_fingerprint}
+          "wrong fingerprint": _wrong_fingerprint, "edited config": _edited_config}
 
 
 def test_a_fingerprint_changes_with_any_flipped_bit_and_not_with_the_layout():
@@ -121,7 +129,7 @@ def test_the_cli_warns_in_one_line_and_fails_in_one_line(base, tmp_path, capsys)
     assert len(err) == 1 and err[0].startswith("arjax eval: warning: checkpoint step 4") and "Traceback" not in err[0]
     assert main(["checkpoints", run]) == 1
     out = capsys.readouterr().out
-    assert "DAMAGED" in out and "use step 3" in out
+    assert "DAMAGED" in out and "generate and eval use step 3, --resume uses step 3" in out
     for step in (1, 2, 3):
         _drop_meta(run, step)
     assert main(["generate", "--ckpt", run, "--prompt", "entry"]) == 2
@@ -148,6 +156,16 @@ def test_resume_skips_a_damaged_checkpoint_and_matches_the_uninterrupted_run(bas
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4, 4]  # step 3 logged once, though it ran twice
+
+
+def test_an_edited_tokenizer_is_refused_not_used(base, tmp_path):
+    root, _, _ = base
+    run = str(tmp_path / "run")
+    shutil.copytree(root / "full", run)
+    meta = os.path.join(run, "tokenizer", "arjax_tokenizer.json")
+    json.dump({"kind": "char", "chars": "ab"}, open(meta, "w"))
+    with pytest.raises(ValueError, match="is not the one checkpoint step 4 was saved with"):
+        ckpt.load_model(run)
 
 
 def test_an_interrupted_save_is_never_a_checkpoint(base, tmp_path):

@@ -28,7 +28,7 @@ def test_runs_and_studies_write_only_inside_their_directories(tmp_path, monkeypa
     edited = dict(meta, train_config={**meta["train_config"], "log_file": str(tmp_path / "elsewhere.jsonl")})
     meta_path.write_text(json.dumps(edited))
     assert main(["train", "--out", str(run), "--resume", "--steps", "3", "--quiet"]) == 2
-    assert "log_file" in capsys.readouterr().err
+    assert "differs from its checksum" in capsys.readouterr().err  # an edited checkpoint is a damaged one
     meta_path.write_text(json.dumps(meta))
 
     # A resumed run writes into its run directory only.
@@ -50,3 +50,14 @@ def test_runs_and_studies_write_only_inside_their_directories(tmp_path, monkeypa
     new = _files(tmp_path) - before - {str(cfg)}
     assert new and all(p.startswith(str(tmp_path / "report") + os.sep) for p in new), sorted(new)
     assert not os.listdir(work)
+
+    # eval without --data reads the run's data path; from another directory that path may name other
+    # text, which is refused (the run records its text's SHA-256), not scored.
+    (work / "text.txt").write_text(data.read_text())
+    assert main(["train", "--data", "text.txt", "--out", str(tmp_path / "rel"), "--steps", "1", *common]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "text.txt").write_text("something else entirely. " * 100)
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", "--ckpt", str(tmp_path / "rel")]) == 2
+    assert "is not the text" in capsys.readouterr().err

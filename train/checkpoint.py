@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import errno
 import gc
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -38,7 +40,7 @@ from arjax.train.tokenizer import load_tokenizer
 CKPT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged"
 TOKENIZER_SUBDIR = "tokenizer"
-FORMAT_VERSION = 2  # 2: meta["fingerprints"] holds a fingerprint of every array
+FORMAT_VERSION = 2  # 2: meta["fingerprints"] holds a fingerprint of every array, meta["meta_sha256"] of meta itself
 
 
 class CheckpointWarning(UserWarning):
@@ -151,6 +153,7 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state=None, m
         items["opt_state"] = ocp.args.StandardSave(leaves)
         prints["opt_state"] = fingerprints(leaves)
     meta = {"format": FORMAT_VERSION, "step": step, **meta, "fingerprints": prints}
+    meta["meta_sha256"] = _meta_digest(meta)
     items["meta"] = ocp.args.JsonSave(meta)
     try:
         manager.save(step, args=ocp.args.Composite(**items))
@@ -194,7 +197,18 @@ def _read_meta(run_dir: str, step: int) -> dict[str, Any]:
         raise DamagedCheckpoint(f"its metadata cannot be read ({_short(e)})") from None
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise DamagedCheckpoint("its metadata has no model_config")
+    fmt = meta.get("format")
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise DamagedCheckpoint(f"its metadata has format {fmt!r}; this arjax reads formats up to {FORMAT_VERSION}")
+    if fmt >= 2 and (meta.get("meta_sha256") != _meta_digest(meta) or "fingerprints" not in meta):
+        raise DamagedCheckpoint("its metadata differs from its checksum (edited or corrupted)")
     return meta
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata itself (every key but this one, canonical JSON): an edited config is damage too."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _short(e: Exception) -> str:
@@ -232,6 +246,8 @@ def _restore_verified(run_dir: str, step: int, meta: dict[str, Any], targets: di
         _drop_orbax_leftovers()
         raise DamagedCheckpoint(f"its arrays cannot be read ({reason})") from None
     recorded = meta.get("fingerprints")
+    if recorded is None and meta.get("format", 1) >= 2:
+        raise DamagedCheckpoint("its metadata lists no fingerprints")
     if recorded is None:
         warnings.warn(f"checkpoint step {step} in {run_dir!r} predates fingerprints (format {meta.get('format')}); "
                       "loaded without verification", CheckpointWarning, stacklevel=3)
@@ -284,19 +300,24 @@ def _move_aside(run_dir: str, step: int) -> str:
 
 
 def verify(run_dir: str) -> list[dict[str, Any]]:
-    """Every checkpoint of ``run_dir``, oldest first: ``{step, ok, detail, items, bytes}`` (``arjax checkpoints``)."""
+    """Every checkpoint of ``run_dir``, oldest first: ``{step, ok, params_ok, detail, items, bytes}``
+    (``arjax checkpoints``). ``params_ok``: the weights alone verify (what generate and eval read);
+    ``ok``: everything does (what a resume needs)."""
     report = []
     for s in all_steps(run_dir):
         folder = os.path.join(checkpoint_dir(run_dir), str(s))
         size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
         items = sorted(d for d in ("params", "opt_state") if os.path.isdir(os.path.join(folder, d)))
-        entry = {"step": s, "ok": False, "detail": "", "items": items, "bytes": size}
+        entry = {"step": s, "ok": False, "params_ok": False, "detail": "", "items": items, "bytes": size}
         try:
             meta = _read_meta(run_dir, s)
             names = ["params"] + (["opt_state"] if "opt_state" in meta.get("fingerprints", {"opt_state": 1}) else [])
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CheckpointWarning)
-                _restore_verified(run_dir, s, meta, {name: None for name in names})
+                _restore_verified(run_dir, s, meta, {"params": None})
+                entry["params_ok"] = True
+                if "opt_state" in names:
+                    _restore_verified(run_dir, s, meta, {"opt_state": None})
             entry["ok"] = True
             entry["detail"] = "unverified: predates fingerprints" if caught else f"{sum(len(v) for v in meta['fingerprints'].values())} arrays match their fingerprints"
         except DamagedCheckpoint as e:
@@ -341,6 +362,30 @@ def restore_training_state(run_dir: str, *, params, opt_state, check: Callable[[
     return step, meta, params, jax.tree.unflatten(treedef, list(items["opt_state"]))
 
 
+def tokenizer_digest(run_dir: str) -> str:
+    """SHA-256 over the files of the run's tokenizer/ (names and bytes): stored in every checkpoint's meta."""
+    digest = hashlib.sha256()
+    root = tokenizer_dir(run_dir)
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            path = os.path.join(dirpath, name)
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def check_tokenizer(run_dir: str, meta: dict[str, Any]) -> None:
+    """The run's tokenizer/ must be the one its checkpoint was saved with (a swapped character would
+    make every decoded token the wrong text, with no error)."""
+    want = meta.get("tokenizer_sha256")
+    if want is not None and os.path.isdir(tokenizer_dir(run_dir)) and tokenizer_digest(run_dir) != want:
+        raise ValueError(
+            f"the tokenizer in {tokenizer_dir(run_dir)!r} is not the one checkpoint step {meta.get('step')} was saved "
+            "with (its files were edited or corrupted); restore it from a copy of the run"
+        )
+
+
 def load_model(run_dir: str, step: int | None = None):
     """``(model, tokenizer, train_cfg)`` from a run directory: the newest intact (or given) checkpoint's weights.
 
@@ -361,6 +406,7 @@ def load_model(run_dir: str, step: int | None = None):
     graphdef, state, _ = abstract_params(model_config_from_dict(meta["model_config"]))
     nnx.replace_by_pure_dict(state, items["params"])
     model = nnx.merge(graphdef, state)
+    check_tokenizer(run_dir, meta)
     try:  # the run config is a convenience here (eval's defaults); the weights need only the model config
         cfg = train_config.from_dict(meta["train_config"]) if "train_config" in meta else None
     except (TypeError, ValueError):

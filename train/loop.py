@@ -146,6 +146,8 @@ def check_same_run(run_dir: str, saved: dict[str, Any], cfg: TrainConfig, model_
 
 def check_run_dir(run_dir: str, resume: bool) -> int | None:
     """The latest checkpoint step of ``run_dir`` (None for a new run), after the resume guards."""
+    if not run_dir:
+        raise ValueError("the run directory is empty; pass --out with a directory")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"run directory {run_dir!r} is a file; pass --out with a directory (new or a run to --resume)")
     latest = latest_checkpoint(run_dir)
@@ -343,11 +345,14 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     source = data_lib.Windows(split.train, T)
     val_windows = data_lib.eval_windows(split.val, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
     val_windows = val_windows.reshape(cfg.eval_iters, cfg.batch_size, T + 1)  # [E, B, T+1]
+    if resume:
+        ckpt.check_tokenizer(run_dir, ckpt.read_meta(run_dir)[1])
     tokenizer.save(tok_dir)
     if not quiet:
         print(f"data: {len(split.train):,} train / {len(split.val):,} val tokens ({getattr(tokenizer, 'kind', '?')} tokenizer)")
     return fit(
         cfg, run_dir, model_cfg=model_cfg, source=source, val_windows=val_windows, pad_id=tokenizer.pad_id,
         resume=resume, stop_after=stop_after, quiet=quiet,
-        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__), "data_sha256": data_sha256},
+        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__), "data_sha256": data_sha256,
+              "tokenizer_sha256": ckpt.tokenizer_digest(run_dir)},
     )

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any, Protocol, Sequence
 
+from arjax.train.data import read_text
+
 # The file our tokenizers write; a directory holding a Hugging Face tokenizer.json without this
 # file is treated as kind "hf".
 META_FILE = "arjax_tokenizer.json"
@@ -143,13 +145,21 @@ def load_tokenizer(directory: str):
         if os.path.exists(os.path.join(directory, "tokenizer.json")):
             return load_hf_tokenizer(directory)
         raise ValueError(f"no tokenizer in {directory!r}: expected {META_FILE} (ours) or tokenizer.json (Hugging Face)")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{meta_path} is not a valid tokenizer file ({e}); restore the run's tokenizer/ from a copy") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds a {type(meta).__name__}, not a tokenizer description; restore it from a copy")
     kind = meta.get("kind")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
-        return CharTokenizer(list(meta["chars"]))
+        chars = meta.get("chars")
+        if not isinstance(chars, str) or not chars:
+            raise ValueError(f"{meta_path} describes a char tokenizer without its characters; restore it from a copy")
+        return CharTokenizer(list(chars))
     if kind == "hf":
         return load_hf_tokenizer(directory)
     raise ValueError(f"{meta_path} has unknown tokenizer kind {kind!r}; expected one of {KINDS}")
@@ -280,6 +290,7 @@ def train_bpe(data_file: str, vocab_size: int, out_dir: str | None = None) -> HF
         )
     if not os.path.isfile(data_file):
         raise ValueError(f"training text {data_file!r} does not exist; pass --data FILE")
+    read_text(data_file)  # UTF-8 and not empty, or an error naming the byte offset
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -30,6 +30,9 @@ def load_hf_for_generate(hf_dir: str):
 
 
 def _hf_dir_tokenizer(hf_dir: str):
+    ours = os.path.join(hf_dir, "arjax_tokenizer")  # what --to-hf writes for byte and char runs
+    if os.path.isdir(ours):
+        return load_tokenizer(ours)
     if not any(all(os.path.isfile(os.path.join(hf_dir, f)) for f in files) for files in _TOKENIZER_FILES):
         raise ValueError(
             f"{hf_dir!r} has no tokenizer (tokenizer.json, vocab.json + merges.txt, or tokenizer.model); a converted "
@@ -50,13 +53,18 @@ def _tokenizer_for_convert(hf_dir: str, override: str | None):
 
 
 @contextlib.contextmanager
-def _fresh_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
+def _fresh_dir(out_dir: str, overwrite: bool, *, source: str) -> Iterator[str]:
     """A new, empty directory to write into, which replaces ``out_dir`` only once everything is written.
 
     A non-empty ``out_dir`` is refused unless ``overwrite``; then its old contents go away entirely
-    (no stale tokenizer.json beside new weights). A failure leaves ``out_dir`` as it was.
+    (no stale tokenizer.json beside new weights). A failure leaves ``out_dir`` as it was. ``out_dir``
+    may never be, or hold, the ``source`` being converted (overwriting it would delete the source).
     """
-    out_dir = os.path.abspath(out_dir)
+    if not out_dir:
+        raise UsageError("--out is empty; pass a directory")
+    out_dir, src = os.path.realpath(out_dir), os.path.realpath(source)
+    if src == out_dir or src.startswith(out_dir + os.sep):
+        raise UsageError(f"--out {out_dir!r} is or holds the directory being converted ({src!r}); choose another --out")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out {out_dir!r} is a file; choose a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -94,12 +102,12 @@ def convert_from_hf(hf_dir: str, out_dir: str, *, tokenizer: str | None = None, 
         "tokenizer": getattr(tok, "kind", type(tok).__name__),
         "source": {"hf_dir": os.path.abspath(hf_dir), "hf_config": hf.read_hf_config(hf_dir)},
     }
-    with _fresh_dir(out_dir, overwrite) as tmp:
+    with _fresh_dir(out_dir, overwrite, source=hf_dir) as tmp:
+        tok.save(ckpt.tokenizer_dir(tmp))
         manager = ckpt.make_manager(tmp)
-        ckpt.save(manager, 0, params=nnx.state(model, nnx.Param), meta=meta)
+        ckpt.save(manager, 0, params=nnx.state(model, nnx.Param), meta={**meta, "tokenizer_sha256": ckpt.tokenizer_digest(tmp)})
         manager.wait_until_finished()
         manager.close()
-        tok.save(ckpt.tokenizer_dir(tmp))
     return out_dir
 
 
@@ -107,7 +115,7 @@ def convert_to_hf(run_dir: str, out_dir: str, *, overwrite: bool = False) -> str
     """An arjax run directory -> config.json + model.safetensors (+ tokenizer) that transformers loads."""
     model, tok, _ = ckpt.load_model(run_dir)
     ids = {f"{k}_token_id": getattr(tok, f"{k}_id", None) for k in ("eos", "bos", "pad")}
-    with _fresh_dir(out_dir, overwrite) as tmp:
+    with _fresh_dir(out_dir, overwrite, source=run_dir) as tmp:
         hf.to_hf_dir(model, tmp, **ids)
         if isinstance(tok, HFTokenizer):
             tok.save(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Any, Sequence
@@ -111,7 +112,14 @@ def evaluate_run(run_dir: str, data: str | None = None, *, batch_size: int | Non
     B = batch_size if batch_size is not None else (8 if cfg is None else cfg.batch_size)
     E = iters if iters is not None else (8 if cfg is None else cfg.eval_iters)
     if data is None:
-        ids = data_lib.tokenize_and_split(data_lib.read_text(cfg.data, cfg.data_errors), tokenizer, val_fraction=cfg.val_fraction).val
+        text = data_lib.read_text(cfg.data, cfg.data_errors)
+        want = read_meta(run_dir)[1].get("data_sha256")
+        if want is not None and hashlib.sha256(text.encode("utf-8")).hexdigest() != want:
+            raise UsageError(
+                f"{cfg.data!r} (the run's data path, read from {os.getcwd()!r}) is not the text {run_dir!r} was trained "
+                "on; run eval from where you trained, or pass --data FILE to evaluate on a file of your choice"
+            )
+        ids = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction).val
     else:
         ids = np.asarray(tokenizer.encode(data_lib.read_text(data)), dtype=np.int32)
     windows = data_lib.eval_windows(ids, n_windows=E * B, seq_len=T).reshape(E, B, T + 1)
@@ -137,7 +145,10 @@ def cmd_checkpoints(args) -> int:
         status = "ok     " if r["ok"] else "DAMAGED"
         print(f"step {r['step']:>8}  {status}  {'+'.join(r['items']) or '-':<16} {r['bytes'] / 1e6:9.2f} MB  {r['detail']}")
     intact = [r["step"] for r in report if r["ok"]]
-    print(f"{len(intact)} of {len(report)} checkpoints intact; " + (f"generate, eval and --resume use step {intact[-1]}" if intact else "none can be loaded"))
+    weights = [r["step"] for r in report if r["params_ok"]]
+    use = (f"generate and eval use step {weights[-1]}" if weights else "generate and eval find no intact weights")
+    use += f", --resume uses step {intact[-1]}" if intact else ", --resume finds no intact checkpoint"
+    print(f"{len(intact)} of {len(report)} checkpoints intact; {use}")
     return 0 if intact and report[-1]["ok"] else 1
 
 
