@@ -281,7 +281,7 @@ def test_convert_refuses_missing_or_foreign_tokenizers_and_replaces_out_dirs_who
     # --out may never be the source, or hold it: --overwrite would delete what is being converted.
     for target in (run, tmp_path):
         assert main(["convert", "--to-hf", str(run), "--out", str(target), "--overwrite"]) == 2
-        assert "is or holds the directory being converted" in capsys.readouterr().err
+        assert "which is being converted; choose another --out" in capsys.readouterr().err
     assert (run / "checkpoints").is_dir()
     (tmp_path / "file").write_text("x")
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "file")]) == 2

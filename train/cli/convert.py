@@ -53,18 +53,19 @@ def _tokenizer_for_convert(hf_dir: str, override: str | None):
 
 
 @contextlib.contextmanager
-def _fresh_dir(out_dir: str, overwrite: bool, *, source: str) -> Iterator[str]:
+def _fresh_dir(out_dir: str, overwrite: bool, *, sources: tuple[str, ...]) -> Iterator[str]:
     """A new, empty directory to write into, which replaces ``out_dir`` only once everything is written.
 
     A non-empty ``out_dir`` is refused unless ``overwrite``; then its old contents go away entirely
     (no stale tokenizer.json beside new weights). A failure leaves ``out_dir`` as it was. ``out_dir``
-    may never be, or hold, the ``source`` being converted (overwriting it would delete the source).
+    may never be, or hold, any of the ``sources`` being read (overwriting it would delete them).
     """
     if not out_dir:
         raise UsageError("--out is empty; pass a directory")
-    out_dir, src = os.path.realpath(out_dir), os.path.realpath(source)
-    if src == out_dir or src.startswith(out_dir + os.sep):
-        raise UsageError(f"--out {out_dir!r} is or holds the directory being converted ({src!r}); choose another --out")
+    out_dir = os.path.realpath(out_dir)
+    for src in map(os.path.realpath, sources):
+        if os.path.commonpath([src, out_dir]) == out_dir:
+            raise UsageError(f"--out {out_dir!r} is or holds {src!r}, which is being converted; choose another --out")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out {out_dir!r} is a file; choose a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -102,7 +103,8 @@ def convert_from_hf(hf_dir: str, out_dir: str, *, tokenizer: str | None = None, 
         "tokenizer": getattr(tok, "kind", type(tok).__name__),
         "source": {"hf_dir": os.path.abspath(hf_dir), "hf_config": hf.read_hf_config(hf_dir)},
     }
-    with _fresh_dir(out_dir, overwrite, source=hf_dir) as tmp:
+    sources = (hf_dir,) + ((tokenizer,) if tokenizer and tokenizer != "byte" else ())
+    with _fresh_dir(out_dir, overwrite, sources=sources) as tmp:
         tok.save(ckpt.tokenizer_dir(tmp))
         manager = ckpt.make_manager(tmp)
         ckpt.save(manager, 0, params=nnx.state(model, nnx.Param), meta={**meta, "tokenizer_sha256": ckpt.tokenizer_digest(tmp)})
@@ -115,7 +117,7 @@ def convert_to_hf(run_dir: str, out_dir: str, *, overwrite: bool = False) -> str
     """An arjax run directory -> config.json + model.safetensors (+ tokenizer) that transformers loads."""
     model, tok, _ = ckpt.load_model(run_dir)
     ids = {f"{k}_token_id": getattr(tok, f"{k}_id", None) for k in ("eos", "bos", "pad")}
-    with _fresh_dir(out_dir, overwrite, source=run_dir) as tmp:
+    with _fresh_dir(out_dir, overwrite, sources=(run_dir,)) as tmp:
         hf.to_hf_dir(model, tmp, **ids)
         if isinstance(tok, HFTokenizer):
             tok.save(tmp)
