@@ -234,7 +234,7 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
     if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
         raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} {prompts!r:.60}")
     check_seed(seed)
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
     buckets = tuple(sorted(int(b) for b in buckets))
     if not buckets or buckets[0] < 1:
@@ -267,10 +267,11 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         cache_len = min(cfg.max_len, bucket(longest, buckets) + bucket(max_new_tokens, buckets))
     if longest + max_new_tokens > cache_len:
         where = "the given max_len" if max_len is not None else "the model's max_len"
+        fix = (f"lower max_new_tokens to <= {cache_len - longest}, shorten the prompt" if cache_len > longest
+               else f"the prompt alone fills the cache: shorten it below {cache_len} tokens")
         raise ValueError(
             f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
-            f"exceeds the cache length {cache_len} ({where}); lower max_new_tokens to <= {cache_len - longest}, "
-            "shorten the prompt"
+            f"exceeds the cache length {cache_len} ({where}); {fix}"
             # RoPE has no learned position table, so a longer cache than the model's max_len works
             # (quality past the trained length is another matter); learned positions end at max_len.
             + (f", or pass max_len={longest + max_new_tokens} (or more)" if cfg.pos == "rope" else "")

@@ -261,6 +261,8 @@ API = [
     (lambda: SamplingParams.make(2, top_p=[0.5, 0.0]), "top_p=0.0"),
     (lambda: SamplingParams.make(2, temperature="hot"), "temperature='hot'"),
     (lambda: generate(_model(), [[1, 2]], max_new_tokens=0), "max_new_tokens=0"),
+    (lambda: generate(_model(), [[1, 2]], max_new_tokens=True), "max_new_tokens=True"),
+    (lambda: generate(_model(), [[1, 2, 3]], max_new_tokens=4, max_len=2), "the prompt alone fills the cache"),
     (lambda: generate(_model(), [[1, 2]], max_new_tokens=4, seed=1.5), "seed=1.5"),
     (lambda: generate(_model(), [[1, 999]], max_new_tokens=4), "999"),
     (lambda: study_from_dict({"name": "../x"}), "../x"),

@@ -206,6 +206,9 @@ def fit(
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
     log_path = os.path.join(run_dir, "metrics.jsonl")
+    if resume and start > 0 and not os.path.isfile(log_path):
+        warnings.warn(f"{log_path} is missing: the steps before {start} are not in it; it starts again at step {start + 1}",
+                      stacklevel=2)
     _keep_logged_steps(log_path, start)
     log = open(log_path, "a", encoding="utf-8")
     tb = None

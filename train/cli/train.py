@@ -104,7 +104,7 @@ def evaluate_run(run_dir: str, data: str | None = None, *, batch_size: int | Non
     """
     for name, value in (("batch_size", batch_size), ("iters", iters)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1):
-            raise UsageError(f"--{name.replace('_', '-')} {value} must be a positive integer (omit it for the run's own value)")
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be an integer in [1, 2**31 - 1] (omit it for the run's own value)")
     model, tokenizer, cfg = load_model(run_dir)
     if cfg is None and data is None:
         raise UsageError(f"{run_dir!r} holds converted weights with no training data of its own; pass --data FILE")
