@@ -375,6 +375,18 @@ def tokenizer_digest(run_dir: str) -> str:
     return digest.hexdigest()
 
 
+def text_digest(text: str) -> str:
+    """SHA-256 of a training text (UTF-8): stored as ``data_sha256`` in every checkpoint of a run."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_text(run_dir: str, meta: dict[str, Any], text: str, *, fix: str) -> None:
+    """The text must be the one the run was trained on (a path can name other text later, elsewhere)."""
+    want = meta.get("data_sha256")
+    if want is not None and text_digest(text) != want:
+        raise ValueError(f"the text read is not the text the run in {run_dir!r} was trained on (its SHA-256 differs); {fix}")
+
+
 def check_tokenizer(run_dir: str, meta: dict[str, Any]) -> None:
     """The run's tokenizer/ must be the one its checkpoint was saved with (a swapped character would
     make every decoded token the wrong text, with no error)."""

@@ -9,7 +9,6 @@ it reads the corpus, builds or reloads the tokenizer and saves it beside the che
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -327,14 +326,11 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     """
     check_run_dir(run_dir, resume)
     text = data_lib.read_text(cfg.data, cfg.data_errors)
-    data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if resume:
-        saved = ckpt.read_meta(run_dir)[1].get("data_sha256")
-        if saved is not None and saved != data_sha256:
-            raise ValueError(
-                f"the training text {cfg.data or 'pydoc (the bundled corpus)'!r} is not the text the run in {run_dir!r} "
-                "was trained on (its SHA-256 differs); resume with the same data or start a new --out"
-            )
+    if resume:  # the same text and the same tokenizer as the run's, checked before either is used
+        saved = ckpt.read_meta(run_dir)[1]
+        ckpt.check_text(run_dir, saved, text, fix=f"--data {cfg.data or 'pydoc'!r} must be the run's own text; resume "
+                        "with the same data or start a new --out")
+        ckpt.check_tokenizer(run_dir, saved)
     tok_dir = ckpt.tokenizer_dir(run_dir)
     if resume and os.path.isdir(tok_dir):
         tokenizer = load_tokenizer(tok_dir)
@@ -348,14 +344,12 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     source = data_lib.Windows(split.train, T)
     val_windows = data_lib.eval_windows(split.val, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
     val_windows = val_windows.reshape(cfg.eval_iters, cfg.batch_size, T + 1)  # [E, B, T+1]
-    if resume:
-        ckpt.check_tokenizer(run_dir, ckpt.read_meta(run_dir)[1])
     tokenizer.save(tok_dir)
     if not quiet:
         print(f"data: {len(split.train):,} train / {len(split.val):,} val tokens ({getattr(tokenizer, 'kind', '?')} tokenizer)")
     return fit(
         cfg, run_dir, model_cfg=model_cfg, source=source, val_windows=val_windows, pad_id=tokenizer.pad_id,
         resume=resume, stop_after=stop_after, quiet=quiet,
-        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__), "data_sha256": data_sha256,
+        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__), "data_sha256": ckpt.text_digest(text),
               "tokenizer_sha256": ckpt.tokenizer_digest(run_dir)},
     )

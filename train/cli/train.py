@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from typing import Any, Sequence
@@ -11,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from arjax.train import data as data_lib
-from arjax.train.checkpoint import load_model, read_meta, verify
+from arjax.train.checkpoint import check_text, load_model, read_meta, verify
 from arjax.train.cli.common import Help, UsageError
 from arjax.train.config import TrainConfig, from_dict, load_yaml, parse_yaml_value
 from arjax.train.loop import train
@@ -113,12 +112,9 @@ def evaluate_run(run_dir: str, data: str | None = None, *, batch_size: int | Non
     E = iters if iters is not None else (8 if cfg is None else cfg.eval_iters)
     if data is None:
         text = data_lib.read_text(cfg.data, cfg.data_errors)
-        want = read_meta(run_dir)[1].get("data_sha256")
-        if want is not None and hashlib.sha256(text.encode("utf-8")).hexdigest() != want:
-            raise UsageError(
-                f"{cfg.data!r} (the run's data path, read from {os.getcwd()!r}) is not the text {run_dir!r} was trained "
-                "on; run eval from where you trained, or pass --data FILE to evaluate on a file of your choice"
-            )
+        check_text(run_dir, read_meta(run_dir)[1], text,
+                   fix=f"{cfg.data!r} is the run's data path, read from {os.getcwd()!r}: run eval from where you "
+                   "trained, or pass --data FILE to evaluate on a file of your choice")
         ids = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction).val
     else:
         ids = np.asarray(tokenizer.encode(data_lib.read_text(data)), dtype=np.int32)
