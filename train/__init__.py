@@ -5,6 +5,8 @@ The core (this folder):
     data.py         the corpus (a text file or the bundled pydoc topics), tokenized and split;
                     batch sources (Windows of a corpus, Rows of fixed sequences), each batch a
                     pure function of (seed, step)
+    prepare.py      `arjax data prepare`: files tokenized in parallel into token shards + a
+                    manifest; open_prepared(dir) memory-maps them back (train/val token arrays)
     tokenizer.py    byte, char and Hugging Face tokenizers behind one interface; load_tokenizer(dir)
     loss.py         the one next-token cross-entropy
     optim.py        AdamW + warmup/cosine + clipping + weight-decay mask (make_optimizer)

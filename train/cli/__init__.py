@@ -4,6 +4,7 @@
     generate.py   arjax generate (streamed)
     convert.py    arjax convert (Hugging Face in and out), arjax tokenizer train
     study.py      arjax study (exposure-bias studies)
+    data.py       arjax data prepare (token shards + manifest), arjax data verify
     common.py     UsageError (one line on stderr, exit status 2) and the help formatter
 
 Each module's ``register(subparsers)`` adds its commands; each command sets ``func(args) -> int``.
@@ -17,7 +18,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from arjax.train.cli import convert, generate, study, train
+from arjax.train.cli import convert, data, generate, study, train
 from arjax.train.checkpoint import CheckpointWarning
 from arjax.train.cli.common import Parser, UsageError, os_error_message, quiet_libraries
 
@@ -32,7 +33,7 @@ def build_parser() -> Parser:
         "`arjax generate --ckpt runs/demo --prompt \"The \"`.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, generate, convert, study):
+    for module in (train, generate, convert, study, data):
         module.register(sub)
     return parser
 
