@@ -14,6 +14,7 @@ from flax import nnx, struct
 from arjax.decode.sampling import SamplingParams, sample
 from arjax.model import KVCache, Transformer, init_cache
 from arjax.model.rng import check_seed, seed_key
+from arjax.model.sharding import cache_sharding, mesh_of
 
 # stop_reason codes held in DecodeState; GenerateOutput spells them out.
 RUNNING, STOP_EOS, STOP_LENGTH = 0, 1, 2
@@ -187,12 +188,20 @@ def _loop(model, state: DecodeState, sampling, eos_ids, pad_id, limit) -> Decode
     return jax.lax.while_loop(cond, body, state)
 
 
-def _start_impl(graphdef, num_slots, cache_len, params, tokens, positions, rng, max_steps, sampling, eos_ids, pad_id, limit):
-    """Prefill + the first chunk of the loop, one program (generate's single jitted call)."""
+def _start_impl(graphdef, num_slots, cache_len, cache_sharding, params, tokens, positions, rng, max_steps, sampling,
+                eos_ids, pad_id, limit):
+    """Prefill + the first chunk of the loop, one program (generate's single jitted call).
+
+    ``cache_sharding`` (static; None on one device): where the cache's keys and values live when
+    the weights are sharded, rows over the batch axes and KV heads over the model axis.
+    """
     TRACE_COUNTS["start"] += 1
     model = nnx.merge(graphdef, params)
     B = tokens.shape[0]
     cache = init_cache(model.cfg, B, cache_len)
+    if cache_sharding is not None:
+        constrain = lambda kv: tuple(jax.lax.with_sharding_constraint(x, cache_sharding) for x in kv)  # noqa: E731
+        cache = cache.replace(k=constrain(cache.k), v=constrain(cache.v))
     logits, cache = prefill(model, tokens, positions, cache)
     state = init_state(logits, cache, tokens, positions, num_slots=num_slots, rng=rng, max_steps=max_steps, pad_id=pad_id)
     return _loop(model, state, sampling, eos_ids, pad_id, limit)
@@ -204,7 +213,7 @@ def _resume_impl(graphdef, params, state, sampling, eos_ids, pad_id, limit):
     return _loop(nnx.merge(graphdef, params), state, sampling, eos_ids, pad_id, limit)
 
 
-_start = jax.jit(_start_impl, static_argnums=(0, 1, 2))
+_start = jax.jit(_start_impl, static_argnums=(0, 1, 2, 3))
 _resume = jax.jit(_resume_impl, static_argnums=(0,), donate_argnums=(2,))
 
 
@@ -341,8 +350,10 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps) -> Iterator[li
     eos, pad = jnp.asarray(plan.eos_ids), i32(pad_id)
 
     limit = min(chunk, N)
+    mesh = mesh_of(params)  # tensor-parallel weights: the cache is sharded to match
+    kv_sharding = None if mesh is None else cache_sharding(mesh, B, model.cfg.num_kv_heads)
     state = _start(
-        graphdef, plan.num_slots, plan.cache_len, params, jnp.asarray(plan.tokens), jnp.asarray(plan.positions),
+        graphdef, plan.num_slots, plan.cache_len, kv_sharding, params, jnp.asarray(plan.tokens), jnp.asarray(plan.positions),
         seed_key(seed), i32(N), sampling, eos, pad, i32(limit),
     )
     emitted = np.zeros(B, np.int64)

@@ -116,12 +116,16 @@ def _allowed(hint) -> tuple[tuple[type, ...], tuple | None]:
         return (str,), typing.get_args(hint)
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     accepted: list[type] = []
+    choices = None
     for a in typing.get_args(hint) if union else (hint,):
-        if a is float:
+        if typing.get_origin(a) is Literal:  # Literal[...] | None: the choices, or None
+            accepted.append(str)
+            choices = (*typing.get_args(a), None)
+        elif a is float:
             accepted += [int, float]  # YAML and JSON write 1 for 1.0
         else:
             accepted.append(typing.get_origin(a) or a)
-    return tuple(accepted), None
+    return tuple(accepted), choices
 
 
 def _items(hint) -> type | None:

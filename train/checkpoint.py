@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from arjax.model import sharding
 from arjax.model.config import ModelConfig, from_dict as model_config_from_dict
 from arjax.model.transformer import Transformer
 from arjax.train import config as train_config
@@ -237,8 +238,10 @@ def _restore_verified(run_dir: str, step: int, meta: dict[str, Any], targets: di
     missing = [name for name in targets if not os.path.isdir(os.path.join(checkpoint_dir(run_dir), str(step), name))]
     if missing:
         raise DamagedCheckpoint(f"its {missing[0]} folder is missing")
-    args = {name: ocp.args.StandardRestore(t) if t is not None else ocp.args.StandardRestore() for name, t in targets.items()}
     try:
+        # No target: the arrays as saved, on this process's first device, whatever mesh wrote them.
+        targets = {name: _saved_shapes(run_dir, step, name) if t is None else t for name, t in targets.items()}
+        args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
         restored = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # a truncated or deleted array file: tensorstore, OS and value errors alike
         reason = _short(e)
@@ -255,6 +258,16 @@ def _restore_verified(run_dir: str, step: int, meta: dict[str, Any], targets: di
         for name in targets:
             _check_fingerprints(name, restored[name], recorded.get(name, {}))
     return {name: restored[name] for name in targets}
+
+
+def _saved_shapes(run_dir: str, step: int, name: str):
+    """The shapes and dtypes item ``name`` of a checkpoint was saved with, as a target on the first local device."""
+    from etils import epath
+
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(checkpoint_dir(run_dir)) / str(step) / name)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree = getattr(metadata, "tree", metadata)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
 
 def restore_intact(
@@ -283,7 +296,8 @@ def restore_intact(
             return s, meta, _restore_verified(run_dir, s, meta, targets(meta))
         except DamagedCheckpoint as e:
             reasons.append(f"step {s}: {e}")
-            where = _move_aside(run_dir, s) if move_damaged else None
+            # One process moves it (the others see the same damage and skip the same step).
+            where = _move_aside(run_dir, s) if move_damaged and jax.process_index() == 0 else None
             kept = f"moved to {where}" if where else "kept on disk"
             later = "; trying the previous one" if s != candidates[-1] else ""
             warnings.warn(f"checkpoint step {s} in {run_dir!r} is damaged ({e}); it is {kept}{later}",
@@ -342,11 +356,18 @@ def check_compatible(run_dir: str, saved: dict[str, Any], requested: ModelConfig
         )
 
 
-def abstract_params(model_cfg: ModelConfig):
-    """(graphdef, state, pure-dict target of ShapeDtypeStructs) of a model, nothing allocated."""
+def abstract_params(model_cfg: ModelConfig, plan=None):
+    """(graphdef, state, pure-dict target of ShapeDtypeStructs) of a model, nothing allocated.
+
+    The target carries ``plan``'s shardings (default: everything on the first device), so a
+    checkpoint written on any mesh and any number of processes restores onto this one.
+    """
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    return graphdef, state, jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+    pure = nnx.to_pure_dict(state)
+    plan = plan or sharding.single_device_plan()
+    shardings = plan.param_shardings(pure)
+    return graphdef, state, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
 
 
 def restore_training_state(run_dir: str, *, params, opt_state, check: Callable[[int, dict[str, Any]], None]):
@@ -382,9 +403,14 @@ def text_digest(text: str) -> str:
 
 def check_text(run_dir: str, meta: dict[str, Any], text: str, *, fix: str) -> None:
     """The text must be the one the run was trained on (a path can name other text later, elsewhere)."""
+    check_data(run_dir, meta, text_digest(text), found="the text read", expected="the text", fix=fix)
+
+
+def check_data(run_dir: str, meta: dict[str, Any], digest: str, *, found: str, expected: str, fix: str) -> None:
+    """``digest`` (a text's, or a prepared dataset's manifest digest) must be the run's ``data_sha256``."""
     want = meta.get("data_sha256")
-    if want is not None and text_digest(text) != want:
-        raise ValueError(f"the text read is not the text the run in {run_dir!r} was trained on (its SHA-256 differs); {fix}")
+    if want is not None and digest != want:
+        raise ValueError(f"{found} is not {expected} the run in {run_dir!r} was trained on (its SHA-256 differs); {fix}")
 
 
 def check_tokenizer(run_dir: str, meta: dict[str, Any]) -> None:
@@ -398,11 +424,13 @@ def check_tokenizer(run_dir: str, meta: dict[str, Any]) -> None:
         )
 
 
-def load_model(run_dir: str, step: int | None = None):
+def load_model(run_dir: str, step: int | None = None, *, mesh=None, preset: str | None = None):
     """``(model, tokenizer, train_cfg)`` from a run directory: the newest intact (or given) checkpoint's weights.
 
     ``model.cfg`` is the ModelConfig it was trained with; ``train_cfg`` the TrainConfig of the run
-    that trained it, or None for converted weights (``arjax convert --from-hf``).
+    that trained it, or None for converted weights (``arjax convert --from-hf``). The weights land
+    on ``mesh`` (axis sizes, as in a run config; e.g. ``{"model": 2}`` for tensor-parallel decoding)
+    with ``preset``'s rules, or on the first device when no mesh is given, whatever mesh wrote them.
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"checkpoint directory {run_dir!r} does not exist; pass the --out directory of `arjax train`")
@@ -412,7 +440,10 @@ def load_model(run_dir: str, step: int | None = None):
             model_cfg = model_config_from_dict(meta["model_config"])
         except (TypeError, ValueError) as e:
             raise DamagedCheckpoint(f"its model_config is invalid ({e})") from None
-        return {"params": abstract_params(model_cfg)[2]}
+        return {"params": abstract_params(model_cfg, plan_for(model_cfg))[2]}
+
+    def plan_for(model_cfg):
+        return None if mesh is None else sharding.make_plan(mesh, preset, model_cfg=model_cfg, allow_fewer=True)
 
     step, meta, items = restore_intact(run_dir, targets, step=step)
     graphdef, state, _ = abstract_params(model_config_from_dict(meta["model_config"]))

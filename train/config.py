@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Literal
 
 import yaml
 
+from arjax.model.sharding import check_mesh_spec
 from arjax.model.config import ANY_INT, NON_NEGATIVE, POSITIVE, ModelConfig, bounds, check_field_types, get_config, strict_from_dict
 from arjax.train.exposure.scheduled_sampling import ScheduledSamplingConfig
 
@@ -19,7 +21,8 @@ class TrainConfig:
     # Model: a preset from arjax.model.config.PRESETS plus strict overrides (e.g. {dropout: 0.1}).
     model: str = "demo"
     model_overrides: dict = dataclasses.field(default_factory=dict)
-    # Data: a UTF-8 text file, or None for the bundled default corpus (CPython's pydoc topics).
+    # Data: a UTF-8 text file, a directory written by `arjax data prepare` (token shards + manifest +
+    # tokenizer), or None for the bundled default corpus (CPython's pydoc topics).
     data: str | None = None
     # Bytes that are not UTF-8: "strict" refuses the file (naming the byte offset), "replace" reads them as U+FFFD.
     data_errors: Literal["strict", "replace"] = "strict"
@@ -55,16 +58,21 @@ class TrainConfig:
     # The objective: teacher forcing when null, else scheduled sampling with these settings
     # (method, feed, coins, schedule: arjax.train.exposure.scheduled_sampling.ScheduledSamplingConfig).
     scheduled_sampling: ScheduledSamplingConfig | None = None
-    # Placeholders for the scale-out issue: parsed and stored, NOT YET USED by the trainer.
+    # Devices: mesh axis sizes {data, fsdp, model} (-1: the devices left over; null: data-parallel over
+    # every device) and the rules preset that places parameters on it (arjax.model.sharding; null: auto).
     mesh: dict | None = None
-    sharding: dict | None = None
+    sharding: Literal["auto", "dp", "fsdp", "tp", "fsdp_tp"] | None = None
 
     def __post_init__(self):
         check_field_types(self)
+        if self.mesh is not None:
+            check_mesh_spec(self.mesh)
         if self.min_lr > self.lr:
             raise ValueError(f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}; the decay ends at min_lr, so use min_lr <= lr")
-        if self.tokenizer == "hf" and not self.tokenizer_path:
-            raise ValueError("tokenizer: hf needs tokenizer_path, a directory with a Hugging Face tokenizer.json")
+        # A prepared directory carries its tokenizer (one that does not exist yet is reported when training starts).
+        if self.tokenizer == "hf" and not self.tokenizer_path and (self.data is None or os.path.isfile(self.data)):
+            raise ValueError("tokenizer: hf needs tokenizer_path, a directory with a Hugging Face tokenizer.json (or data: "
+                             "a directory from `arjax data prepare`, which carries its tokenizer)")
         model_cfg = self.model_config(vocab_size=None)  # unknown preset or bad overrides fail here, at load time
         ss = self.scheduled_sampling
         if ss is not None and model_cfg.dropout > 0 and ss.method == "sequential" and not ss.soft:

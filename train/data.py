@@ -87,10 +87,16 @@ def batch_offsets(n_tokens: int, *, batch_size: int, seq_len: int, seed: int, st
     return rng.integers(0, n_tokens - seq_len - 1, size=batch_size, endpoint=True)
 
 
-def get_batch(ids: np.ndarray, *, batch_size: int, seq_len: int, seed: int, step: int) -> np.ndarray:
-    """Training windows [batch_size, seq_len + 1]: inputs are [:, :-1], targets [:, 1:]."""
+def get_batch(ids: np.ndarray, *, batch_size: int, seq_len: int, seed: int, step: int, rows=None) -> np.ndarray:
+    """Training windows [batch_size, seq_len + 1]: inputs are [:, :-1], targets [:, 1:].
+
+    ``rows`` (indices into the global batch): only those windows are read, e.g. the rows one host
+    feeds to its devices; the others' starts are drawn (cheap) but their tokens never touched.
+    """
     starts = batch_offsets(len(ids), batch_size=batch_size, seq_len=seq_len, seed=seed, step=step)
-    return np.stack([ids[s : s + seq_len + 1] for s in starts])  # [B, T+1]
+    if rows is not None:
+        starts = starts[rows]
+    return np.stack([np.asarray(ids[s : s + seq_len + 1], np.int32) for s in starts])  # [B, T+1]
 
 
 def eval_windows(ids: np.ndarray, *, n_windows: int, seq_len: int) -> np.ndarray:
@@ -114,9 +120,9 @@ class Windows:
     def __post_init__(self):
         check_length(self.ids, self.seq_len, "training")
 
-    def batch(self, *, batch_size: int, seed: int, step: int) -> np.ndarray:
-        """[batch_size, seq_len + 1] int32: a pure function of (seed, step)."""
-        return get_batch(self.ids, batch_size=batch_size, seq_len=self.seq_len, seed=seed, step=step)
+    def batch(self, *, batch_size: int, seed: int, step: int, rows=None) -> np.ndarray:
+        """[batch_size, seq_len + 1] int32 (or the given ``rows`` of it): a pure function of (seed, step)."""
+        return get_batch(self.ids, batch_size=batch_size, seq_len=self.seq_len, seed=seed, step=step, rows=rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +135,8 @@ class Rows:
     def seq_len(self) -> int:
         return self.rows.shape[1] - 1
 
-    def batch(self, *, batch_size: int, seed: int, step: int) -> np.ndarray:
-        """[batch_size, L + 1] int32 rows drawn with replacement: a pure function of (seed, step)."""
+    def batch(self, *, batch_size: int, seed: int, step: int, rows=None) -> np.ndarray:
+        """[batch_size, L + 1] int32 rows drawn with replacement (or the given ``rows`` of that
+        batch): a pure function of (seed, step)."""
         idx = numpy_rng(seed, step).integers(0, len(self.rows), size=batch_size)
-        return self.rows[idx]
+        return self.rows[idx if rows is None else idx[rows]]

@@ -23,15 +23,18 @@ import numpy as np
 from flax import nnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from arjax.model import sharding
 from arjax.model.config import ModelConfig
 from arjax.model.transformer import Transformer, count_params
 from arjax.train import checkpoint as ckpt
 from arjax.train import data as data_lib
+from arjax.train import perf
 from arjax.train.config import TrainConfig
 from arjax.train.exposure.scheduled_sampling import ScheduledSampling
 from arjax.train.optim import optimizer_from_config
+from arjax.train.prepare import check_run_config, open_prepared
 from arjax.model.rng import seed_key
-from arjax.train.step import TeacherForcing, make_eval_step, make_train_step
+from arjax.train.step import TeacherForcing, compiled_train_step, make_eval_step, sharded_train_step
 from arjax.train.tokenizer import build_tokenizer, check_fits, load_tokenizer
 
 # Short names for the objective's metrics in the progress bar.
@@ -39,9 +42,10 @@ _BAR_NAMES = {"mix_rate": "mix", "gold_prob": "gold", "differ_rate": "differ"}
 
 
 # Run-config keys a resumed run may change: they decide how far the run goes, how often it logs,
-# evaluates and saves, and where its inputs now live, not what any step computes.
+# evaluates and saves, where its inputs now live and on which devices it runs (a checkpoint restores
+# onto any mesh), not what any step computes.
 RESUMABLE_KEYS = ("steps", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "max_to_keep", "data",
-                  "tokenizer_path")
+                  "tokenizer_path", "mesh", "sharding")
 
 
 def _tensorboard_writer(log_dir: str, purge_step: int | None = None):
@@ -160,6 +164,62 @@ def check_run_dir(run_dir: str, resume: bool) -> int | None:
     return latest
 
 
+def init_train_state(model_cfg: ModelConfig, tx, plan: sharding.Plan, key: jax.Array):
+    """``(graphdef, params, opt_state, (param shardings, opt-state shardings))``, created sharded.
+
+    Initialisation is jitted with the plan's shardings as its outputs, so each device computes only
+    its own shard: the model is never whole on one device. (Random numbers do not depend on the
+    sharding, so every mesh starts from the same weights.)
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    param_shardings = plan.param_shardings(abstract)
+    opt_shardings = plan.opt_shardings(tx, jax.eval_shape(tx.init, abstract), param_shardings)
+    params = jax.jit(lambda k: nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(k)))[1],
+                     out_shardings=param_shardings)(key)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    return graphdef, params, opt_state, (param_shardings, opt_shardings)
+
+
+def batch_feeder(source, plan: sharding.Plan, *, accum_steps: int, batch_size: int, seed: int):
+    """``feed(step) -> [A, B, T+1]`` global array of step ``step``'s batch, split over the data axes.
+
+    The global batch is ``source.batch(batch_size=A*B, seed=seed, step=step)`` (row a*B + b is
+    micro-batch a's row b): a pure function of (seed, step), whatever the mesh or host count. Each
+    process reads only the rows its own devices hold (``rows=``) and JAX assembles the global array
+    from every process's part, so a run resumed on other hosts sees the same batches.
+    """
+    A, B, T = accum_steps, batch_size, source.seq_len
+    batch_sharding = plan.batch_sharding(3, 1)
+    shape = (A, B, T + 1)
+    lo, hi = sharding.host_rows(batch_sharding, shape, axis=1)
+    rows = (np.arange(A)[:, None] * B + np.arange(lo, hi)[None, :]).reshape(-1)
+
+    def feed(step: int) -> jax.Array:
+        windows = source.batch(batch_size=A * B, seed=seed, step=step, rows=rows)
+        return sharding.global_array(batch_sharding, shape, np.asarray(windows, np.int32).reshape(A, hi - lo, T + 1))
+
+    return feed
+
+
+def step_memory(compiled, plan: sharding.Plan, cfg: TrainConfig) -> str:
+    """Per-device memory of the compiled step, as one line; a warning naming the knobs when it will not fit."""
+    try:
+        stats = compiled.memory_analysis()
+        need = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                + stats.temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return "per-device memory: not reported by this backend"
+    have = perf.device_memory_bytes(plan.mesh.devices.flat[0])
+    line = f"step needs {need / 2**30:.2f} GiB per device" + (f" of {have / 2**30:.1f} GiB" if have else "")
+    if have and need > have:
+        warnings.warn(
+            f"the train step needs {need / 2**30:.2f} GiB per device but a device has {have / 2**30:.1f} GiB; lower "
+            f"batch_size ({cfg.batch_size}) and raise accum_steps ({cfg.accum_steps}) to keep the tokens per step, shorten "
+            "seq_len, use model_overrides: {dtype: bfloat16}, or shard the weights (mesh fsdp or model > 1)",
+            stacklevel=3)
+    return line
+
+
 def fit(
     cfg: TrainConfig,
     run_dir: str,
@@ -184,12 +244,13 @@ def fit(
     """
     check_run_dir(run_dir, resume)
     T = source.seq_len
+    A, B = cfg.accum_steps, cfg.batch_size
+    # The mesh and rules, checked against the model and batch before anything compiles.
+    plan = sharding.make_plan(cfg.mesh, cfg.sharding, model_cfg=model_cfg, batch_size=B)
+    main = sharding.is_main_process()
     key = seed_key(cfg.seed)
-    model = Transformer(model_cfg, rngs=nnx.Rngs(key))
-    graphdef, params = nnx.split(model)
-    del model
     tx, schedule = optimizer_from_config(cfg)
-    opt_state = tx.init(params)
+    graphdef, params, opt_state, shardings = init_train_state(model_cfg, tx, plan, key)
     start = 0
     if resume:  # the newest intact checkpoint; damaged newer ones are moved aside (kept) with a warning
         start, _, params, opt_state = ckpt.restore_training_state(
@@ -198,28 +259,47 @@ def fit(
     manager = ckpt.make_manager(run_dir, max_to_keep=cfg.max_to_keep)
 
     objective = objective_for(cfg, pad_id=pad_id, dropout=model_cfg.dropout > 0)
-    train_step = make_train_step(graphdef, tx, objective)
+    step_fn = sharded_train_step(graphdef, tx, plan, *shardings)
+    batch_sharding = plan.batch_sharding(3, 1)
+    batch_shape = (A, B, T + 1)
+    global_batch = batch_feeder(source, plan, accum_steps=A, batch_size=B, seed=cfg.seed)
+    compiled = compiled_train_step(step_fn, params, opt_state, jax.ShapeDtypeStruct(batch_shape, np.int32,
+                                                                                   sharding=batch_sharding), objective)
     eval_step = make_eval_step(graphdef, pad_id=pad_id)
-    A, B = cfg.accum_steps, cfg.batch_size
+    E = val_windows.shape[0]
+    val_sharding = plan.batch_sharding(3, 1)
+    vlo, vhi = sharding.host_rows(val_sharding, val_windows.shape, axis=1)
+    val_windows = sharding.global_array(val_sharding, val_windows.shape, np.asarray(val_windows[:, vlo:vhi], np.int32))
     tokens_per_step = A * B * T
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    n_devices = plan.mesh.size
+    flops_token = perf.flops_per_token(model_cfg, T)
+    peak = perf.device_peak_flops(plan.mesh.devices.flat[0], model_cfg.dtype)
+    memory = step_memory(compiled, plan, cfg)
+    del E
+    # The step's traced inputs, placed once on the mesh as the compiled step expects them.
+    rep = plan.replicated
+    key, objective = sharding.replicate((key, objective), rep)
 
     log_path = os.path.join(run_dir, "metrics.jsonl")
-    if resume and start > 0 and not os.path.isfile(log_path):
+    if main and resume and start > 0 and not os.path.isfile(log_path):
         warnings.warn(f"{log_path} is missing: the steps before {start} are not in it; it starts again at step {start + 1}",
                       stacklevel=2)
-    _keep_logged_steps(log_path, start)
-    log = open(log_path, "a", encoding="utf-8")
+    log = None
+    if main:  # one process writes the logs; every process trains and writes its shards of each checkpoint
+        _keep_logged_steps(log_path, start)
+        log = open(log_path, "a", encoding="utf-8")
     tb = None
     progress = None
     try:
-        tb = _tensorboard_writer(os.path.join(run_dir, "tb"), purge_step=start + 1 if resume else None)
+        tb = _tensorboard_writer(os.path.join(run_dir, "tb"), purge_step=start + 1 if resume else None) if main else None
         n_params = count_params(model_cfg)
-        progress = _Progress(cfg.steps, start, quiet, label)
+        progress = _Progress(cfg.steps, start, quiet or not main, label)
         progress.log(
             f"model: {n_params / 1e6:.2f}M params ({model_cfg.n_layers} layers x {model_cfg.d_model}), vocab "
             f"{model_cfg.vocab_size}, context {T}; {tokens_per_step:,} tokens per step"
         )
+        progress.log(f"{sharding.describe(plan)}; {memory}")
         if cfg.scheduled_sampling is not None:
             progress.log(cfg.scheduled_sampling.describe())
             if cfg.scheduled_sampling.always_gold:
@@ -240,6 +320,8 @@ def fit(
             }
 
         def write(record: dict[str, Any]) -> None:
+            if log is None:
+                return
             log.write(json.dumps(record) + "\n")
             if tb is not None:
                 for k, v in record.items():
@@ -259,8 +341,8 @@ def fit(
         t_start = t_last
         measured_tokens, measured_time = 0, 0.0
         for step in range(start, end):
-            windows = source.batch(batch_size=A * B, seed=cfg.seed, step=step)
-            params, opt_state, metrics = train_step(params, opt_state, windows.reshape(A, B, T + 1), step, key)
+            step_arr = sharding.replicate(np.int32(step), rep)
+            params, opt_state, metrics = compiled(params, opt_state, global_batch(step), step_arr, key, objective)
             pending.append((step, metrics))
             steps_since += 1
             done = step + 1
@@ -273,6 +355,10 @@ def fit(
                 now = time.perf_counter()
                 elapsed = now - t_last
                 tok_s = steps_since * tokens_per_step / elapsed
+                tok_s_device = tok_s / n_devices
+                speed = {"tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s_device}
+                if peak is not None:
+                    speed["mfu"] = perf.mfu(tok_s_device, flops_token, peak[0])
                 # The first interval includes compilation; leave it out of the run's average.
                 if step >= start + cfg.log_interval:
                     measured_tokens += steps_since * tokens_per_step
@@ -282,24 +368,29 @@ def fit(
                     for k, v in m.items():
                         history.setdefault(k, []).append(v)
                     write({"step": s + 1, "loss": m.pop("loss"), "lr": float(schedule(s)), "grad_norm": m.pop("grad_norm"),
-                           "tokens_per_s": tok_s, **{k: v for k, v in m.items() if k != "tokens"}})
-                log.flush()
+                           **speed, **{k: v for k, v in m.items() if k != "tokens"}})
+                if log is not None:
+                    log.flush()
                 last = fetched[-1][1]
                 extra = "".join(f"  {_BAR_NAMES.get(k, k)} {float(last[k]):.3f}" for k in objective.metric_names if k in _BAR_NAMES)
-                progress.update(done, f"loss {float(last['loss']):.4f}{extra}  {tok_s:,.0f} tok/s")
+                per_device = f" ({tok_s_device:,.0f}/device)" if n_devices > 1 else ""
+                mfu_text = f"  MFU {speed['mfu']:.1%}" if "mfu" in speed else ""
+                progress.update(done, f"loss {float(last['loss']):.4f}{extra}  {tok_s:,.0f} tok/s{per_device}{mfu_text}")
                 pending, t_last, steps_since = [], now, 0
             t_pause = time.perf_counter()
             if evaluating:
                 val_losses.append((done, evaluate(done)))
             if saving:
-                log.flush()
+                if log is not None:
+                    log.flush()
                 ckpt.save(manager, done, params=params, opt_state=opt_state, meta=meta_for(done))
             t_last += time.perf_counter() - t_pause  # evaluation and saving stay out of tokens/s
         manager.wait_until_finished()
     finally:
         if progress is not None:
             progress.stop()
-        log.close()
+        if log is not None:
+            log.close()
         if tb is not None:
             tb.close()
     return {
@@ -318,38 +409,52 @@ def fit(
 
 def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: int | None = None,
           quiet: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` on its text corpus into ``run_dir`` (see ``fit`` for what comes back).
+    """Train ``cfg`` on its text corpus, or on a prepared dataset, into ``run_dir`` (see ``fit`` for what comes back).
 
-    On resume the run's saved tokenizer is used (a char vocabulary must not change); otherwise a
+    ``cfg.data`` names a text file (tokenized here), a directory written by `arjax data prepare`
+    (its shards are memory-mapped and its tokenizer used), or nothing (the bundled corpus). On
+    resume the run's saved tokenizer is used (a char vocabulary must not change); otherwise a
     fresh one is built. The tokenizer is saved in ``run_dir`` so that ``arjax generate --ckpt``
     needs nothing else.
     """
     check_run_dir(run_dir, resume)
-    text = data_lib.read_text(cfg.data, cfg.data_errors)
-    if resume:  # the same text and the same tokenizer as the run's, checked before either is used
-        saved = ckpt.read_meta(run_dir)[1]
-        ckpt.check_text(run_dir, saved, text, fix=f"--data {cfg.data or 'pydoc'!r} must be the run's own text; resume "
-                        "with the same data or start a new --out")
-        ckpt.check_tokenizer(run_dir, saved)
+    saved = ckpt.read_meta(run_dir)[1] if resume else None
     tok_dir = ckpt.tokenizer_dir(run_dir)
-    if resume and os.path.isdir(tok_dir):
-        tokenizer = load_tokenizer(tok_dir)
+    fix = (f"--data {cfg.data or 'pydoc'!r} must be the run's own data; resume with the same data or start a new --out")
+    if cfg.data is not None and os.path.isdir(cfg.data):  # a prepared dataset (or a clear error saying how to make one)
+        prepared = open_prepared(cfg.data)
+        check_run_config(prepared, cfg)
+        if resume:  # the same shards and tokenizer as the run's, checked before either is used
+            ckpt.check_data(run_dir, saved, prepared.digest, found=f"the prepared data in {cfg.data!r}",
+                            expected="the data", fix=fix)
+            ckpt.check_tokenizer(run_dir, saved)
+        tokenizer, train_ids, val_ids, data_sha256 = prepared.tokenizer, prepared.train, prepared.val, prepared.digest
     else:
-        tokenizer = build_tokenizer(cfg.tokenizer, text=text, path=cfg.tokenizer_path)
-    split = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction)
+        text = data_lib.read_text(cfg.data, cfg.data_errors)
+        if resume:  # the same text and the same tokenizer as the run's, checked before either is used
+            ckpt.check_text(run_dir, saved, text, fix=fix.replace("own data", "own text"))
+            ckpt.check_tokenizer(run_dir, saved)
+        if resume and os.path.isdir(tok_dir):
+            tokenizer = load_tokenizer(tok_dir)
+        else:
+            tokenizer = build_tokenizer(cfg.tokenizer, text=text, path=cfg.tokenizer_path)
+        split = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction)
+        train_ids, val_ids, data_sha256 = split.train, split.val, ckpt.text_digest(text)
     model_cfg = cfg.model_config(vocab_size=tokenizer.vocab_size)
     check_fits(tokenizer, model_cfg.vocab_size,
                fix="remove vocab_size from model_overrides (it then follows the tokenizer) or raise it")
     T = cfg.context_len(model_cfg)
-    source = data_lib.Windows(split.train, T)
-    val_windows = data_lib.eval_windows(split.val, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
+    source = data_lib.Windows(train_ids, T)
+    val_windows = data_lib.eval_windows(val_ids, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
     val_windows = val_windows.reshape(cfg.eval_iters, cfg.batch_size, T + 1)  # [E, B, T+1]
-    tokenizer.save(tok_dir)
-    if not quiet:
-        print(f"data: {len(split.train):,} train / {len(split.val):,} val tokens ({getattr(tokenizer, 'kind', '?')} tokenizer)")
+    if sharding.is_main_process():  # one writer; the others wait for it, then read its digest
+        tokenizer.save(tok_dir)
+    sharding.sync("tokenizer saved")
+    if not quiet and sharding.is_main_process():
+        print(f"data: {len(train_ids):,} train / {len(val_ids):,} val tokens ({getattr(tokenizer, 'kind', '?')} tokenizer)")
     return fit(
         cfg, run_dir, model_cfg=model_cfg, source=source, val_windows=val_windows, pad_id=tokenizer.pad_id,
         resume=resume, stop_after=stop_after, quiet=quiet,
-        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__), "data_sha256": ckpt.text_digest(text),
+        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__), "data_sha256": data_sha256,
               "tokenizer_sha256": ckpt.tokenizer_digest(run_dir)},
     )

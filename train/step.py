@@ -56,8 +56,7 @@ class TeacherForcing:
         return loss_sum, n, {}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
-def _train_step(graphdef, tx, params, opt_state, batches, step, key, objective):
+def _train_step_impl(graphdef, tx, params, opt_state, batches, step, key, objective, grad_shardings=None):
     TRACE_COUNTS["train_step"] += 1
     key = step_key(key, step)
 
@@ -72,12 +71,18 @@ def _train_step(graphdef, tx, params, opt_state, batches, step, key, objective):
         (loss_sum, (n, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         new = {"loss": (loss_sum, n), **metrics}
         sums = jax.tree.map(lambda a, b: a + jnp.asarray(b, jnp.float32), sums, new)
-        return (jax.tree.map(jnp.add, grads_acc, grads), sums), None
+        grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+        if grad_shardings is not None:  # the accumulated gradient stays sharded like the parameters
+            grads_acc = jax.lax.with_sharding_constraint(grads_acc, grad_shardings)
+        return (grads_acc, sums), None
 
     zero = jnp.zeros((), jnp.float32)
     sums0 = {name: (zero, zero) for name in ("loss", *objective.metric_names)}
     A = batches.shape[0]
-    (grads, sums), _ = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), sums0), (batches, jnp.arange(A)))
+    grads0 = jax.tree.map(jnp.zeros_like, params)
+    if grad_shardings is not None:
+        grads0 = jax.lax.with_sharding_constraint(grads0, grad_shardings)
+    (grads, sums), _ = jax.lax.scan(micro, (grads0, sums0), (batches, jnp.arange(A)))
     n = jnp.maximum(sums["loss"][1], 1.0)
     grads = jax.tree.map(lambda g: g / n, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -85,6 +90,46 @@ def _train_step(graphdef, tx, params, opt_state, batches, step, key, objective):
     metrics = {name: jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0) for name, (num, den) in sums.items()}
     metrics.update(grad_norm=optax.tree.norm(grads), tokens=sums["loss"][1])
     return params, opt_state, metrics
+
+
+# One device, shardings left to JAX (the library API without a plan).
+_train_step = jax.jit(_train_step_impl, static_argnums=(0, 1), donate_argnums=(2, 3))
+
+# (graphdef, tx, plan) -> the step jitted with that plan's shardings in and out: built once per
+# architecture, optimizer and mesh, so a study over seeds (or a resumed run) compiles it once.
+_SHARDED_STEPS: dict = {}
+
+
+def sharded_train_step(graphdef, tx, plan, param_shardings, opt_shardings):
+    """The jitted step for ``plan`` (an ``arjax.model.sharding.Plan``): params and optimizer state in
+    and out with their shardings (donated), batches [A, B, T+1] split over B, everything else replicated."""
+    cache_key = (graphdef, tx, plan)
+    if cache_key not in _SHARDED_STEPS:
+        rep = plan.replicated
+        fn = functools.partial(_train_step_impl, graphdef, tx, grad_shardings=param_shardings)
+        _SHARDED_STEPS[cache_key] = jax.jit(
+            fn,
+            in_shardings=(param_shardings, opt_shardings, plan.batch_sharding(3, 1), rep, rep, rep),
+            out_shardings=(param_shardings, opt_shardings, rep),
+            donate_argnums=(0, 1),
+        )
+    return _SHARDED_STEPS[cache_key]
+
+
+_COMPILED: dict = {}
+
+
+def compiled_train_step(step_fn, params, opt_state, batches, objective):
+    """``step_fn`` (from ``sharded_train_step``) compiled ahead for these shapes, cached: the caller
+    reads the per-device memory (``.memory_analysis()``) before step 0, and every later fit of the
+    same shapes reuses the executable instead of compiling it again."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            (params, opt_state, batches))
+    cache_key = (step_fn, jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract)), jax.tree.structure(objective))
+    if cache_key not in _COMPILED:
+        step0 = jnp.zeros((), jnp.int32)
+        _COMPILED[cache_key] = step_fn.lower(*abstract, step0, seed_key(0), objective).compile()
+    return _COMPILED[cache_key]
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, objective=None):

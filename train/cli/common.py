@@ -81,3 +81,10 @@ class Help(argparse.HelpFormatter):
         if "default" not in text and not any(action.default is x for x in (None, False, argparse.SUPPRESS)):
             text += f" (default: {action.default})"
         return text
+
+
+def add_mesh_flags(parser) -> None:
+    """``--mesh AXIS=SIZE,...``: the devices a command runs on (arjax.model.sharding)."""
+    parser.add_argument("--mesh", metavar="AXIS=N,...",
+                        help="device mesh, e.g. data=4,model=2 (axes data, fsdp, model; -1 takes the devices left over; "
+                             "default: the config's, else data-parallel over every device)")

@@ -12,7 +12,8 @@ from rich.text import Text
 
 from arjax.decode import SamplingParams, stream
 from arjax.train.checkpoint import load_model
-from arjax.train.cli.common import Help, UsageError
+from arjax.model.sharding import parse_mesh
+from arjax.train.cli.common import Help, UsageError, add_mesh_flags
 from arjax.train.cli.convert import load_hf_for_generate
 
 
@@ -43,8 +44,11 @@ def _load_for_generate(args):
     if bool(args.ckpt) == bool(args.hf):
         raise UsageError("pass exactly one of --ckpt DIR (an arjax run) or --hf DIR (a Hugging Face checkpoint)")
     if args.hf:
+        if args.mesh:
+            raise UsageError("--mesh works with --ckpt; convert the Hugging Face checkpoint first (arjax convert --from-hf)")
         return load_hf_for_generate(args.hf)
-    model, tokenizer, _ = load_model(args.ckpt)
+    # Tensor-parallel weights when a mesh is given; the KV cache follows them (rows and KV heads split).
+    model, tokenizer, _ = load_model(args.ckpt, mesh=parse_mesh(args.mesh) if args.mesh else None, preset="tp")
     return model, tokenizer
 
 
@@ -160,4 +164,5 @@ def register(sub) -> None:
     p.add_argument("--eos", type=int, action="append", metavar="ID", help="token id that ends a row, repeatable (default: the tokenizer's EOS, if any)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="text of one token that ends a row, e.g. '\\n'; repeatable, combines with --eos")
     p.add_argument("--chunk-steps", type=int, metavar="N", default=8, help="decode steps per streamed chunk (smaller: smoother output, more overhead)")
+    add_mesh_flags(p)
     p.set_defaults(func=cmd_generate)

@@ -10,10 +10,12 @@ import numpy as np
 from flax import nnx
 
 from arjax.train import data as data_lib
-from arjax.train.checkpoint import check_text, load_model, read_meta, verify
-from arjax.train.cli.common import Help, UsageError
+from arjax.train.checkpoint import check_data, check_text, load_model, read_meta, verify
+from arjax.model.sharding import PRESET_NAMES, init_distributed, parse_mesh
+from arjax.train.cli.common import Help, UsageError, add_mesh_flags
 from arjax.train.config import TrainConfig, from_dict, load_yaml, parse_yaml_value
 from arjax.train.loop import train
+from arjax.train.prepare import open_prepared
 from arjax.train.step import make_eval_step
 
 # CLI flag -> TrainConfig field, for the common overrides.
@@ -21,7 +23,7 @@ _TRAIN_FLAGS = {
     "data": "data", "data_errors": "data_errors", "model": "model", "tokenizer": "tokenizer", "steps": "steps", "batch_size": "batch_size",
     "seq_len": "seq_len", "accum_steps": "accum_steps", "lr": "lr", "warmup_steps": "warmup_steps",
     "min_lr": "min_lr", "weight_decay": "weight_decay", "seed": "seed", "eval_interval": "eval_interval",
-    "ckpt_interval": "ckpt_interval", "log_interval": "log_interval",
+    "ckpt_interval": "ckpt_interval", "log_interval": "log_interval", "sharding": "sharding",
 }
 
 
@@ -61,6 +63,8 @@ def train_config_from_args(args) -> TrainConfig:
     defaults), then the flags, then ``--set``; merged as mappings and checked once, so a flag can
     fix what the file alone would not allow."""
     overrides = {field: getattr(args, flag) for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.mesh is not None:
+        overrides["mesh"] = parse_mesh(args.mesh)
     if args.config:
         base = load_yaml(args.config, "config file", "tpu_configs/")
     elif args.resume:
@@ -80,6 +84,8 @@ def train_config_from_args(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
+    # Before anything touches a device: one process of several joins the others.
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = train_config_from_args(args)
     result = train(cfg, args.out, resume=args.resume, quiet=args.quiet)
     val = result["val_losses"][-1][1] if result["val_losses"] else float("nan")
@@ -110,7 +116,13 @@ def evaluate_run(run_dir: str, data: str | None = None, *, batch_size: int | Non
     T = model.cfg.max_len if cfg is None else cfg.context_len(model.cfg)
     B = batch_size if batch_size is not None else (8 if cfg is None else cfg.batch_size)
     E = iters if iters is not None else (8 if cfg is None else cfg.eval_iters)
-    if data is None:
+    if data is None and cfg.data is not None and os.path.isdir(cfg.data):  # a prepared dataset
+        prepared = open_prepared(cfg.data)
+        check_data(run_dir, read_meta(run_dir)[1], prepared.digest, found=f"the prepared data in {cfg.data!r}", expected="the data",
+                   fix=f"{cfg.data!r} is the run's data path, read from {os.getcwd()!r}: run eval from where you "
+                   "trained, or pass --data FILE to evaluate on a file of your choice")
+        ids = prepared.val
+    elif data is None:
         text = data_lib.read_text(cfg.data, cfg.data_errors)
         check_text(run_dir, read_meta(run_dir)[1], text,
                    fix=f"{cfg.data!r} is the run's data path, read from {os.getcwd()!r}: run eval from where you "
@@ -161,7 +173,7 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="YAML", help="run config file, e.g. tpu_configs/cpu-demo.yaml (default: built-in defaults)")
     p.add_argument("--out", metavar="DIR", default="runs/default", help="run directory for checkpoints, tokenizer and metrics")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (exactly reproducible); without --config it reuses the run's saved config")
-    p.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on (default: the config's; none means Python's bundled pydoc topics)")
+    p.add_argument("--data", metavar="FILE|DIR", help="UTF-8 text file, or a directory written by `arjax data prepare`, to train on (default: the config's; none means Python's bundled pydoc topics)")
     p.add_argument("--data-errors", choices=("strict", "replace"), help="bytes of --data that are not UTF-8: refuse the file (strict) or read them as U+FFFD (replace) (default: the config's, else strict)")
     p.add_argument("--model", metavar="PRESET", help="model preset name, e.g. demo, tiny, shakespeare-char, gpt2-small (default: the config's)")
     p.add_argument("--tokenizer", choices=("byte", "char", "hf"), help="tokenizer kind (default: the config's)")
@@ -181,6 +193,11 @@ def register(sub) -> None:
                    help="any other TrainConfig key, repeatable; model.KEY=VALUE overrides the model preset, "
                    "dotted keys reach nested ones, e.g. scheduled_sampling.feed=argmax")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mesh_flags(p)
+    p.add_argument("--sharding", choices=PRESET_NAMES, help="how parameters are placed on the mesh (default: the config's, else auto)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS; TPU pods need none)")
+    p.add_argument("--num-processes", type=int, metavar="N", help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's id, 0..N-1 (or JAX_PROCESS_ID)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
