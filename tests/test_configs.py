@@ -37,11 +37,52 @@ def test_nanogpt_recipes():
     assert (cpu.lr, cpu.min_lr, cpu.lr_decay_steps, m.dropout) == (1e-3, 1e-4, 2000, 0.0)
 
 
-def test_tpu_configs_use_bf16_and_keep_placeholder_mesh():
+def test_tpu_configs_use_bf16():
     for path in CONFIG_DIR.glob("gpt2-small-*.yaml"):
         cfg = load_config(str(path))
         assert cfg.model_config(vocab_size=None).dtype == "bfloat16"
-        assert cfg.mesh is not None  # parsed and stored, not yet used
+
+
+RESOLVE = """
+import json, sys
+import jax
+from arjax.model.sharding import describe, make_plan
+from arjax.train.config import load_config
+out = {}
+for path, n in json.loads(sys.argv[1]).items():
+    cfg = load_config(path)
+    plan = make_plan(cfg.mesh, cfg.sharding, model_cfg=cfg.model_config(vocab_size=None), batch_size=cfg.batch_size,
+                     devices=jax.devices()[:n])
+    out[path] = dict(plan.mesh.shape) | {"preset": plan.preset}
+print(json.dumps(out))
+"""
+
+
+def test_every_config_names_its_devices_and_its_mesh_resolves_on_them(subprocess_env):
+    """Each config's first line names its device count; its mesh, sharding preset, batch and model
+    resolve on that many (fake CPU) devices, every device used."""
+    import json
+    import subprocess
+    import sys
+
+    counts = {}
+    for path in ALL:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# devices: "), f"{path.name}: first line should be '# devices: N'"
+        counts[str(path)] = int(first.split(":")[1])
+        assert load_config(str(path)).mesh is not None, f"{path.name} names no mesh"
+    env = {**subprocess_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=32", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", RESOLVE, json.dumps(counts)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meshes = json.loads(proc.stdout.splitlines()[-1])
+    for path, n in counts.items():
+        m = meshes[path]
+        assert m["data"] * m["fsdp"] * m["model"] == n, (path, m)
+    by_name = {pathlib.Path(p).name: m for p, m in meshes.items()}
+    assert by_name["gpt2-small-kaggle-v5e-8.yaml"] == {"data": 8, "fsdp": 1, "model": 1, "preset": "dp"}
+    assert by_name["gpt2-small-v4-8.yaml"] == {"data": 1, "fsdp": 4, "model": 1, "preset": "fsdp"}
+    assert by_name["gpt2-small-v5e-32-multihost.yaml"] == {"data": 4, "fsdp": 8, "model": 1, "preset": "fsdp"}
 
 
 def test_unknown_key_is_named_with_the_valid_keys(tmp_path):
