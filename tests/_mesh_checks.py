@@ -238,6 +238,10 @@ def phase_restore(out: str) -> None:
         out_tp = generate(model, prompts, max_new_tokens=12)
         result[f"generate_tp{tp}_equal"] = bool(np.array_equal(out_tp.tokens, ref.tokens))
         result[f"generate_tp{tp}_devices"] = len(model.blocks[0].attn.q.kernel[...].sharding.device_set)
+    from arjax.train.cli import main as cli_main
+
+    result["cli_generate_tp2"] = cli_main(["generate", "--ckpt", straight, "--mesh", "model=2", "--temperature", "0",
+                                           "--max-new-tokens", "4", "--prompt", "ab"])
     save(out, "restore", result)
 
 

@@ -133,13 +133,16 @@ def _free_port() -> int:
 def mesh_results(tmp_path_factory, subprocess_env):
     out = str(tmp_path_factory.mktemp("mesh"))
     _wait(_run(["eight"], 8, subprocess_env, out), "eight")
-    _wait(_run(["restore"], 8, subprocess_env, out), "restore")
-    _wait(_run(["one"], 1, subprocess_env, out), "one")
+    # Independent of each other: run side by side (their XLA compiles are mostly single-threaded).
+    restore, one = _run(["restore"], 8, subprocess_env, out), _run(["one"], 1, subprocess_env, out)
+    _wait(restore, "restore")
+    _wait(one, "one")
     port = _free_port()
     hosts = [_run(["host", i, port], 2, subprocess_env, out) for i in (0, 1)]
-    for i, proc in enumerate(hosts):
+    four = _run(["four"], 4, subprocess_env, out)
+    for proc in hosts:
         _wait(proc, "host")
-    _wait(_run(["four"], 4, subprocess_env, out), "four")
+    _wait(four, "four")
     results = {}
     for name in ("eight", "restore", "one", "host0", "host1", "four"):
         with open(os.path.join(out, f"{name}.json")) as f:
@@ -195,6 +198,7 @@ def test_tensor_parallel_greedy_decoding_equals_one_device(mesh_results):
     r = mesh_results["restore"]
     assert r["generate_tp2_equal"] and r["generate_tp4_equal"]  # 2 KV heads: split on tp=2, replicated on tp=4
     assert (r["generate_tp2_devices"], r["generate_tp4_devices"]) == (2, 4)
+    assert r["cli_generate_tp2"] == 0  # arjax generate --mesh model=2
 
 
 @pytest.mark.slow
@@ -216,3 +220,22 @@ def test_two_processes_train_like_one_process_of_four_devices(mesh_results):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5)
     assert sorted(os.listdir(os.path.join(mesh_results["dir"], "hosts", "checkpoints"))) == ["2", "4"]
+
+
+def test_a_step_that_will_not_fit_warns_naming_the_knobs(tmp_path, monkeypatch):
+    import numpy as np
+
+    from arjax.train import loop, perf
+    from arjax.train.data import Windows
+
+    monkeypatch.setattr(perf, "device_memory_bytes", lambda device: 1024)  # a 1 KiB device
+    cfg = TrainConfig(model="tiny", model_overrides={"n_layers": 1}, batch_size=2, seq_len=8, steps=1, warmup_steps=1,
+                      eval_iters=1, log_interval=1)
+    ids = np.arange(200, dtype=np.int32) % 256
+    with pytest.warns(UserWarning, match=r"the train step needs \d+\.\d+ GiB per device but a device has 0\.0 GiB; lower "
+                                         r"batch_size \(2\) and raise accum_steps \(1\).*mesh fsdp or model > 1"):
+        result = loop.fit(cfg, str(tmp_path / "r"), model_cfg=cfg.model_config(vocab_size=None), source=Windows(ids, 8),
+                          val_windows=ids[:18].reshape(1, 2, 9), quiet=True)
+    assert result["final_step"] == 1
+    record = json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
+    assert {"tokens_per_s", "tokens_per_s_per_device", "mfu"} <= set(record) and 0 < record["mfu"] < 1
