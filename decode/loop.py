@@ -13,8 +13,10 @@ from flax import nnx, struct
 
 from arjax.decode.sampling import SamplingParams, sample
 from arjax.model import KVCache, Transformer, init_cache
+from arjax.model.quant import check_kv_cache_dtype
 from arjax.model.rng import check_seed, seed_key
 from arjax.model.sharding import cache_sharding, mesh_of
+from arjax.decode.speculative import DraftModel, PromptLookup, check_draft, spec_loop, spec_start
 
 # stop_reason codes held in DecodeState; GenerateOutput spells them out.
 RUNNING, STOP_EOS, STOP_LENGTH = 0, 1, 2
@@ -61,7 +63,11 @@ class GenerateOutput:
     stop_reason [B] str: 'eos' (emitted one of eos_ids) or 'length' (reached max_new_tokens).
     logprobs [B, N] float32: log-probability of each emitted token under the model's own
         distribution (raw logits, temperature 1, before penalty and filters); 0 after the end.
-    num_steps: decode steps the loop ran (< N when every row stopped early).
+    num_steps: decode steps the loop ran (< N when every row stopped early); with a draft, the
+        target's forward passes after prefill (rounds).
+    acceptance_rate, tokens_per_pass (speculative decoding only, else None): drafts accepted over
+        drafts proposed (rows still running), and tokens emitted per row per target pass (prefill's
+        counted).
     """
 
     tokens: np.ndarray
@@ -69,6 +75,8 @@ class GenerateOutput:
     stop_reason: np.ndarray
     logprobs: np.ndarray
     num_steps: int
+    acceptance_rate: float | None = None
+    tokens_per_pass: float | None = None
 
 
 def prefill(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -189,16 +197,17 @@ def _loop(model, state: DecodeState, sampling, eos_ids, pad_id, limit) -> Decode
 
 
 def _start_impl(graphdef, num_slots, cache_len, cache_sharding, params, tokens, positions, rng, max_steps, sampling,
-                eos_ids, pad_id, limit):
+                eos_ids, pad_id, limit, cache_dtype=None):
     """Prefill + the first chunk of the loop, one program (generate's single jitted call).
 
     ``cache_sharding`` (static; None on one device): where the cache's keys and values live when
     the weights are sharded, rows over the batch axes and KV heads over the model axis.
+    ``cache_dtype`` (static): ``init_cache``'s dtype, None (the model's), a float dtype or "int8".
     """
     TRACE_COUNTS["start"] += 1
     model = nnx.merge(graphdef, params)
     B = tokens.shape[0]
-    cache = init_cache(model.cfg, B, cache_len)
+    cache = init_cache(model.cfg, B, cache_len, cache_dtype)
     if cache_sharding is not None:
         constrain = lambda kv: tuple(jax.lax.with_sharding_constraint(x, cache_sharding) for x in kv)  # noqa: E731
         cache = cache.replace(k=constrain(cache.k), v=constrain(cache.v))
@@ -213,8 +222,30 @@ def _resume_impl(graphdef, params, state, sampling, eos_ids, pad_id, limit):
     return _loop(nnx.merge(graphdef, params), state, sampling, eos_ids, pad_id, limit)
 
 
-_start = jax.jit(_start_impl, static_argnums=(0, 1, 2, 3))
+_start = jax.jit(_start_impl, static_argnums=(0, 1, 2, 3), static_argnames=("cache_dtype",))
 _resume = jax.jit(_resume_impl, static_argnums=(0,), donate_argnums=(2,))
+
+
+def _spec_start_impl(graphdef, draft_graphdef, num_slots, cache_len, k, ngram, params, draft_params, tokens, positions,
+                     rng, max_steps, sampling, eos_ids, pad_id, limit):
+    """Speculative decoding's prefill, first token and first chunk of rounds, one program."""
+    TRACE_COUNTS["spec_start"] += 1
+    target = nnx.merge(graphdef, params)
+    draft = None if draft_graphdef is None else nnx.merge(draft_graphdef, draft_params)
+    state = spec_start(target, draft, tokens, positions, rng, max_steps, sampling, eos_ids, pad_id,
+                       num_slots=num_slots, cache_len=cache_len, k=k)
+    return spec_loop(target, draft, state, sampling, eos_ids, pad_id, limit, k=k, ngram=ngram)
+
+
+def _spec_resume_impl(graphdef, draft_graphdef, k, ngram, params, draft_params, state, sampling, eos_ids, pad_id, limit):
+    TRACE_COUNTS["spec_resume"] += 1
+    target = nnx.merge(graphdef, params)
+    draft = None if draft_graphdef is None else nnx.merge(draft_graphdef, draft_params)
+    return spec_loop(target, draft, state, sampling, eos_ids, pad_id, limit, k=k, ngram=ngram)
+
+
+_spec_start = jax.jit(_spec_start_impl, static_argnums=(0, 1, 2, 3, 4, 5))
+_spec_resume = jax.jit(_spec_resume_impl, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
 
 
 def bucket(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
@@ -232,10 +263,13 @@ class _Plan:
     cache_len: int
     max_new_tokens: int
     eos_ids: np.ndarray  # [E] int32, -1 padded
+    cache_dtype: str | None = None  # kv_cache_dtype: None (the model's dtype), a float dtype name or "int8"
 
 
-def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len, buckets, seed=0) -> _Plan:
+def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len, buckets, seed=0, extra_slots=0,
+          kv_cache_dtype=None) -> _Plan:
     """Every check of user input happens here, before anything is traced."""
+    kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)  # its name, hashable: a static argument
     cfg = model.cfg
     V = cfg.vocab_size
     if hasattr(prompts, "shape") and len(prompts.shape) == 2:  # a [B, P] array of equal-length prompts
@@ -288,6 +322,15 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
     # Prompt width: its bucket, shrunk only when the cache cannot hold bucket + new tokens.
     P = min(bucket(longest, buckets), cache_len - max_new_tokens)
     num_slots = bucket(max_new_tokens, buckets)
+    if extra_slots:
+        # Speculative decoding writes up to k slots past a row's last token before checking them.
+        cache_len = P + num_slots + extra_slots
+        if cfg.pos == "learned" and cache_len > cfg.max_len:
+            if P + max_new_tokens + extra_slots - 1 > cfg.max_len:
+                raise ValueError(
+                    f"speculative decoding needs the prompt ({P} slots) + max_new_tokens ({max_new_tokens}) + k - 1 "
+                    f"({extra_slots - 1}) cache slots, over the model's max_len={cfg.max_len}; lower max_new_tokens or k")
+            cache_len = cfg.max_len
 
     tokens = np.full((B, P), pad_id, np.int32)
     positions = np.full((B, P), -1, np.int32)
@@ -306,7 +349,8 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams (SamplingParams.make(batch, ...)) or None, got {type(sampling).__name__}")
         sampling.validate(batch=B, vocab_size=V)
-    return _Plan(tokens=tokens, positions=positions, num_slots=num_slots, cache_len=cache_len, max_new_tokens=int(max_new_tokens), eos_ids=eos)
+    return _Plan(tokens=tokens, positions=positions, num_slots=num_slots, cache_len=cache_len, max_new_tokens=int(max_new_tokens), eos_ids=eos,
+                 cache_dtype=kv_cache_dtype)
 
 
 def stream(
@@ -321,6 +365,8 @@ def stream(
     max_len: int | None = None,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     chunk_steps: int | None = 16,
+    draft: DraftModel | PromptLookup | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> Iterator[list[np.ndarray]]:
     """Decode in chunks of ``chunk_steps`` steps, yielding each chunk's new tokens per row.
 
@@ -328,17 +374,22 @@ def stream(
     return value (``StopIteration.value``) is the full ``GenerateOutput``. The first chunk runs
     prefill and the loop in one jitted program; later chunks resume the loop with the state
     donated. ``chunk_steps=None`` runs everything in one chunk (that is ``generate``). Tokens
-    are the same as generate's for the same arguments, whatever the chunking.
+    are the same as generate's for the same arguments, whatever the chunking. With a ``draft``
+    (speculative decoding, ``arjax.decode.speculative``) a chunk is ``chunk_steps`` target passes.
     """
     if chunk_steps is not None and (not isinstance(chunk_steps, (int, np.integer)) or chunk_steps < 1):
         raise ValueError(f"chunk_steps={chunk_steps!r} must be an int >= 1 (or None for one chunk)")
-    plan = _plan(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id, max_len=max_len, buckets=buckets, seed=seed)
+    if draft is not None:
+        check_draft(draft, model)
+    plan = _plan(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
+                 max_len=max_len, buckets=buckets, seed=seed, extra_slots=0 if draft is None else int(draft.k),
+                 kv_cache_dtype=kv_cache_dtype)
     # Validation above runs at call time; the decoding below runs as the caller iterates.
-    return _run(model, plan, sampling, seed, pad_id, chunk_steps)
+    return _run(model, plan, sampling, seed, pad_id, chunk_steps, draft)
 
 
-def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps) -> Iterator[list[np.ndarray]]:
-    """The one decoding loop behind stream and generate."""
+def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None) -> Iterator[list[np.ndarray]]:
+    """The one decoding loop behind stream and generate, plain or speculative."""
     B = plan.tokens.shape[0]
     sampling = SamplingParams.greedy(B) if sampling is None else sampling
     # Split on every call rather than caching the state: the weights may have changed since the
@@ -348,30 +399,47 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps) -> Iterator[li
     N = plan.max_new_tokens
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     eos, pad = jnp.asarray(plan.eos_ids), i32(pad_id)
+    tokens, positions = jnp.asarray(plan.tokens), jnp.asarray(plan.positions)
 
     limit = min(chunk, N)
-    mesh = mesh_of(params)  # tensor-parallel weights: the cache is sharded to match
-    kv_sharding = None if mesh is None else cache_sharding(mesh, B, model.cfg.num_kv_heads)
-    state = _start(
-        graphdef, plan.num_slots, plan.cache_len, kv_sharding, params, jnp.asarray(plan.tokens), jnp.asarray(plan.positions),
-        seed_key(seed), i32(N), sampling, eos, pad, i32(limit),
-    )
+    if draft is None:
+        mesh = mesh_of(params)  # tensor-parallel weights: the cache is sharded to match
+        kv_sharding = None if mesh is None else cache_sharding(mesh, B, model.cfg.num_kv_heads)
+        state = _start(graphdef, plan.num_slots, plan.cache_len, kv_sharding, params, tokens, positions,
+                       seed_key(seed), i32(N), sampling, eos, pad, i32(limit), cache_dtype=plan.cache_dtype)
+        resume = lambda state, limit: _resume(graphdef, params, state, sampling, eos, pad, i32(limit))  # noqa: E731
+        steps_of = lambda state: state.step  # noqa: E731
+    else:
+        draft_graphdef, draft_params = nnx.split(draft.model) if isinstance(draft, DraftModel) else (None, None)
+        k, ngram = int(draft.k), int(getattr(draft, "ngram", 0))
+        state = _spec_start(graphdef, draft_graphdef, plan.num_slots, plan.cache_len, k, ngram, params, draft_params,
+                            tokens, positions, seed_key(seed), i32(N), sampling, eos, pad, i32(limit))
+        resume = lambda state, limit: _spec_resume(graphdef, draft_graphdef, k, ngram, params, draft_params, state,  # noqa: E731
+                                                   sampling, eos, pad, i32(limit))
+        steps_of = lambda state: state.rounds  # noqa: E731
     emitted = np.zeros(B, np.int64)
     while True:
-        tokens, lengths, done, step = jax.device_get((state.tokens, state.lengths, state.done, state.step))
-        yield [tokens[i, emitted[i] : lengths[i]] for i in range(B)]
+        out, lengths, done, step = jax.device_get((state.tokens, state.lengths, state.done, steps_of(state)))
+        yield [out[i, emitted[i] : lengths[i]] for i in range(B)]
         emitted = lengths.astype(np.int64)
         if done.all() or step >= N:
             break
         limit = min(int(step) + chunk, N)
-        state = _resume(graphdef, params, state, sampling, eos, pad, i32(limit))
-    tokens, lengths, logprobs, reason, step = jax.device_get((state.tokens, state.lengths, state.logprobs, state.stop_reason, state.step))
+        state = resume(state, limit)
+    out, lengths, logprobs, reason, step = jax.device_get((state.tokens, state.lengths, state.logprobs, state.stop_reason,
+                                                           steps_of(state)))
+    stats = {}
+    if draft is not None:
+        drafted, accepted = jax.device_get((state.drafted, state.accepted))
+        stats = {"acceptance_rate": float(accepted.sum() / max(drafted.sum(), 1)),
+                 "tokens_per_pass": float(lengths.sum() / max(B * (int(step) + 1), 1))}
     return GenerateOutput(
-        tokens=np.asarray(tokens[:, :N]),
+        tokens=np.asarray(out[:, :N]),
         lengths=np.asarray(lengths),
         stop_reason=np.array([STOP_NAMES[int(r)] for r in reason]),
         logprobs=np.asarray(logprobs[:, :N]),
         num_steps=int(step),
+        **stats,
     )
 
 
@@ -386,6 +454,8 @@ def generate(
     pad_id: int = 0,
     max_len: int | None = None,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
+    draft: DraftModel | PromptLookup | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> GenerateOutput:
     """Continue each prompt (a list of token ids; lengths may differ) by up to ``max_new_tokens``.
 
@@ -395,10 +465,13 @@ def generate(
     the model's max_len). Prompt widths and max_new_tokens are rounded up to ``buckets`` so that
     new lengths inside a bucket, new sampling values, seeds and EOS ids reuse the compiled
     program. One jitted call: prefill + ``lax.while_loop``, which exits when every row is done.
+    kv_cache_dtype: None (the model's dtype), a float dtype, or "int8" (int8 keys and values with
+    a scale per token and KV head, ``arjax.model.quant``); int8 weights: ``arjax.model.quantize``.
     """
     it = stream(
         model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, seed=seed,
-        pad_id=pad_id, max_len=max_len, buckets=buckets, chunk_steps=None,
+        pad_id=pad_id, max_len=max_len, buckets=buckets, chunk_steps=None, draft=draft,
+        kv_cache_dtype=kv_cache_dtype,
     )
     while True:
         try:
