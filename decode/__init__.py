@@ -1,8 +1,10 @@
 """arjax.decode: prefill, the jitted while_loop decoder, and samplers.
 
     sampling.py   SamplingParams (per-row traced values), filter_logits (HF's pipeline), sample
-    loop.py       DecodeState, the pure decode_step, prefill, and generate / stream (one jitted
-                  prefill + lax.while_loop, bucketed shapes)
+    loop.py       DecodeState, the pure decode_step, prefill, and generate / stream / stream_text
+                  (one jitted prefill + lax.while_loop, bucketed shapes)
+    speculative.py  DraftModel, PromptLookup: speculative decoding in the same jitted loop
+    stops.py      stop strings, checked on the decoded text between chunks
 """
 
 from arjax.decode.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
@@ -16,7 +18,9 @@ from arjax.decode.loop import (
     init_state,
     prefill,
     stream,
+    stream_text,
 )
+from arjax.decode.speculative import DraftModel, PromptLookup
 
 __all__ = [
     "SamplingParams",
@@ -32,4 +36,7 @@ __all__ = [
     "init_state",
     "prefill",
     "stream",
+    "stream_text",
+    "DraftModel",
+    "PromptLookup",
 ]

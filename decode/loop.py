@@ -17,10 +17,11 @@ from arjax.model.quant import check_kv_cache_dtype
 from arjax.model.rng import check_seed, seed_key
 from arjax.model.sharding import cache_sharding, mesh_of
 from arjax.decode.speculative import DraftModel, PromptLookup, check_draft, spec_loop, spec_start
+from arjax.decode.stops import StopStrings
 
 # stop_reason codes held in DecodeState; GenerateOutput spells them out.
-RUNNING, STOP_EOS, STOP_LENGTH = 0, 1, 2
-STOP_NAMES = {RUNNING: "running", STOP_EOS: "eos", STOP_LENGTH: "length"}
+RUNNING, STOP_EOS, STOP_LENGTH, STOP_STRING = 0, 1, 2, 3
+STOP_NAMES = {RUNNING: "running", STOP_EOS: "eos", STOP_LENGTH: "length", STOP_STRING: "stop"}
 
 # Prompt widths and output-buffer sizes are rounded up to one of these, so a new prompt length
 # or max_new_tokens inside a bucket reuses the compiled program.
@@ -65,6 +66,8 @@ class GenerateOutput:
         distribution (raw logits, temperature 1, before penalty and filters); 0 after the end.
     num_steps: decode steps the loop ran (< N when every row stopped early); with a draft, the
         target's forward passes after prefill (rounds).
+    texts (with stop strings only, else None): each row's decoded text, ending before the stop string
+        (``tokens`` then end with the token that completed it; ``stop_reason`` 'stop').
     acceptance_rate, tokens_per_pass (speculative decoding only, else None): drafts accepted over
         drafts proposed (rows still running), and tokens emitted per row per target pass (prefill's
         counted).
@@ -77,6 +80,7 @@ class GenerateOutput:
     num_steps: int
     acceptance_rate: float | None = None
     tokens_per_pass: float | None = None
+    texts: list[str] | None = None
 
 
 def prefill(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -367,6 +371,9 @@ def stream(
     chunk_steps: int | None = 16,
     draft: DraftModel | PromptLookup | None = None,
     kv_cache_dtype: str | None = None,
+    stop: Sequence[str] = (),
+    tokenizer=None,
+    _text: bool = False,
 ) -> Iterator[list[np.ndarray]]:
     """Decode in chunks of ``chunk_steps`` steps, yielding each chunk's new tokens per row.
 
@@ -374,7 +381,9 @@ def stream(
     return value (``StopIteration.value``) is the full ``GenerateOutput``. The first chunk runs
     prefill and the loop in one jitted program; later chunks resume the loop with the state
     donated. ``chunk_steps=None`` runs everything in one chunk (that is ``generate``). Tokens
-    are the same as generate's for the same arguments, whatever the chunking. With a ``draft``
+    are the same as generate's for the same arguments, whatever the chunking. ``stop``: strings
+    that end a row when its text (``tokenizer.decode``) holds one (``arjax.decode.stops``), checked
+    between chunks; a row's tokens then end with the one that completed it. With a ``draft``
     (speculative decoding, ``arjax.decode.speculative``) a chunk is ``chunk_steps`` target passes.
     """
     if chunk_steps is not None and (not isinstance(chunk_steps, (int, np.integer)) or chunk_steps < 1):
@@ -385,11 +394,24 @@ def stream(
                  max_len=max_len, buckets=buckets, seed=seed, extra_slots=0 if draft is None else int(draft.k),
                  kv_cache_dtype=kv_cache_dtype)
     # Validation above runs at call time; the decoding below runs as the caller iterates.
-    return _run(model, plan, sampling, seed, pad_id, chunk_steps, draft)
+    stops = StopStrings(tokenizer, stop, plan.tokens.shape[0])
+    return _run(model, plan, sampling, seed, pad_id, chunk_steps, draft, stops, text=_text)
 
 
-def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None) -> Iterator[list[np.ndarray]]:
-    """The one decoding loop behind stream and generate, plain or speculative."""
+def stream_text(model: Transformer, prompts, *, tokenizer, chunk_steps: int | None = 8, **kwargs) -> Iterator[list[str]]:
+    """``stream``, yielding each row's new text instead of its tokens: never text after a stop string
+    (a tail that could still become one is held back until it cannot), nor half a UTF-8 character.
+    Takes ``stream``'s arguments; its return value is the ``GenerateOutput`` (``texts`` with stop strings)."""
+    return stream(model, prompts, tokenizer=tokenizer, chunk_steps=chunk_steps, _text=True, **kwargs)
+
+
+def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None, stops: StopStrings | None = None,
+         text: bool = False) -> Iterator[list]:
+    """The one decoding loop behind stream, stream_text and generate, plain or speculative.
+
+    Between chunks, rows whose text holds a stop string (``stops``) are marked done on the device and
+    cut at the token that completed it. Yields each row's new tokens, or (``text``) its new visible text.
+    """
     B = plan.tokens.shape[0]
     sampling = SamplingParams.greedy(B) if sampling is None else sampling
     # Split on every call rather than caching the state: the weights may have changed since the
@@ -418,27 +440,47 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None) ->
                                                    sampling, eos, pad, i32(limit))
         steps_of = lambda state: state.rounds  # noqa: E731
     emitted = np.zeros(B, np.int64)
+    stops = stops or StopStrings(None, (), B)
+    cut = np.full(B, np.iinfo(np.int64).max)  # tokens kept by rows that hit a stop string
     while True:
         out, lengths, done, step = jax.device_get((state.tokens, state.lengths, state.done, steps_of(state)))
-        yield [out[i, emitted[i] : lengths[i]] for i in range(B)]
+        # Every row, finished ones too: a stop string may precede an EOS or the length limit in this chunk.
+        hit = np.array([stops.check(i, out[i, :lengths[i]]) for i in range(B)], bool)
+        if stops.stops:
+            cut = np.array([r.cut if r.cut is not None else cut[i] for i, r in enumerate(stops.rows)])
+            lengths = np.minimum(lengths, cut)
+        if text:
+            yield [stops.delta(i, out[i, :lengths[i]], final=bool(done[i] or hit[i])) for i in range(B)]
+        else:
+            yield [out[i, emitted[i] : lengths[i]] for i in range(B)]
         emitted = lengths.astype(np.int64)
-        if done.all() or step >= N:
+        if (done | hit).all() or step >= N:
             break
+        if hit.any():  # those rows stop costing steps
+            state = state.replace(done=state.done | jnp.asarray(hit))
         limit = min(int(step) + chunk, N)
         state = resume(state, limit)
     out, lengths, logprobs, reason, step = jax.device_get((state.tokens, state.lengths, state.logprobs, state.stop_reason,
                                                            steps_of(state)))
+    stopped = cut < np.iinfo(np.int64).max
+    if stopped.any():  # cut at the token that completed the stop string
+        lengths = np.where(stopped, np.minimum(lengths, cut), lengths)
+        cols = np.arange(out.shape[1])[None, :] >= lengths[:, None]
+        out, logprobs = np.where(cols, pad_id, out), np.where(cols, 0.0, logprobs)
+        reason = np.where(stopped, STOP_STRING, reason)
     stats = {}
     if draft is not None:
         drafted, accepted = jax.device_get((state.drafted, state.accepted))
         stats = {"acceptance_rate": float(accepted.sum() / max(drafted.sum(), 1)),
                  "tokens_per_pass": float(lengths.sum() / max(B * (int(step) + 1), 1))}
+    texts = [stops.visible(i, out[i, :lengths[i]], final=True) for i in range(B)] if stops.stops else None
     return GenerateOutput(
         tokens=np.asarray(out[:, :N]),
         lengths=np.asarray(lengths),
         stop_reason=np.array([STOP_NAMES[int(r)] for r in reason]),
         logprobs=np.asarray(logprobs[:, :N]),
         num_steps=int(step),
+        texts=texts,
         **stats,
     )
 
@@ -456,6 +498,8 @@ def generate(
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     draft: DraftModel | PromptLookup | None = None,
     kv_cache_dtype: str | None = None,
+    stop: Sequence[str] = (),
+    tokenizer=None,
 ) -> GenerateOutput:
     """Continue each prompt (a list of token ids; lengths may differ) by up to ``max_new_tokens``.
 
@@ -467,14 +511,17 @@ def generate(
     program. One jitted call: prefill + ``lax.while_loop``, which exits when every row is done.
     kv_cache_dtype: None (the model's dtype), a float dtype, or "int8" (int8 keys and values with
     a scale per token and KV head, ``arjax.model.quant``); int8 weights: ``arjax.model.quantize``.
+    draft: speculative decoding (``arjax.decode.speculative``: ``DraftModel`` or ``PromptLookup``).
+    stop: strings that end a row (with ``tokenizer``): ``texts`` then holds each row's text up to
+    one; the loop runs in chunks of 16 steps so that such rows stop early.
     """
     it = stream(
         model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, seed=seed,
-        pad_id=pad_id, max_len=max_len, buckets=buckets, chunk_steps=None, draft=draft,
-        kv_cache_dtype=kv_cache_dtype,
+        pad_id=pad_id, max_len=max_len, buckets=buckets, chunk_steps=16 if stop else None, draft=draft,
+        kv_cache_dtype=kv_cache_dtype, stop=stop, tokenizer=tokenizer,
     )
     while True:
         try:
             next(it)
-        except StopIteration as stop:
-            return stop.value
+        except StopIteration as stop_iteration:
+            return stop_iteration.value
