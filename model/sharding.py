@@ -236,6 +236,10 @@ def make_plan(
     if unused:
         raise ValueError(f"sharding: {preset} does not use the mesh axis {unused[0]}={sizes[unused[0]]}; use sharding: "
                          "auto, or a preset that uses it (fsdp_tp uses every axis)")
+    idle = [a for a in sorted(set(rules.values())) if sizes[a] == 1]
+    if preset != "auto" and idle:  # e.g. --sharding fsdp on the default mesh: it would quietly train data parallel
+        raise ValueError(f"sharding: {preset} shards over the mesh axis {idle[0]}, which has size 1 here "
+                         f"({' x '.join(f'{a}={sizes[a]}' for a in AXES)}); give it devices, e.g. --mesh {idle[0]}=-1")
     if batch_size is not None:
         check_batch_fits(batch_size, sizes)
     if model_cfg is not None:
@@ -282,7 +286,7 @@ def check_model_fits(model_cfg, sizes: Mapping[str, int], rules: Mapping[str, st
     tp, fsdp = sizes.get("model", 1), sizes.get("fsdp", 1)
     checks = []
     if rules.get("heads") == "model":
-        checks += [("n_heads", model_cfg.n_heads, tp, "model"), ("MLP width ff_dim", model_cfg.ff_dim, tp, "model"),
+        checks += [("n_heads", model_cfg.n_heads, tp, "model"), ("MLP width d_ff", model_cfg.ff_dim, tp, "model"),
                    ("vocab_size", model_cfg.vocab_size, tp, "model")]
     if rules.get("embed") == "fsdp":
         checks.append(("d_model", model_cfg.d_model, fsdp, "fsdp"))
@@ -303,19 +307,21 @@ def describe(plan: Plan) -> str:
 # ----------------------------------------------------------------------------- arrays
 
 
-def host_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> tuple[int, int]:
-    """The block [lo, hi) of ``axis`` that this process's devices hold (what it must load)."""
-    index = sharding.addressable_devices_indices_map(shape)
-    starts, stops = [], []
-    for idx in index.values():
-        sl = idx[axis]
-        starts.append(sl.start or 0)
-        stops.append(shape[axis] if sl.stop is None else sl.stop)
-    return min(starts), max(stops)
+def host_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """The indices along ``axis`` that this process's devices hold, sorted: the rows it must load.
+
+    Not always one block: on a slice whose hosts each hold chips of several data groups (a 2 x 2
+    host block of a 4 x 8 torus), a host's rows come in several runs.
+    """
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        start, stop, _ = index[axis].indices(shape[axis])
+        rows.update(range(start, stop))
+    return np.array(sorted(rows), np.int64)
 
 
 def global_array(sharding: NamedSharding, shape: tuple[int, ...], local: np.ndarray) -> jax.Array:
-    """The global array of ``shape`` from this process's block (``host_rows``) of it."""
+    """The global array of ``shape`` from this process's rows of it (``host_rows``, in that order)."""
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
     return jax.make_array_from_process_local_data(sharding, local, shape)
@@ -347,15 +353,22 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     workers) JAX finds them itself. A single host needs nothing. Call it before any other JAX call.
     """
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    env_n, env_id = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
-    num_processes = num_processes if num_processes is not None else (int(env_n) if env_n else None)
-    process_id = process_id if process_id is not None else (int(env_id) if env_id else None)
+    def from_env(name: str):
+        value = os.environ.get(name)
+        if not value:
+            return None
+        if not re.fullmatch(r"\d+", value.strip()):
+            raise ValueError(f"{name}={value!r} is not a whole number; set it to e.g. 2, or unset it")
+        return int(value)
+
+    num_processes = num_processes if num_processes is not None else from_env("JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else from_env("JAX_PROCESS_ID")
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
         raise ValueError("a multi-process run needs all three of --coordinator HOST:PORT, --num-processes N and "
                          "--process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     if all(given):
-        if not re.fullmatch(r"[^:\s]+:\d{1,5}", coordinator):
+        if not re.fullmatch(r"([^:\s\[\]]+|\[[0-9a-fA-F:.]+\]):\d{1,5}", coordinator):
             raise ValueError(f"--coordinator {coordinator!r} is not HOST:PORT; e.g. --coordinator 10.0.0.1:1234")
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(f"--process-id {process_id} with --num-processes {num_processes}: the id must be in "
@@ -364,11 +377,27 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
             return False
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
         return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if len([h for h in hosts.split(",") if h]) > 1 and not jax.distributed.is_initialized():  # a multi-host TPU slice: JAX reads the topology itself
+    if _tpu_slice_processes() > 1 and not jax.distributed.is_initialized():  # JAX reads the slice's topology itself
         jax.distributed.initialize()
         return True
     return False
+
+
+def _tpu_slice_processes() -> int:
+    """How many hosts this Cloud TPU slice has (1 elsewhere), by JAX's own cluster detection: the
+    TPU VM metadata server on GCE, TPU_WORKER_HOSTNAMES on GKE. Private JAX API, so guarded: if it
+    moves, a pod needs --coordinator/--num-processes/--process-id (untested on real slices here)."""
+    try:
+        from jax._src.clusters import cloud_tpu_cluster as tpu
+    except ImportError:
+        return 1
+    for cluster in (getattr(tpu, "GkeTpuCluster", None), getattr(tpu, "GceTpuCluster", None)):
+        try:
+            if cluster is not None and cluster.is_env_present():
+                return int(cluster.get_process_count())
+        except Exception:  # no metadata server, a changed signature: not a pod we can detect
+            continue
+    return 1
 
 
 def sync(name: str) -> None:

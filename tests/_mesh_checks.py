@@ -279,6 +279,14 @@ def phase_host(pid: int, port: int, out: str) -> None:
     arr = loop.batch_feeder(source, plan, accum_steps=1, batch_size=8, seed=5)(2)
     result["batch_rows_ok"] = all(np.array_equal(np.asarray(s.data), full[s.index]) for s in arr.addressable_shards)
     result["local_rows"] = sorted({(s.index[1].start, s.index[1].stop) for s in arr.addressable_shards})
+    # Devices ordered so that each process holds rows in two runs (p0: 0-2 and 4-6), as on a slice
+    # whose hosts each hold chips of several data groups: still assembled right.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    plan = make_plan({"data": -1}, None, batch_size=8, devices=[devices[0], devices[2], devices[1], devices[3]])
+    arr = loop.batch_feeder(source, plan, accum_steps=1, batch_size=8, seed=5)(2)
+    result["split_rows"] = sorted({(s.index[1].start, s.index[1].stop) for s in arr.addressable_shards})
+    result["split_rows_ok"] = all(np.array_equal(np.asarray(s.data), full[s.index]) for s in arr.addressable_shards)
+    result["split_sum_ok"] = int(jax.jit(lambda x: x.sum())(arr)) == int(full.sum())
     save(out, f"host{pid}", result)
 
 

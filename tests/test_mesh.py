@@ -61,7 +61,7 @@ def test_a_mesh_that_does_not_match_the_devices_is_refused(spec, n, match):
 @pytest.mark.parametrize("overrides, sizes, match", [
     ({"n_heads": 6, "d_model": 48}, {"model": 4}, r"n_heads=6 does not split over model=4; choose model among the divisors of 6"),
     ({"vocab_size": 65}, {"model": 2}, r"vocab_size=65 does not split over model=2; set model_overrides: \{vocab_size: 66\}"),
-    ({"d_model": 32, "d_ff": 90}, {"model": 4}, r"MLP width ff_dim=90 does not split over model=4"),
+    ({"d_model": 32, "d_ff": 90}, {"model": 4}, r"MLP width d_ff=90 does not split over model=4"),
     ({"d_model": 36, "n_heads": 4}, {"fsdp": 8}, r"d_model=36 does not split over fsdp=8"),
 ])
 def test_a_model_that_does_not_split_over_the_mesh_is_refused(overrides, sizes, match):
@@ -84,6 +84,9 @@ def test_batch_and_preset_errors_name_the_fix():
     assert plan.data_size == 1
     with pytest.raises(ValueError, match=r"sharding: 'zero' is not a preset; choose one of auto, dp, fsdp, tp, fsdp_tp"):
         make_plan(None, "zero")
+    # A preset whose axis has one device would quietly train data parallel: refused.
+    with pytest.raises(ValueError, match=r"sharding: fsdp shards over the mesh axis fsdp, which has size 1 here .*--mesh fsdp=-1"):
+        make_plan(None, "fsdp")
 
 
 def test_config_and_cli_refuse_bad_meshes_in_one_line(tmp_path, capsys):
@@ -98,10 +101,16 @@ def test_config_and_cli_refuse_bad_meshes_in_one_line(tmp_path, capsys):
     assert "is not AXIS=SIZE" in capsys.readouterr().err
 
 
+def test_a_url_as_the_run_directory_is_refused(capsys):
+    assert main(["train", "--model", "tiny", "--out", "gs://bucket/run"]) == 2
+    assert "is a URL; arjax writes runs through the file system: mount the bucket" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, match", [
     (("127.0.0.1:1234", None, None), r"needs all three of --coordinator HOST:PORT, --num-processes N and --process-id I"),
     (("localhost", 2, 0), r"--coordinator 'localhost' is not HOST:PORT"),
     (("127.0.0.1:1234", 2, 2), r"--process-id 2 with --num-processes 2: the id must be in 0..1"),
+    (("[::1]:1234", 2, 5), r"--process-id 5 with --num-processes 2"),  # an IPv6 coordinator is fine
 ])
 def test_multi_process_flags_are_checked(args, match):
     with pytest.raises(ValueError, match=match):
@@ -207,6 +216,8 @@ def test_two_processes_train_like_one_process_of_four_devices(mesh_results):
     assert (h0["process_count"], h0["devices"], h0["local_devices"]) == (2, 4, 2)
     assert h0["batch_rows_ok"] and h1["batch_rows_ok"]
     assert h0["local_rows"] == [[0, 2], [2, 4]] and h1["local_rows"] == [[4, 6], [6, 8]]
+    assert h0["split_rows"] == [[0, 2], [4, 6]] and h1["split_rows"] == [[2, 4], [6, 8]]  # not one block per host
+    assert h0["split_rows_ok"] and h1["split_rows_ok"] and h0["split_sum_ok"] and h1["split_sum_ok"]
 
     def records(name):
         with open(os.path.join(mesh_results["dir"], name, "metrics.jsonl")) as f:

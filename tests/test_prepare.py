@@ -239,6 +239,12 @@ def test_cli_prepare_checks_paths_and_numbers_and_replaces_out_whole(text_file, 
     assert "bad.jsonl:2: not JSON" in capsys.readouterr().err
     assert prep.open_prepared(out, verify=True).digest == digest
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".p.")]
+    # --overwrite never replaces a folder that is not a prepared dataset.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("x")
+    assert main(["data", "prepare", "--data", text_file, "--out", str(precious), "--overwrite"]) == 2
+    assert "holds files but no prepared dataset" in capsys.readouterr().err and (precious / "thesis.tex").exists()
 
 
 def test_training_from_a_prepared_dir(text_file, byte_prepared, tmp_path):

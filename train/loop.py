@@ -151,6 +151,9 @@ def check_run_dir(run_dir: str, resume: bool) -> int | None:
     """The latest checkpoint step of ``run_dir`` (None for a new run), after the resume guards."""
     if not run_dir:
         raise ValueError("the run directory is empty; pass --out with a directory")
+    if "://" in run_dir:  # every host writes through the file system: a URL would be a local folder named gs:
+        raise ValueError(f"--out {run_dir!r} is a URL; arjax writes runs through the file system: mount the bucket "
+                         "(e.g. gcsfuse) or a shared NFS on every host and pass the mount's path")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"run directory {run_dir!r} is a file; pass --out with a directory (new or a run to --resume)")
     latest = latest_checkpoint(run_dir)
@@ -191,12 +194,12 @@ def batch_feeder(source, plan: sharding.Plan, *, accum_steps: int, batch_size: i
     A, B, T = accum_steps, batch_size, source.seq_len
     batch_sharding = plan.batch_sharding(3, 1)
     shape = (A, B, T + 1)
-    lo, hi = sharding.host_rows(batch_sharding, shape, axis=1)
-    rows = (np.arange(A)[:, None] * B + np.arange(lo, hi)[None, :]).reshape(-1)
+    mine = sharding.host_rows(batch_sharding, shape, axis=1)
+    rows = (np.arange(A)[:, None] * B + mine[None, :]).reshape(-1)
 
     def feed(step: int) -> jax.Array:
         windows = source.batch(batch_size=A * B, seed=seed, step=step, rows=rows)
-        return sharding.global_array(batch_sharding, shape, np.asarray(windows, np.int32).reshape(A, hi - lo, T + 1))
+        return sharding.global_array(batch_sharding, shape, np.asarray(windows, np.int32).reshape(A, len(mine), T + 1))
 
     return feed
 
@@ -268,8 +271,10 @@ def fit(
     eval_step = make_eval_step(graphdef, pad_id=pad_id)
     E = val_windows.shape[0]
     val_sharding = plan.batch_sharding(3, 1)
-    vlo, vhi = sharding.host_rows(val_sharding, val_windows.shape, axis=1)
-    val_windows = sharding.global_array(val_sharding, val_windows.shape, np.asarray(val_windows[:, vlo:vhi], np.int32))
+    if val_windows.shape[1] % plan.data_size:  # e.g. a study's test set: evaluated whole on every device
+        val_sharding = plan.replicated
+    vrows = sharding.host_rows(val_sharding, val_windows.shape, axis=1)
+    val_windows = sharding.global_array(val_sharding, val_windows.shape, np.asarray(val_windows[:, vrows], np.int32))
     tokens_per_step = A * B * T
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     n_devices = plan.mesh.size
@@ -447,6 +452,7 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     source = data_lib.Windows(train_ids, T)
     val_windows = data_lib.eval_windows(val_ids, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
     val_windows = val_windows.reshape(cfg.eval_iters, cfg.batch_size, T + 1)  # [E, B, T+1]
+    sharding.sync("tokenizer checked")  # every process has read the run's tokenizer before one rewrites it
     if sharding.is_main_process():  # one writer; the others wait for it, then read its digest
         tokenizer.save(tok_dir)
     sharding.sync("tokenizer saved")

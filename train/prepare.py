@@ -478,6 +478,10 @@ def _check_out(out_dir: str, overwrite: bool, inputs: Sequence[str]) -> None:
         raise ValueError(f"--out {out_dir!r} is a file; choose a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"--out {out_dir!r} is not empty; pass --overwrite to replace it, or choose a new directory")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
+        # --overwrite replaces a prepared dataset, never a folder of something else.
+        raise ValueError(f"--out {out_dir!r} holds files but no prepared dataset ({MANIFEST}); --overwrite replaces only "
+                         "a directory written by `arjax data prepare`: choose a new or empty directory")
 
 
 def _fresh_out(out_dir: str) -> str:

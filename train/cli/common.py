@@ -83,8 +83,8 @@ class Help(argparse.HelpFormatter):
         return text
 
 
-def add_mesh_flags(parser) -> None:
+def add_mesh_flags(parser, default: str = "the config's, else data-parallel over every device") -> None:
     """``--mesh AXIS=SIZE,...``: the devices a command runs on (arjax.model.sharding)."""
     parser.add_argument("--mesh", metavar="AXIS=N,...",
-                        help="device mesh, e.g. data=4,model=2 (axes data, fsdp, model; -1 takes the devices left over; "
-                             "default: the config's, else data-parallel over every device)")
+                        help=f"device mesh, e.g. data=4,model=2 (axes data, fsdp, model; -1 takes the devices left over; "
+                             f"default: {default})")

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from arjax.decode import SamplingParams, stream
 from arjax.train.checkpoint import load_model
+from arjax.model import quantize
 from arjax.model.sharding import parse_mesh
 from arjax.train.cli.common import Help, UsageError, add_mesh_flags
 from arjax.train.cli.convert import load_hf_for_generate
@@ -80,6 +81,8 @@ def _stop_token(tokenizer, text: str) -> int:
 
 def cmd_generate(args) -> int:
     model, tokenizer = _load_for_generate(args)
+    if args.quantize:
+        model = quantize(model, args.quantize)  # int8 weights, per output channel (arjax.model.quant)
     texts = args.prompt or ["\n"]
     prompts = [tokenizer.encode(t) for t in texts]
     for i, p in enumerate(prompts):
@@ -102,7 +105,7 @@ def cmd_generate(args) -> int:
                              f"({model.cfg.max_len}); shorten it")
         max_new = min(200, room)
     gen = stream(model, prompts, max_new_tokens=max_new, sampling=sampling, eos_ids=eos,
-                 seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps)
+                 seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps, kv_cache_dtype=args.kv_cache_dtype)
     rows = [_RowText(tokenizer) for _ in range(B)]
     out = sys.stdout
     live, render = _live_panels(texts, rows) if B > 1 and out.isatty() else (None, None)
@@ -164,5 +167,8 @@ def register(sub) -> None:
     p.add_argument("--eos", type=int, action="append", metavar="ID", help="token id that ends a row, repeatable (default: the tokenizer's EOS, if any)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="text of one token that ends a row, e.g. '\\n'; repeatable, combines with --eos")
     p.add_argument("--chunk-steps", type=int, metavar="N", default=8, help="decode steps per streamed chunk (smaller: smoother output, more overhead)")
-    add_mesh_flags(p)
+    p.add_argument("--quantize", choices=["int8"], help="decode with int8 weights (a scale per output channel)")
+    p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
+                   help="KV cache dtype; int8 keeps a scale per token and head (default: the model's dtype)")
+    add_mesh_flags(p, default="one device; e.g. model=4 decodes with tensor-parallel weights on 4 devices")
     p.set_defaults(func=cmd_generate)

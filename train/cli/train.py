@@ -11,7 +11,7 @@ from flax import nnx
 
 from arjax.train import data as data_lib
 from arjax.train.checkpoint import check_data, check_text, load_model, read_meta, verify
-from arjax.model.sharding import PRESET_NAMES, init_distributed, parse_mesh
+from arjax.model.sharding import PRESET_NAMES, init_distributed, is_main_process, parse_mesh
 from arjax.train.cli.common import Help, UsageError, add_mesh_flags
 from arjax.train.config import TrainConfig, from_dict, load_yaml, parse_yaml_value
 from arjax.train.loop import train
@@ -93,10 +93,9 @@ def cmd_train(args) -> int:
     ss = ""
     if cfg.scheduled_sampling is not None and result["history"].get("mix_rate"):
         ss = f", mixing rate {result['history']['mix_rate'][-1]:.3f}"
-    print(
-        f"trained to step {result['final_step']}: train loss {loss:.4f}{ss}, val loss {val:.4f}, "
-        f"{result['tokens_per_s']:,.0f} tokens/s; checkpoint in {args.out}"
-    )
+    if is_main_process():  # one summary for a run of several processes
+        print(f"trained to step {result['final_step']}: train loss {loss:.4f}{ss}, val loss {val:.4f}, "
+              f"{result['tokens_per_s']:,.0f} tokens/s; checkpoint in {args.out}")
     return 0
 
 
