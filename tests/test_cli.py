@@ -5,7 +5,7 @@ import json
 import pytest
 
 from arjax.train import cli
-from arjax.train.cli.generate import _RowText
+from arjax.decode.stops import StopStrings
 from arjax.train.cli.train import parse_set
 from arjax.train.tokenizer import ByteTokenizer
 
@@ -57,11 +57,11 @@ def test_set_parses_yaml_values_model_overrides_and_nested_keys():
 
 
 def test_streamed_text_holds_back_split_utf8():
-    row = _RowText(ByteTokenizer())
+    rows = StopStrings(ByteTokenizer(), (), 1)
     e_acute = "é".encode()  # two bytes, arriving in different chunks
-    assert row.add([ord("a"), e_acute[0]]) == "a"
-    assert row.add([e_acute[1], ord("b")]) == "éb"
-    assert row.add([0xFF], final=True) == "\ufffd"
+    assert rows.delta(0, [ord("a"), e_acute[0]]) == "a"
+    assert rows.delta(0, [ord("a"), *e_acute, ord("b")]) == "éb"
+    assert rows.delta(0, [ord("a"), *e_acute, ord("b"), 0xFF], final=True) == "\ufffd"
 
 
 @pytest.mark.slow
@@ -89,13 +89,17 @@ def test_train_generate_eval_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[1] " in out and "[2] " in out and "--- [2] prompt 'mno': 10 new tokens" in out
     assert "\nabcdefghijklm" in out and "\nmnopqrstuvwxy" in out
-    # --stop TEXT: the row ends on that token (kept in the output), well before max-new-tokens.
+    # --stop TEXT: the row ends when its text holds it (two tokens here), and the text ends before it.
     assert cli.main(["generate", "--ckpt", run, "--prompt", "abc", "--max-new-tokens", "20",
-                     "--temperature", "0", "--stop", "g"]) == 0
+                     "--temperature", "0", "--stop", "gh", "--stop", "zz"]) == 0
     out = capsys.readouterr().out
-    assert "abcdefg\n" in out and "4 new tokens, stopped on eos" in out
-    assert cli.main(["generate", "--ckpt", run, "--prompt", "abc", "--stop", "gh"]) == 2
-    assert "--stop 'gh' encodes to 2 tokens" in capsys.readouterr().err
+    assert "abcdef\n" in out and "abcdefg" not in out and "5 new tokens, stopped on stop" in out
+    # Speculative decoding from the command line: the same greedy text, with its acceptance reported.
+    for flags in (["--prompt-lookup", "--draft-k", "3"], ["--draft-ckpt", run, "--draft-k", "2"]):
+        assert cli.main(["generate", "--ckpt", run, "--prompt", "abc", "--max-new-tokens", "10", "--temperature", "0",
+                         *flags]) == 0
+        out = capsys.readouterr().out
+        assert "abcdefghijklm" in out and "of drafts accepted" in out
     # Unknown character for a char vocabulary: a clear one-line error.
     assert cli.main(["generate", "--ckpt", run, "--prompt", "ABC"]) == 2
     assert "not in this character-level vocabulary" in capsys.readouterr().err

@@ -10,35 +10,12 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from arjax.decode import SamplingParams, stream
+from arjax.decode import DraftModel, PromptLookup, SamplingParams, stream_text
 from arjax.train.checkpoint import load_model
 from arjax.model import quantize
 from arjax.model.sharding import parse_mesh
 from arjax.train.cli.common import Help, UsageError, add_mesh_flags
 from arjax.train.cli.convert import load_hf_for_generate
-
-
-class _RowText:
-    """Turns a row's growing token list into printable text increments.
-
-    Decoding the whole list each time (not each chunk alone) keeps multi-byte characters that
-    straddle a chunk boundary intact; a trailing replacement character is held back until the
-    next chunk completes it.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
-
-    def add(self, new_ids, final: bool = False) -> str:
-        self.ids.extend(int(i) for i in new_ids)
-        text = self.tokenizer.decode(self.ids)
-        end = len(text) if final else len(text.rstrip("\ufffd"))
-        delta, self.shown = text[self.shown:end], max(self.shown, end)
-        return delta
-
-    @property
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids)
 
 
 def _load_for_generate(args):
@@ -54,11 +31,12 @@ def _load_for_generate(args):
 
 
 def _live_panels(texts, rows):
-    """On a terminal, a batch streams as one rich panel per prompt, each growing in place."""
+    """On a terminal, a batch streams as one rich panel per prompt, each growing in place (``rows``: the
+    texts so far, a list the caller appends to)."""
     def render():
         return Group(*(
-            Panel(Text(texts[i], style="bold") + Text(row.text), title=f"[{i + 1}]", title_align="left")
-            for i, row in enumerate(rows)
+            Panel(Text(texts[i], style="bold") + Text(shown), title=f"[{i + 1}]", title_align="left")
+            for i, shown in enumerate(rows)
         ))
 
     live = Live(render(), auto_refresh=False)
@@ -66,17 +44,32 @@ def _live_panels(texts, rows):
     return live, render
 
 
-def _stop_token(tokenizer, text: str) -> int:
-    """The one token id that ``--stop TEXT`` names; ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` are read as escapes."""
+def _unescape(text: str) -> str:
+    """``--stop`` text with ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` read as escapes (a shell passes them literally)."""
     escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-    unescaped = re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], text)
-    ids = tokenizer.encode(unescaped)
-    if len(ids) != 1:
-        raise UsageError(
-            f"--stop {text!r} encodes to {len(ids)} tokens {ids}; a row stops on one token: give text that is "
-            "a single token of this tokenizer, or its id with --eos ID"
-        )
-    return ids[0]
+    return re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], text)
+
+
+def _draft_for(args, model, tokenizer):
+    """The speculative drafter the flags ask for, checked against the target (None: plain decoding)."""
+    if args.draft_ckpt and args.prompt_lookup:
+        raise UsageError("pass one of --draft-ckpt DIR (a draft model) or --prompt-lookup, not both")
+    if args.draft_ckpt:
+        draft_model, draft_tok, _ = load_model(args.draft_ckpt)
+        if digest_of(draft_tok) != digest_of(tokenizer):
+            raise UsageError(f"the draft in {args.draft_ckpt!r} uses another tokenizer than the target; a draft must "
+                             "share the target's tokenizer and vocabulary")
+        return DraftModel(draft_model, k=args.draft_k)
+    if args.prompt_lookup:
+        return PromptLookup(ngram=args.ngram, k=args.draft_k)
+    return None
+
+
+def digest_of(tokenizer) -> tuple:
+    """What identifies a tokenizer here: its kind, size and every token's text."""
+    size = tokenizer.vocab_size
+    return (getattr(tokenizer, "kind", type(tokenizer).__name__), size,
+            tuple(tokenizer.decode([i]) for i in range(min(size, 1 << 16))))
 
 
 def cmd_generate(args) -> int:
@@ -93,7 +86,8 @@ def cmd_generate(args) -> int:
         B, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, vocab_size=model.cfg.vocab_size,
     )
-    eos = list(args.eos or []) + [_stop_token(tokenizer, t) for t in args.stop or []]
+    stops = [_unescape(t) for t in args.stop or []]
+    eos = list(args.eos or [])
     if not eos and tokenizer.eos_id is not None:
         eos = [tokenizer.eos_id]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -104,11 +98,13 @@ def cmd_generate(args) -> int:
             raise UsageError(f"the longest prompt has {max(len(p) for p in prompts)} tokens, the model's whole context "
                              f"({model.cfg.max_len}); shorten it")
         max_new = min(200, room)
-    gen = stream(model, prompts, max_new_tokens=max_new, sampling=sampling, eos_ids=eos,
-                 seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps, kv_cache_dtype=args.kv_cache_dtype)
-    rows = [_RowText(tokenizer) for _ in range(B)]
+    draft = _draft_for(args, model, tokenizer)
+    gen = stream_text(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new, sampling=sampling, eos_ids=eos,
+                      seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps, kv_cache_dtype=args.kv_cache_dtype,
+                      stop=stops, draft=draft)
+    shown = [""] * B  # each row's text so far (stream_text holds back half characters and possible stop strings)
     out = sys.stdout
-    live, render = _live_panels(texts, rows) if B > 1 and out.isatty() else (None, None)
+    live, render = _live_panels(texts, shown) if B > 1 and out.isatty() else (None, None)
     if B == 1:
         out.write(texts[0])
         out.flush()
@@ -118,13 +114,13 @@ def cmd_generate(args) -> int:
         except StopIteration as stop:
             result = stop.value
             break
-        for i, new in enumerate(chunk):
-            if len(new) == 0:
+        for i, delta in enumerate(chunk):
+            if not delta:
                 continue
-            delta = rows[i].add(new)
+            shown[i] += delta
             if B == 1:
                 out.write(delta)
-            elif delta and live is None:
+            elif live is None:
                 # Interleaved rows: one labelled line per chunk, newlines shown as ⏎ to keep lines apart.
                 out.write(f"[{i + 1}] {delta.replace(chr(10), '⏎')}\n")
             out.flush()
@@ -133,14 +129,15 @@ def cmd_generate(args) -> int:
     if live is not None:
         live.stop()
     if B == 1:
-        out.write(rows[0].add([], final=True) + "\n")
-    reasons = result.stop_reason if result is not None else ["?"] * B
-    lengths = result.lengths if result is not None else [len(r.ids) for r in rows]
+        out.write("\n")
     out.write("\n" + "=" * 72 + "\n")
     for i in range(B):
-        out.write(f"--- [{i + 1}] prompt {texts[i]!r}: {int(lengths[i])} new tokens, stopped on {reasons[i]}\n")
+        out.write(f"--- [{i + 1}] prompt {texts[i]!r}: {int(result.lengths[i])} new tokens, stopped on {result.stop_reason[i]}\n")
         if B > 1 and live is None:  # the live panels already show the full texts
-            out.write(texts[i] + rows[i].text + "\n")
+            out.write(texts[i] + shown[i] + "\n")
+    if draft is not None:
+        out.write(f"speculative decoding: {result.acceptance_rate:.0%} of drafts accepted, "
+                  f"{result.tokens_per_pass:.2f} tokens per target pass\n")
     out.flush()
     return 0
 
@@ -165,7 +162,13 @@ def register(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, metavar="R", default=1.0, help="penalise tokens already seen; 1 turns it off")
     p.add_argument("--seed", type=int, metavar="N", default=0, help="sampling seed (same seed, same text)")
     p.add_argument("--eos", type=int, action="append", metavar="ID", help="token id that ends a row, repeatable (default: the tokenizer's EOS, if any)")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="text of one token that ends a row, e.g. '\\n'; repeatable, combines with --eos")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="text that ends a row when it appears (however it was tokenized), e.g. '\\n\\n'; the output ends "
+                        "before it; repeatable, combines with --eos")
+    p.add_argument("--draft-ckpt", metavar="DIR", help="speculative decoding with this run as the draft model (same tokenizer)")
+    p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding with drafts copied from the prompt and output")
+    p.add_argument("--draft-k", type=int, metavar="K", default=4, help="tokens drafted per target pass (speculative decoding)")
+    p.add_argument("--ngram", type=int, metavar="N", default=3, help="--prompt-lookup: the n-gram matched in the text so far")
     p.add_argument("--chunk-steps", type=int, metavar="N", default=8, help="decode steps per streamed chunk (smaller: smoother output, more overhead)")
     p.add_argument("--quantize", choices=["int8"], help="decode with int8 weights (a scale per output channel)")
     p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
