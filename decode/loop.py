@@ -231,13 +231,13 @@ _resume = jax.jit(_resume_impl, static_argnums=(0,), donate_argnums=(2,))
 
 
 def _spec_start_impl(graphdef, draft_graphdef, num_slots, cache_len, k, ngram, params, draft_params, tokens, positions,
-                     rng, max_steps, sampling, eos_ids, pad_id, limit):
+                     rng, max_steps, sampling, eos_ids, pad_id, limit, cache_dtype=None):
     """Speculative decoding's prefill, first token and first chunk of rounds, one program."""
     TRACE_COUNTS["spec_start"] += 1
     target = nnx.merge(graphdef, params)
     draft = None if draft_graphdef is None else nnx.merge(draft_graphdef, draft_params)
     state = spec_start(target, draft, tokens, positions, rng, max_steps, sampling, eos_ids, pad_id,
-                       num_slots=num_slots, cache_len=cache_len, k=k)
+                       num_slots=num_slots, cache_len=cache_len, k=k, cache_dtype=cache_dtype)
     return spec_loop(target, draft, state, sampling, eos_ids, pad_id, limit, k=k, ngram=ngram)
 
 
@@ -248,7 +248,7 @@ def _spec_resume_impl(graphdef, draft_graphdef, k, ngram, params, draft_params, 
     return spec_loop(target, draft, state, sampling, eos_ids, pad_id, limit, k=k, ngram=ngram)
 
 
-_spec_start = jax.jit(_spec_start_impl, static_argnums=(0, 1, 2, 3, 4, 5))
+_spec_start = jax.jit(_spec_start_impl, static_argnums=(0, 1, 2, 3, 4, 5), static_argnames=("cache_dtype",))
 _spec_resume = jax.jit(_spec_resume_impl, static_argnums=(0, 1, 2, 3), donate_argnums=(6,))
 
 
@@ -435,7 +435,8 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None, st
         draft_graphdef, draft_params = nnx.split(draft.model) if isinstance(draft, DraftModel) else (None, None)
         k, ngram = int(draft.k), int(getattr(draft, "ngram", 0))
         state = _spec_start(graphdef, draft_graphdef, plan.num_slots, plan.cache_len, k, ngram, params, draft_params,
-                            tokens, positions, seed_key(seed), i32(N), sampling, eos, pad, i32(limit))
+                            tokens, positions, seed_key(seed), i32(N), sampling, eos, pad, i32(limit),
+                            cache_dtype=plan.cache_dtype)
         resume = lambda state, limit: _spec_resume(graphdef, draft_graphdef, k, ngram, params, draft_params, state,  # noqa: E731
                                                    sampling, eos, pad, i32(limit))
         steps_of = lambda state: state.rounds  # noqa: E731

@@ -251,15 +251,16 @@ def spec_round(target: Transformer, draft: Transformer | None, state: SpecState,
 
 
 def spec_start(target, draft, tokens, positions, rng, max_steps, sampling, eos_ids, pad_id, *, num_slots: int,
-               cache_len: int, k: int) -> SpecState:
-    """Prefill the prompt into the target's (and the draft's) cache and emit the first token."""
+               cache_len: int, k: int, cache_dtype=None) -> SpecState:
+    """Prefill the prompt into the target's (and the draft's) cache and emit the first token.
+    ``cache_dtype``: ``init_cache``'s (None: the model's; "int8": int8 keys and values with scales)."""
     from arjax.decode.loop import init_state, prefill  # the plain decoder's pieces
 
     B, P = tokens.shape
-    logits, cache = prefill(target, tokens, positions, init_cache(target.cfg, B, cache_len))
+    logits, cache = prefill(target, tokens, positions, init_cache(target.cfg, B, cache_len, cache_dtype))
     draft_cache = None
     if draft is not None:
-        _, draft_cache = prefill(draft, tokens, positions, init_cache(draft.cfg, B, cache_len))
+        _, draft_cache = prefill(draft, tokens, positions, init_cache(draft.cfg, B, cache_len, cache_dtype))
     presence = init_state(logits, cache, tokens, positions, num_slots=1, rng=rng).presence
     rng, key = jax.random.split(rng)
     first = sample(key, logits, sampling, presence)  # [B]

@@ -11,7 +11,8 @@ axis, and ``q = round(x / scale)`` in [-127, 127], so ``|x - q * scale| <= scale
   matmul of ``transformer._fused_linear`` concatenates kernels and scales alike.
 - KV cache: each written key and value vector (one token, one KV head, Dh values) gets its own
   scale, stored beside the cache as [B, Hkv, S] float32. A token's int8 entry depends on that
-  token alone, so prefill in one pass, in chunks, or token by token all store the same cache.
+  token alone, so prefill in one pass, in chunks, or token by token all store the same cache (up
+  to an entry that float rounding puts on the other side of a half step).
 """
 
 from __future__ import annotations
