@@ -237,7 +237,8 @@ def make_plan(
         raise ValueError(f"sharding: {preset} does not use the mesh axis {unused[0]}={sizes[unused[0]]}; use sharding: "
                          "auto, or a preset that uses it (fsdp_tp uses every axis)")
     idle = [a for a in sorted(set(rules.values())) if sizes[a] == 1]
-    if preset != "auto" and idle:  # e.g. --sharding fsdp on the default mesh: it would quietly train data parallel
+    if preset != "auto" and rules and len(idle) == len(set(rules.values())):
+        # e.g. --sharding fsdp on the default mesh: it would quietly train data parallel
         raise ValueError(f"sharding: {preset} shards over the mesh axis {idle[0]}, which has size 1 here "
                          f"({' x '.join(f'{a}={sizes[a]}' for a in AXES)}); give it devices, e.g. --mesh {idle[0]}=-1")
     if batch_size is not None:
@@ -302,6 +303,19 @@ def describe(plan: Plan) -> str:
     s = plan.mesh.shape
     return (f"mesh {' x '.join(f'{a}={s[a]}' for a in AXES)} ({plan.mesh.size} {jax.devices()[0].platform} devices, "
             f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}), sharding {plan.preset}")
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """Activations [B, ...] with rows over the batch axes and everything else whole, when a mesh with
+    those axes is in context (``jax.set_mesh``: the sharded train step); otherwise ``x`` unchanged.
+
+    Without it XLA lets FSDP's width-split weights pull the residual stream onto the fsdp axis and
+    then has to undo that in the backward pass (an "involuntary full rematerialization").
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
 
 
 # ----------------------------------------------------------------------------- arrays

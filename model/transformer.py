@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from arjax.model.cache import KVCache, write_slots
+from arjax.model.sharding import constrain_rows
 from arjax.model.config import ModelConfig
 from arjax.model.quant import int8_operands, write_int8
 
@@ -256,6 +257,7 @@ class Transformer(nnx.Module):
                 x = x + self.pos_embed(jnp.clip(positions, 0, self.cfg.max_len - 1))
         # Salt n_layers: distinct from the block indices below, and fold_in needs a non-negative int.
         x = _dropout(self.dropout, x, dropout_rng, self.cfg.n_layers)
+        x = constrain_rows(x)
 
         if cache is None:
             k_pos, index = positions, None
@@ -267,6 +269,7 @@ class Transformer(nnx.Module):
             layer_cache = None if cache is None else cache.layer(i)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             x, layer_cache = block(x, positions, k_pos, layer_cache, index, rng)
+            x = constrain_rows(x)  # the residual stream: rows split over the batch axes, the width whole
             new_layers.append(layer_cache)
         x = self.ln_f(x)
         if cache is None:
