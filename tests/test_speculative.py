@@ -229,3 +229,19 @@ def test_bad_drafts_are_one_line_errors(models):
     for draft, match in cases:
         with pytest.raises(ValueError, match=match):
             generate(target, PROMPTS, max_new_tokens=4, draft=draft)
+
+
+def test_the_cli_refuses_a_draft_with_another_tokenizer(models, monkeypatch):
+    import argparse
+
+    from arjax.train.cli import generate as cli_generate
+    from arjax.train.tokenizer import ByteTokenizer, CharTokenizer
+
+    target, _ = models
+    byte, char = ByteTokenizer(), CharTokenizer(["a", "b", "c"])
+    monkeypatch.setattr(cli_generate, "load_model", lambda run: (target, char, None))
+    args = argparse.Namespace(draft_ckpt="runs/draft", prompt_lookup=False, draft_k=2, ngram=3)
+    with pytest.raises(ValueError, match=r"the draft in 'runs/draft' uses another tokenizer than the target"):
+        cli_generate._draft_for(args, target, byte)
+    monkeypatch.setattr(cli_generate, "load_model", lambda run: (target, ByteTokenizer(), None))
+    assert isinstance(cli_generate._draft_for(args, target, byte), DraftModel)
