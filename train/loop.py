@@ -237,7 +237,8 @@ def fit(
     meta: dict[str, Any] | None = None,
     label: str = "train",
 ) -> dict[str, Any]:
-    """Train ``model_cfg`` on ``source`` (``batch(batch_size=, seed=, step=) -> [n, T+1]``) into ``run_dir``.
+    """Train ``model_cfg`` on ``source`` (``batch(batch_size=, seed=, step=, rows=None) -> [n, T+1]``) into ``run_dir``,
+    on the mesh ``cfg.mesh`` names (every device by default; ``arjax.model.sharding``).
 
     ``val_windows`` [E, B, T+1] are evaluated (teacher-forced NLL) every ``cfg.eval_interval``
     steps and at the end; ``meta`` is stored in every checkpoint beside the configs. ``stop_after``
@@ -269,7 +270,6 @@ def fit(
     compiled = compiled_train_step(step_fn, params, opt_state, jax.ShapeDtypeStruct(batch_shape, np.int32,
                                                                                    sharding=batch_sharding), objective)
     eval_step = make_eval_step(graphdef, pad_id=pad_id)
-    E = val_windows.shape[0]
     val_sharding = plan.batch_sharding(3, 1)
     if val_windows.shape[1] % plan.data_size:  # e.g. a study's test set: evaluated whole on every device
         val_sharding = plan.replicated
@@ -281,7 +281,6 @@ def fit(
     flops_token = perf.flops_per_token(model_cfg, T)
     peak = perf.device_peak_flops(plan.mesh.devices.flat[0], model_cfg.dtype)
     memory = step_memory(compiled, plan, cfg)
-    del E
     # The step's traced inputs, placed once on the mesh as the compiled step expects them.
     rep = plan.replicated
     key, objective = sharding.replicate((key, objective), rep)
