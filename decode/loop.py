@@ -271,6 +271,7 @@ class _Plan:
 
 
 def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len, buckets, seed=0, extra_slots=0,
+          spec_cap=None,
           kv_cache_dtype=None) -> _Plan:
     """Every check of user input happens here, before anything is traced."""
     kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)  # its name, hashable: a static argument
@@ -327,14 +328,20 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
     P = min(bucket(longest, buckets), cache_len - max_new_tokens)
     num_slots = bucket(max_new_tokens, buckets)
     if extra_slots:
-        # Speculative decoding writes up to k slots past a row's last token before checking them.
+        # Speculative decoding writes a block of k+1 slots from a row's last token (rows that ended
+        # too, while others run): the cache holds the prompt width + max_new_tokens + k. Capped by
+        # max_len when given and by every learned-position model's context (target and draft).
+        cap = min([c for c in (max_len, spec_cap) if c is not None], default=None)
         cache_len = P + num_slots + extra_slots
-        if cfg.pos == "learned" and cache_len > cfg.max_len:
-            if P + max_new_tokens + extra_slots - 1 > cfg.max_len:
+        if cap is not None and cache_len > cap:
+            P = min(P, cap - max_new_tokens - extra_slots)  # a narrower prompt width first
+            if P < longest:
                 raise ValueError(
-                    f"speculative decoding needs the prompt ({P} slots) + max_new_tokens ({max_new_tokens}) + k - 1 "
-                    f"({extra_slots - 1}) cache slots, over the model's max_len={cfg.max_len}; lower max_new_tokens or k")
-            cache_len = cfg.max_len
+                    f"speculative decoding needs the longest prompt ({longest} tokens) + max_new_tokens "
+                    f"({max_new_tokens}) + k ({extra_slots}) = {longest + max_new_tokens + extra_slots} cache slots, over "
+                    f"{'the given max_len' if cap == max_len else 'the context of a learned-position model (target or draft)'}"
+                    f" ({cap}); lower max_new_tokens or k")
+            cache_len = cap
 
     tokens = np.full((B, P), pad_id, np.int32)
     positions = np.full((B, P), -1, np.int32)
@@ -392,10 +399,17 @@ def stream(
         check_draft(draft, model)
     plan = _plan(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
                  max_len=max_len, buckets=buckets, seed=seed, extra_slots=0 if draft is None else int(draft.k),
+                 spec_cap=None if draft is None else _learned_context(model, draft),
                  kv_cache_dtype=kv_cache_dtype)
     # Validation above runs at call time; the decoding below runs as the caller iterates.
     stops = StopStrings(tokenizer, stop, plan.tokens.shape[0])
     return _run(model, plan, sampling, seed, pad_id, chunk_steps, draft, stops, text=_text)
+
+
+def _learned_context(model, draft) -> int | None:
+    """The shortest context among the learned-position models of a speculative call (None: all RoPE)."""
+    models = [model] + ([draft.model] if isinstance(draft, DraftModel) else [])
+    return min((m.cfg.max_len for m in models if m.cfg.pos == "learned"), default=None)
 
 
 def stream_text(model: Transformer, prompts, *, tokenizer, chunk_steps: int | None = 8, **kwargs) -> Iterator[list[str]]:
@@ -465,7 +479,7 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None, st
                                                            steps_of(state)))
     stopped = cut < np.iinfo(np.int64).max
     if stopped.any():  # cut at the token that completed the stop string
-        lengths = np.where(stopped, np.minimum(lengths, cut), lengths)
+        lengths = np.where(stopped, np.minimum(lengths, cut), lengths).astype(np.int32)
         cols = np.arange(out.shape[1])[None, :] >= lengths[:, None]
         out, logprobs = np.where(cols, pad_id, out), np.where(cols, 0.0, logprobs)
         reason = np.where(stopped, STOP_STRING, reason)

@@ -159,6 +159,7 @@ def _cases(f):
         (g + ["--prompt-lookup", "--draft-k", "0"], "draft k=0 must be an int in 1..64"),
         (g + ["--prompt-lookup", "--ngram", "99"], "ngram=99 must be an int in 1..16"),
         (g + ["--prompt-lookup", "--draft-ckpt", run], "pass one of --draft-ckpt DIR"),
+        (g + ["--draft-k", "-3"], "--draft-k and --ngram set speculative decoding; add --draft-ckpt DIR or --prompt-lookup"),
         (g + ["--draft-ckpt", "/nonexistent/draft"], "/nonexistent/draft"),
         (g + ["--mesh", "model=3"], "needs 3 devices but 1 are available"),
         (["generate", "--ckpt", run, "--prompt", ""], "prompt 1"),

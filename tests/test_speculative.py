@@ -245,3 +245,26 @@ def test_the_cli_refuses_a_draft_with_another_tokenizer(models, monkeypatch):
         cli_generate._draft_for(args, target, byte)
     monkeypatch.setattr(cli_generate, "load_model", lambda run: (target, ByteTokenizer(), None))
     assert isinstance(cli_generate._draft_for(args, target, byte), DraftModel)
+
+
+def test_the_cache_fits_every_block_near_a_learned_context():
+    """Learned positions end at max_len: the speculative cache (prompt + max_new_tokens + k, shrinking
+    the bucketed prompt width first) never lets a block write past its end; a draft's shorter
+    context and a given max_len cap it too; what cannot fit is one clear error."""
+    learned = Transformer(get_config("tiny"), rngs=nnx.Rngs(0))  # max_len 64
+    short_draft = Transformer(get_config("tiny", n_layers=1, max_len=32), rngs=nnx.Rngs(1))
+    plan = lambda model, prompts, new, k, cap=None, max_len=None: decode_loop._plan(  # noqa: E731
+        model, prompts, max_new_tokens=new, sampling=None, eos_ids=(), pad_id=0, max_len=max_len,
+        buckets=decode_loop.DEFAULT_BUCKETS, extra_slots=k, spec_cap=cap)
+    for prompts, new, k, cap, max_len in (([list(range(1, 21))], 30, 4, 64, None), ([[1, 2, 3]], 10, 4, 32, None),
+                                         ([[1, 2, 3] * 5], 40, 8, 64, None), ([[1, 2]], 10, 8, None, 24)):
+        p = plan(learned, prompts, new, k, cap, max_len)
+        assert p.tokens.shape[1] + new + k <= p.cache_len <= min(c for c in (cap, max_len, 10**9) if c), (p.cache_len,)
+    with pytest.raises(ValueError, match=r"longest prompt \(16 tokens\) \+ max_new_tokens \(45\) \+ k \(4\) = 65 cache slots"):
+        generate(learned, [[1, 2, 3] * 5 + [1]], max_new_tokens=45, draft=PromptLookup(ngram=2, k=4))
+    ref = generate(learned, [list(range(1, 21)), [5]], max_new_tokens=30)
+    out = generate(learned, [list(range(1, 21)), [5]], max_new_tokens=30, draft=PromptLookup(ngram=2, k=4))
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    rope = Transformer(get_config("tiny", **LLAMA), rngs=nnx.Rngs(0))
+    out = generate(rope, [[1, 2, 3]], max_new_tokens=10, draft=DraftModel(short_draft, k=4))  # the draft's 32 caps the cache
+    np.testing.assert_array_equal(out.tokens, generate(rope, [[1, 2, 3]], max_new_tokens=10).tokens)

@@ -62,6 +62,8 @@ def _draft_for(args, model, tokenizer):
         return DraftModel(draft_model, k=args.draft_k)
     if args.prompt_lookup:
         return PromptLookup(ngram=args.ngram, k=args.draft_k)
+    if args.draft_k != 4 or args.ngram != 3:
+        raise UsageError("--draft-k and --ngram set speculative decoding; add --draft-ckpt DIR or --prompt-lookup")
     return None
 
 
