@@ -141,17 +141,19 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory, subprocess_env):
     out = str(tmp_path_factory.mktemp("mesh"))
-    _wait(_run(["eight"], 8, subprocess_env, out), "eight")
-    # Independent of each other: run side by side (their XLA compiles are mostly single-threaded).
-    restore, one = _run(["restore"], 8, subprocess_env, out), _run(["one"], 1, subprocess_env, out)
-    _wait(restore, "restore")
-    _wait(one, "one")
+    # Independent groups run side by side (their XLA compiles are mostly single-threaded): the two
+    # hosts and their one-process reference beside the 8-device phase; then the restores.
+    eight = _run(["eight"], 8, subprocess_env, out)
     port = _free_port()
     hosts = [_run(["host", i, port], 2, subprocess_env, out) for i in (0, 1)]
-    four = _run(["four"], 4, subprocess_env, out)
     for proc in hosts:
         _wait(proc, "host")
+    four = _run(["four"], 4, subprocess_env, out)
+    _wait(eight, "eight")
+    restore, one = _run(["restore"], 8, subprocess_env, out), _run(["one"], 1, subprocess_env, out)
     _wait(four, "four")
+    _wait(restore, "restore")
+    _wait(one, "one")
     results = {}
     for name in ("eight", "restore", "one", "host0", "host1", "four"):
         with open(os.path.join(out, f"{name}.json")) as f:
