@@ -175,6 +175,7 @@ class Plan:
     mesh: Mesh
     preset: str  # a key of PRESETS
     rules: tuple[tuple[str, str], ...]  # logical axis -> mesh axis (only those in use)
+    head_dim: int = 1  # a "heads"/"kv_heads" dimension is heads x head_dim: it splits by whole heads
 
     @property
     def data_size(self) -> int:
@@ -190,7 +191,8 @@ class Plan:
         out = []
         for i, name in enumerate(logical):
             axis = rules.get(name)
-            if axis is not None and shape is not None and shape[i] % self.mesh.shape[axis]:
+            units = 1 if shape is None else shape[i] // (self.head_dim if name in ("heads", "kv_heads") else 1)
+            if axis is not None and shape is not None and units % self.mesh.shape[axis]:
                 axis = None  # e.g. 2 KV heads on model=4: replicated (see the module docstring)
             out.append(axis)
         return P(*out)
@@ -222,8 +224,13 @@ def make_plan(
     batch_size: int | None = None,
     devices=None,
     allow_fewer: bool = False,
+    check_model: bool = True,
 ) -> Plan:
-    """The mesh and rules of a run, checked against the model and the batch before anything compiles."""
+    """The mesh and rules of a run, checked against the model and the batch before anything compiles.
+
+    ``check_model=False`` (decoding a trained model): sizes that do not split over the model axis
+    (a 65-character vocabulary) are kept whole on every device instead of refused.
+    """
     preset = preset or "auto"
     if preset not in PRESET_NAMES:
         raise ValueError(f"sharding: {preset!r} is not a preset; choose one of {', '.join(PRESET_NAMES)}")
@@ -243,9 +250,10 @@ def make_plan(
                          f"({' x '.join(f'{a}={sizes[a]}' for a in AXES)}); give it devices, e.g. --mesh {idle[0]}=-1")
     if batch_size is not None:
         check_batch_fits(batch_size, sizes)
-    if model_cfg is not None:
+    if model_cfg is not None and check_model:
         check_model_fits(model_cfg, sizes, rules)
-    return Plan(mesh=m, preset=name, rules=tuple(sorted(rules.items())))
+    head_dim = 1 if model_cfg is None else model_cfg.dim_per_head
+    return Plan(mesh=m, preset=name, rules=tuple(sorted(rules.items())), head_dim=head_dim)
 
 
 def cache_sharding(mesh: Mesh, batch_size: int, n_kv_heads: int) -> NamedSharding:

@@ -102,7 +102,9 @@ def check_shardings(result: dict) -> None:
             total = rep = 0
             for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(psh)):
                 axes = logical_axes(path)
-                want = tuple(rules.get(a) if rules.get(a) and x.shape[i] % sizes[rules[a]] == 0 else None
+                # Heads split by whole heads: a dimension of n heads x head_dim needs n divisible.
+                units = [n // (model_cfg.dim_per_head if a in ("heads", "kv_heads") else 1) for n, a in zip(x.shape, axes)]
+                want = tuple(rules.get(a) if rules.get(a) and units[i] % sizes[rules[a]] == 0 else None
                              for i, a in enumerate(axes))
                 got = dims(s.spec, x.ndim)
                 shard = tuple(n // (sizes[a] if a else 1) for n, a in zip(x.shape, want))

@@ -445,7 +445,8 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, preset: str 
     def plan_for(model_cfg):
         # No divisibility check: a trained vocabulary (65 characters) that does not split over the model
         # axis is kept whole on every device instead (Plan.spec), which decoding can afford.
-        return None if mesh is None else sharding.make_plan(mesh, preset, allow_fewer=True)
+        return None if mesh is None else sharding.make_plan(mesh, preset, model_cfg=model_cfg, allow_fewer=True,
+                                                            check_model=False)
 
     step, meta, items = restore_intact(run_dir, targets, step=step)
     graphdef, state, _ = abstract_params(model_config_from_dict(meta["model_config"]))
