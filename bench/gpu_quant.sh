@@ -14,17 +14,13 @@
 # TOKENS (256 new tokens per row), REPEATS (2), PART_TIMEOUT (180 s per model), PY (python3).
 set -uo pipefail
 
-cd "$(dirname "$0")/.." || exit 1
-ROOT=$PWD
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-PY=${PY:-python3}
+NAME=gpu_quant
+# shellcheck source=bench/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"  # ROOT, OUT, PY, WORK, arjax on PYTHONPATH
 TOKENS=${TOKENS:-256}
 REPEATS=${REPEATS:-2}
 PART_TIMEOUT=${PART_TIMEOUT:-180}
 DTYPE=bfloat16
-export PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 
 # name | preset | overrides (KEY=INT, space separated)
 MODELS=("gpt2-small|gpt2-small|" "llama-1b|llama-small|d_model=2048 n_layers=16 n_heads=16 n_kv_heads=4")
@@ -33,13 +29,7 @@ if [ -n "${DRY_RUN:-}" ]; then  # plumbing check on a CPU: tiny models, a few to
   TOKENS=16 REPEATS=1 DTYPE=float32
 fi
 
-WORK=$(mktemp -d /tmp/gpu_quant.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
-
-mkdir -p "$WORK/site/arjax"  # arjax is a namespace package: only its subpackages exist as folders
-for pkg in model decode train; do ln -s "$ROOT/$pkg" "$WORK/site/arjax/$pkg"; done
-export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 
 log "machine"
 {

@@ -18,19 +18,15 @@
 # compiled run fails), PY (python3), XLA_FLAGS (passed through; none are set here).
 set -uo pipefail
 
-cd "$(dirname "$0")/.." || exit 1
-ROOT=$PWD
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-PY=${PY:-python3}
+NAME=gpu_train
+# shellcheck source=bench/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"  # ROOT, OUT, PY, WORK, arjax on PYTHONPATH
 STEPS=${STEPS:-40}
 BATCH=${BATCH:-16}
 SKIP=${SKIP:-10}
 ARJAX_TIMEOUT=${ARJAX_TIMEOUT:-180}
 NANOGPT_TIMEOUT=${NANOGPT_TIMEOUT:-210}
 EAGER_TIMEOUT=${EAGER_TIMEOUT:-90}
-export PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}  # default 0.75; cuBLAS/cuDNN need little
 
 # Model and batch, the same on both sides: GPT-2 small (12 x 768, biases, vocab 50304), context 1024.
 N_LAYER=12 BLOCK=1024 DTYPE_NANO=bfloat16 DEVICE=cuda COMPILE=True
@@ -41,14 +37,7 @@ if [ -n "${DRY_RUN:-}" ]; then  # plumbing check on a CPU: 2 layers, context 64,
   ARJAX_TINY=(--set model.n_layers=2 --set seq_len=64 --set log_interval=2)
 fi
 
-WORK=$(mktemp -d /tmp/gpu_train.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
-
-# --- arjax on PYTHONPATH, without pip ------------------------------------------------------------
-mkdir -p "$WORK/site/arjax"  # arjax is a namespace package: only its subpackages exist as folders
-for pkg in model decode train; do ln -s "$ROOT/$pkg" "$WORK/site/arjax/$pkg"; done
-export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 
 log "machine"
 {

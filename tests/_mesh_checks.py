@@ -147,7 +147,7 @@ def three_steps(plan_mesh, preset, *, A=1, B=8, devices=None):
     step_fn = sharded_train_step(graphdef, tx, plan, *shardings)
     feed = loop.batch_feeder(Windows(IDS, T), plan, accum_steps=A, batch_size=B, seed=7)
     objective = TeacherForcing()
-    compiled = compiled_train_step(step_fn, params, opt_state, feed(0), objective)
+    compiled = compiled_train_step(step_fn, plan, params, opt_state, feed(0), objective)
     losses = []
     key = jax.device_put(seed_key(0), plan.replicated)
     for step in range(3):

@@ -267,7 +267,7 @@ def fit(
     batch_sharding = plan.batch_sharding(3, 1)
     batch_shape = (A, B, T + 1)
     global_batch = batch_feeder(source, plan, accum_steps=A, batch_size=B, seed=cfg.seed)
-    compiled = compiled_train_step(step_fn, params, opt_state, jax.ShapeDtypeStruct(batch_shape, np.int32,
+    compiled = compiled_train_step(step_fn, plan, params, opt_state, jax.ShapeDtypeStruct(batch_shape, np.int32,
                                                                                    sharding=batch_sharding), objective)
     eval_step = make_eval_step(graphdef, pad_id=pad_id)
     val_sharding = plan.batch_sharding(3, 1)

@@ -107,22 +107,20 @@ def sharded_train_step(graphdef, tx, plan, param_shardings, opt_shardings):
     if cache_key not in _SHARDED_STEPS:
         rep = plan.replicated
         fn = functools.partial(_train_step_impl, graphdef, tx, grad_shardings=param_shardings)
-        step = jax.jit(
+        _SHARDED_STEPS[cache_key] = jax.jit(
             fn,
             in_shardings=(param_shardings, opt_shardings, plan.batch_sharding(3, 1), rep, rep, rep),
             out_shardings=(param_shardings, opt_shardings, rep),
             donate_argnums=(0, 1),
         )
-        step.plan = plan  # compiled_train_step traces it under this plan's mesh
-        _SHARDED_STEPS[cache_key] = step
     return _SHARDED_STEPS[cache_key]
 
 
 _COMPILED: dict = {}
 
 
-def compiled_train_step(step_fn, params, opt_state, batches, objective):
-    """``step_fn`` (from ``sharded_train_step``) compiled ahead for these shapes, cached: the caller
+def compiled_train_step(step_fn, plan, params, opt_state, batches, objective):
+    """``step_fn`` (from ``sharded_train_step`` with ``plan``) compiled ahead for these shapes, cached: the caller
     reads the per-device memory (``.memory_analysis()``) before step 0, and every later fit of the
     same shapes reuses the executable instead of compiling it again."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
@@ -130,7 +128,7 @@ def compiled_train_step(step_fn, params, opt_state, batches, objective):
     cache_key = (step_fn, jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract)), jax.tree.structure(objective))
     if cache_key not in _COMPILED:
         step0 = jnp.zeros((), jnp.int32)
-        with jax.set_mesh(step_fn.plan.mesh):  # the model constrains its activations to this mesh's batch axes
+        with jax.set_mesh(plan.mesh):  # the model constrains its activations to this mesh's batch axes
             _COMPILED[cache_key] = step_fn.lower(*abstract, step0, seed_key(0), objective).compile()
     return _COMPILED[cache_key]
 
