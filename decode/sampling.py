@@ -198,7 +198,9 @@ def sample(key: jax.Array, logits: jax.Array, params: SamplingParams, presence: 
     """Draw one token per row [B] int32 from ``filter_logits(logits, params, presence)``.
 
     Greedy rows (temperature 0) get the argmax of the penalised logits; when every row is
-    greedy no filter or random draw runs at all.
+    greedy no filter or random draw runs at all. ``key``: one key for the batch, or one per row
+    ([B] keys: each row draws what a batch of one would with its key, whatever the other rows are;
+    the serving engine relies on that).
     """
     logits = logits.astype(jnp.float32)
     penalised = logits if presence is None else apply_repetition_penalty(logits, presence, params.repetition_penalty)
@@ -206,6 +208,8 @@ def sample(key: jax.Array, logits: jax.Array, params: SamplingParams, presence: 
 
     def draw(_):
         filtered = filter_logits(logits, params, presence)
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:  # one key per row: row i draws as a batch of one with keys[i] would
+            return jax.vmap(lambda k, f: jax.random.categorical(k, f[None], axis=-1)[0])(key, filtered).astype(jnp.int32)
         return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
     drawn = jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda _: greedy_tokens, None)

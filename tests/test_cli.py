@@ -25,7 +25,7 @@ def test_help_describes_every_flag(command, capsys):
 
 def test_every_command_is_registered():
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "eval", "checkpoints", "generate", "convert", "tokenizer", "study", "data"}
+    assert set(sub.choices) == {"train", "eval", "checkpoints", "generate", "serve", "convert", "tokenizer", "study", "data"}
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The `arjax` command: one module per command group.
 
     train.py      arjax train, arjax eval
-    generate.py   arjax generate (streamed)
+    generate.py   arjax generate (streamed); batch.py: its --input/--output batch jobs
+    serve.py      arjax serve (OpenAI-compatible HTTP server over arjax.decode.engine)
     convert.py    arjax convert (Hugging Face in and out), arjax tokenizer train
     study.py      arjax study (exposure-bias studies)
     data.py       arjax data prepare (token shards + manifest), arjax data verify
@@ -18,7 +19,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from arjax.train.cli import convert, data, generate, study, train
+from arjax.train.cli import convert, data, generate, serve, study, train
 from arjax.train.checkpoint import CheckpointWarning
 from arjax.train.cli.common import Parser, UsageError, os_error_message, quiet_libraries
 
@@ -33,7 +34,7 @@ def build_parser() -> Parser:
         "`arjax generate --ckpt runs/demo --prompt \"The \"`.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, generate, convert, study, data):
+    for module in (train, generate, serve, convert, study, data):
         module.register(sub)
     return parser
 

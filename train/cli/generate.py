@@ -78,6 +78,10 @@ def cmd_generate(args) -> int:
     model, tokenizer = _load_for_generate(args)
     if args.quantize:
         model = quantize(model, args.quantize)  # int8 weights, per output channel (arjax.model.quant)
+    if args.input:
+        return _batch_job(args, model, tokenizer)
+    if args.output or args.logprobs or args.slots is not None:
+        raise UsageError("--output, --logprobs and --slots belong to batch jobs; add --input prompts.jsonl")
     texts = args.prompt or ["\n"]
     prompts = [tokenizer.encode(t) for t in texts]
     for i, p in enumerate(prompts):
@@ -89,10 +93,7 @@ def cmd_generate(args) -> int:
         repetition_penalty=args.repetition_penalty, vocab_size=model.cfg.vocab_size,
     )
     stops = [_unescape(t) for t in args.stop or []]
-    eos = list(args.eos or [])
-    if not eos and tokenizer.eos_id is not None:
-        eos = [tokenizer.eos_id]
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    eos, pad = _eos_and_pad(args, tokenizer)
     max_new = args.max_new_tokens
     if max_new is None:  # up to 200, as many as the model's context leaves after the longest prompt
         room = model.cfg.max_len - max(len(p) for p in prompts)
@@ -144,6 +145,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _eos_and_pad(args, tokenizer) -> tuple[list[int], int]:
+    eos = list(args.eos or [])
+    if not eos and tokenizer.eos_id is not None:
+        eos = [tokenizer.eos_id]
+    return eos, tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+
+def _batch_job(args, model, tokenizer) -> int:
+    """``--input``: every prompt of a JSONL file through the continuous-batching engine (train/cli/batch.py)."""
+    from arjax.train.cli.batch import run_batch
+    from arjax.train.cli.serve import build_engine
+
+    if args.prompt:
+        raise UsageError("pass prompts with --prompt or in --input FILE, not both")
+    if args.draft_ckpt or args.prompt_lookup or args.mesh:
+        raise UsageError("--input runs on the serving engine, which has no speculative decoding or --mesh; drop those flags")
+    args.slots = 32 if args.slots is None else args.slots
+    eos, _ = _eos_and_pad(args, tokenizer)
+    engine = build_engine(args, model, tokenizer, max_queue=0)
+
+    def default_max_new(n):  # up to 200, as many as a slot leaves after the prompt
+        return max(1, min(200, engine.max_len - n))
+
+    return run_batch(args, engine, tokenizer, eos=eos, stops=[_unescape(t) for t in args.stop or []],
+                     default_max_new=default_max_new)
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "generate",
@@ -176,4 +204,13 @@ def register(sub) -> None:
     p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
                    help="KV cache dtype; int8 keeps a scale per token and head (default: the model's dtype)")
     add_mesh_flags(p, default="one device; e.g. model=4 decodes with tensor-parallel weights on 4 devices")
+    jobs = p.add_argument_group("batch jobs (a file of prompts through the continuous-batching engine)")
+    jobs.add_argument("--input", metavar="FILE", help="JSONL of {\"prompt\": ..., \"id\": ...} lines (per-line "
+                      "max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop override the flags)")
+    jobs.add_argument("--output", metavar="FILE", help="JSONL written one line per prompt as each finishes; rerunning "
+                      "skips the ids already there")
+    jobs.add_argument("--logprobs", action="store_true", help="add each token's log-probability to the output lines")
+    jobs.add_argument("--slots", type=int, metavar="N", help="prompts decoded at once (default: 32)")
+    jobs.add_argument("--max-len", type=int, metavar="N",
+                      help="cache slots per prompt, prompt + new tokens (default: the model's max_len)")
     p.set_defaults(func=cmd_generate)

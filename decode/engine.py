@@ -1,0 +1,495 @@
+"""The serving engine: a fixed set of slots decoded together in jitted chunks; requests join and leave between chunks.
+
+Continuous batching, as JetStream's orchestrator does it. The device holds ``Slots``: one static
+batch of S rows (the slots), each with its own KV-cache row, write index, position, sampling values,
+PRNG key, EOS ids and token budget. Two jitted programs act on it, both donating it:
+
+- ``insert``: prefill one request's prompt (padded on the right to a length bucket) into a fresh
+  cache row and put that row, and the request's settings, into a free slot. Every slot field is
+  overwritten, so a reused slot never sees its previous occupant. One program per prompt bucket.
+- ``chunk``: up to ``chunk_steps`` decode steps for every slot at once (``lax.while_loop``; free and
+  finished slots ride along masked), returning the tokens each slot emitted. One program.
+
+The host (``Engine.step``: one thread owns the device state) admits waiting requests into free
+slots between chunks, hands each request its new tokens and text, checks stop strings, and releases
+finished or cancelled slots. A request's tokens do not depend on which slot it lands in or on what
+else is running: its key chain is ``generate``'s for a batch of one (``sample`` with per-row keys),
+so greedy and seeded output equal a solo ``generate`` call with the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from arjax.decode.loop import (
+    _EOS_SLOTS,
+    DEFAULT_BUCKETS,
+    STOP_EOS,
+    STOP_LENGTH,
+    STOP_NAMES,
+    STOP_STRING,
+    RUNNING,
+    TRACE_COUNTS,
+    bucket,
+)
+from arjax.decode.sampling import SamplingParams, sample
+from arjax.decode.stops import StopStrings
+from arjax.model import KVCache, Transformer, init_cache
+from arjax.model.quant import check_kv_cache_dtype
+from arjax.model.rng import check_seed, seed_key
+
+TOP_LOGPROBS = 5  # the most alternatives a request may ask for per token (OpenAI's limit for completions)
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is at ``max_queue``; try again later (HTTP 429)."""
+
+
+@struct.dataclass
+class Slots:
+    """Everything the device keeps per slot; S slots, V vocabulary, L cache slots per row, E EOS ids."""
+
+    cache: KVCache  # per layer [S, Hkv, L, Dh]; index [S]: each row's next cache slot
+    logits: jax.Array  # [S, V] float32: raw logits for each slot's next token
+    positions: jax.Array  # [S] int32: position of each slot's next token
+    keys: jax.Array  # [S] PRNG keys: each slot's chain, split once per token as generate splits its key
+    count: jax.Array  # [S] int32: tokens the slot's request has emitted (its EOS included)
+    max_new: jax.Array  # [S] int32: the request's max_new_tokens
+    done: jax.Array  # [S] bool: finished, cancelled or free (those rows are masked)
+    eos: jax.Array  # [S, E] int32: the request's EOS ids, -1 padded
+    sampling: SamplingParams  # [S] per slot
+    presence: jax.Array  # [S, V] bool: tokens in the prompt or output (repetition penalty)
+    stop_reason: jax.Array  # [S] int32: RUNNING, STOP_EOS or STOP_LENGTH
+
+
+@struct.dataclass
+class ChunkOut:
+    """What one chunk emitted, C = chunk_steps columns; a slot's new tokens are its first ``new[s]``."""
+
+    tokens: jax.Array  # [S, C] int32
+    logprobs: jax.Array  # [S, C] float32: under the raw model distribution (as generate's)
+    top_ids: jax.Array  # [S, C, K] int32: the K most likely tokens at each step (K = TOP_LOGPROBS)
+    top_logprobs: jax.Array  # [S, C, K] float32
+    new: jax.Array  # [S] int32
+
+
+def _empty_slots(cfg, num_slots: int, cache_len: int, cache_dtype) -> Slots:
+    S, V = num_slots, cfg.vocab_size
+    cache = init_cache(cfg, S, cache_len, cache_dtype)
+    return Slots(
+        cache=cache.replace(index=jnp.zeros((S,), jnp.int32)),
+        logits=jnp.zeros((S, V), jnp.float32),
+        positions=jnp.zeros((S,), jnp.int32),
+        keys=jax.random.split(jax.random.key(0), S),
+        count=jnp.zeros((S,), jnp.int32),
+        max_new=jnp.zeros((S,), jnp.int32),
+        done=jnp.ones((S,), bool),
+        eos=jnp.full((S, _EOS_SLOTS), -1, jnp.int32),
+        sampling=SamplingParams.greedy(S),
+        presence=jnp.zeros((S, V), bool),
+        stop_reason=jnp.full((S,), RUNNING, jnp.int32),
+    )
+
+
+def _insert_impl(graphdef, params, slots: Slots, tokens, n, slot, key, max_new, eos, sampling: SamplingParams) -> Slots:
+    """Prefill ``tokens`` [1, P] (the first ``n`` real, the rest padding) into slot ``slot``."""
+    TRACE_COUNTS["engine_insert"] += 1
+    model = nnx.merge(graphdef, params)
+    P, L, V = tokens.shape[1], slots.cache.max_len, slots.logits.shape[1]
+    cache_dtype = "int8" if slots.cache.k_scale is not None else slots.cache.k[0].dtype
+    real = jnp.arange(P) < n  # [P]
+    positions = jnp.where(real, jnp.arange(P), -1)[None].astype(jnp.int32)  # [1, P]
+    row = init_cache(model.cfg, 1, L, cache_dtype)  # a fresh row: nothing of the previous occupant survives
+    h, row = model.hidden(tokens, positions, row)  # [1, P, D]; slots 0..P-1 written
+    logits = model.logits(jax.lax.dynamic_slice_in_dim(h, n - 1, 1, axis=1))[:, 0]  # [1, V]: the last real token
+
+    def put(big, small):  # row [1, ...] into the slots' batch at `slot`
+        return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=0)
+
+    def put_layers(big, small):
+        return None if big is None else tuple(put(b, s) for b, s in zip(big, small))
+
+    c = slots.cache
+    cache = KVCache(k=put_layers(c.k, row.k), v=put_layers(c.v, row.v), pos=put(c.pos, row.pos),
+                    index=c.index.at[slot].set(n), k_scale=put_layers(c.k_scale, row.k_scale),
+                    v_scale=put_layers(c.v_scale, row.v_scale))
+    seen = jnp.zeros((V,), bool).at[tokens[0]].max(real)  # the prompt's tokens (repetition penalty)
+    return Slots(
+        cache=cache,
+        logits=slots.logits.at[slot].set(logits[0].astype(jnp.float32)),
+        positions=slots.positions.at[slot].set(n),
+        keys=slots.keys.at[slot].set(key),
+        count=slots.count.at[slot].set(0),
+        max_new=slots.max_new.at[slot].set(max_new),
+        done=slots.done.at[slot].set(False),
+        eos=slots.eos.at[slot].set(eos),
+        sampling=jax.tree.map(lambda a, r: a.at[slot].set(r[0]), slots.sampling, sampling),
+        presence=slots.presence.at[slot].set(seen),
+        stop_reason=slots.stop_reason.at[slot].set(RUNNING),
+    )
+
+
+def _chunk_impl(graphdef, chunk_steps, params, slots: Slots, pad_id) -> tuple[Slots, ChunkOut]:
+    """Up to ``chunk_steps`` decode steps for every running slot (stops early when none runs)."""
+    TRACE_COUNTS["engine_chunk"] += 1
+    model = nnx.merge(graphdef, params)
+    S, V = slots.logits.shape
+    K = min(TOP_LOGPROBS, V)
+    out = ChunkOut(tokens=jnp.full((S, chunk_steps), pad_id, jnp.int32),
+                   logprobs=jnp.zeros((S, chunk_steps), jnp.float32),
+                   top_ids=jnp.zeros((S, chunk_steps, K), jnp.int32),
+                   top_logprobs=jnp.zeros((S, chunk_steps, K), jnp.float32),
+                   new=jnp.zeros((S,), jnp.int32))
+
+    def cond(carry):
+        s, _, i = carry
+        return (i < chunk_steps) & ~jnp.all(s.done)
+
+    def body(carry):
+        s, o, i = carry
+        running = ~s.done
+        split = jax.vmap(jax.random.split)(s.keys)  # [S, 2]: as generate's `rng, key = split(rng)`, per row
+        token = sample(split[:, 1], s.logits, s.sampling, s.presence)  # [S]
+        token = jnp.where(running, token, pad_id).astype(jnp.int32)
+        logp = jax.nn.log_softmax(s.logits, axis=-1)  # [S, V]
+        logprob = jnp.where(running, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0)
+        top_lp, top_ids = jax.lax.top_k(logp, K)  # [S, K]
+        hit_eos = running & jnp.any(token[:, None] == s.eos, axis=-1)
+        count = s.count + running.astype(jnp.int32)
+        hit_len = running & ~hit_eos & (count >= s.max_new)
+        logits, cache = model(token[:, None], s.positions[:, None], s.cache)  # [S, 1, V]
+        # Rows that were not running do not advance (they wrote one slot past their data, never read).
+        cache = cache.replace(index=jnp.where(running, cache.index, s.cache.index))
+        s = s.replace(
+            cache=cache,
+            logits=logits[:, 0].astype(jnp.float32),
+            positions=s.positions + running.astype(jnp.int32),
+            keys=jnp.where(running, split[:, 0], s.keys),
+            count=count,
+            done=s.done | hit_eos | hit_len,
+            presence=s.presence | ((token[:, None] == jnp.arange(V)) & running[:, None]),
+            stop_reason=jnp.where(hit_eos, STOP_EOS, jnp.where(hit_len, STOP_LENGTH, s.stop_reason)),
+        )
+        o = o.replace(
+            tokens=o.tokens.at[:, i].set(token),
+            logprobs=o.logprobs.at[:, i].set(logprob),
+            top_ids=o.top_ids.at[:, i].set(top_ids.astype(jnp.int32)),
+            top_logprobs=o.top_logprobs.at[:, i].set(top_lp),
+            new=o.new + running.astype(jnp.int32),
+        )
+        return s, o, i + 1
+
+    slots, out, _ = jax.lax.while_loop(cond, body, (slots, out, jnp.zeros((), jnp.int32)))
+    return slots, out
+
+
+def _release_impl(slots: Slots, mask) -> Slots:
+    """Mark the slots in ``mask`` [S] done (a stop string, a cancelled request): they stop costing steps."""
+    TRACE_COUNTS["engine_release"] += 1
+    return slots.replace(done=slots.done | mask)
+
+
+_insert = jax.jit(_insert_impl, static_argnums=(0,), donate_argnums=(2,))
+_chunk = jax.jit(_chunk_impl, static_argnums=(0, 1), donate_argnums=(3,))
+_release = jax.jit(_release_impl, donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """One generation request. ``prompt``: token ids. Sampling values as in ``SamplingParams``
+    (temperature 0 is greedy). ``top_logprobs``: how many alternatives (0..5) to report per token.
+    ``stop``: strings that end the request (the engine needs a tokenizer for them)."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    eos_ids: Sequence[int] = ()
+    stop: Sequence[str] = ()
+    top_logprobs: int = 0
+
+
+@dataclasses.dataclass
+class Update:
+    """What the engine hands a request's callback after a chunk: the new tokens and text since the
+    last update (text never holds half a UTF-8 character or anything a stop string removes).
+    ``finish_reason`` is set on the last update: 'eos', 'length', 'stop' (a stop string) or 'cancelled'."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens emitted so far in all (the final count when finished)
+
+
+@dataclasses.dataclass(eq=False)
+class _Active:
+    """A request the engine holds: waiting, or decoding in ``slot``."""
+
+    request: Request
+    tokens: np.ndarray  # [n] int32 prompt
+    sampling: SamplingParams  # [1]
+    eos: np.ndarray  # [E] int32
+    on_update: Callable[[Update], None]
+    stops: StopStrings
+    slot: int | None = None
+    out: list = dataclasses.field(default_factory=list)  # emitted token ids
+    cancelled: bool = False
+    submitted: float = 0.0
+
+
+class Handle:
+    """A submitted request: ``cancel()`` frees its slot at the next chunk boundary (or drops it from the queue)."""
+
+    def __init__(self, active: _Active, engine: Engine):
+        self._active, self._engine = active, engine
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._active)
+
+
+class Engine:
+    """Continuous batching over ``slots`` rows of ``max_len`` cache slots each.
+
+    ``submit(request, on_update)`` is thread-safe; ``on_update`` is called from the thread that runs
+    ``step`` (``start()`` runs it in a background thread that owns the device state; batch jobs call
+    ``run_until_done`` instead). Requests wait in a FIFO queue of at most ``max_queue`` (then
+    ``submit`` raises ``QueueFull``). ``warmup()`` compiles every program serving can need; after it,
+    no prompt length up to ``max_len`` and no sampling value compiles anything (``TRACE_COUNTS``).
+    """
+
+    def __init__(self, model: Transformer, *, slots: int = 16, max_len: int | None = None, chunk_steps: int = 8,
+                 tokenizer=None, pad_id: int = 0, max_queue: int = 256, kv_cache_dtype: str | None = None,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS):
+        cfg = model.cfg
+        for name, value, lo in (("slots", slots, 1), ("chunk_steps", chunk_steps, 1), ("max_queue", max_queue, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value < 2**31:
+                raise ValueError(f"{name}={value!r} must be an int >= {lo}")
+        max_len = cfg.max_len if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
+            raise ValueError(f"max_len={max_len!r} must be an int >= 2 (cache slots per request: prompt + new tokens)")
+        if cfg.pos == "learned" and max_len > cfg.max_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_len={cfg.max_len} (learned positions end "
+                             f"there); use max_len <= {cfg.max_len}")
+        if not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < cfg.vocab_size:
+            raise ValueError(f"pad_id={pad_id!r} must be a token id in [0, {cfg.vocab_size})")
+        self.model, self.tokenizer = model, tokenizer
+        self.num_slots, self.max_len, self.chunk_steps = int(slots), int(max_len), int(chunk_steps)
+        self.pad_id, self.max_queue = int(pad_id), int(max_queue)
+        # Prompt widths: the buckets below max_len, and max_len itself (a prompt may fill all but one slot).
+        self.buckets = tuple(sorted({b for b in buckets if b < self.max_len} | {self.max_len}))
+        self._graphdef, self._params = nnx.split(model)
+        self._cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self._slots = _empty_slots(cfg, self.num_slots, self.max_len, self._cache_dtype)
+        self._by_slot: list[_Active | None] = [None] * self.num_slots
+        self._queue: collections.deque[_Active] = collections.deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = collections.Counter()  # tokens, chunks, requests finished: for /health and the bench
+
+    # ---- the API edge: every check happens here, in the caller's thread ----
+    def check(self, request: Request) -> tuple[np.ndarray, SamplingParams, np.ndarray, StopStrings]:
+        """The request's prompt, sampling values, EOS ids and stop strings, checked (ValueError naming the bad value)."""
+        V = self.model.cfg.vocab_size
+        prompt = np.asarray(request.prompt)
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        if not np.issubdtype(prompt.dtype, np.integer):
+            raise ValueError(f"the prompt holds {prompt.dtype} values; token ids must be ints")
+        bad = (prompt < 0) | (prompt >= V)
+        if bad.any():
+            raise ValueError(f"prompt token id {prompt[bad][0]} is outside the vocabulary [0, {V})")
+        m = request.max_new_tokens
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"max_new_tokens={m!r} must be an int >= 1")
+        if prompt.size + m > self.max_len:
+            room = self.max_len - prompt.size
+            raise ValueError(
+                f"prompt ({prompt.size} tokens) + max_new_tokens ({m}) = {prompt.size + m} exceeds the "
+                f"{self.max_len} tokens a slot holds; "
+                + (f"lower max_new_tokens to <= {room} or shorten the prompt" if room >= 1
+                   else f"shorten the prompt to at most {self.max_len - 1} tokens"))
+        check_seed(request.seed)
+        sampling = SamplingParams.make(1, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+                                       min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+                                       vocab_size=V)
+        eos = np.asarray(list(request.eos_ids), np.int64).ravel()
+        if ((eos < 0) | (eos >= V)).any() or eos.size > _EOS_SLOTS:
+            raise ValueError(f"eos_ids={list(request.eos_ids)!r} must be at most {_EOS_SLOTS} ids in [0, {V})")
+        eos = np.concatenate([eos, np.full(_EOS_SLOTS - eos.size, -1)]).astype(np.int32)
+        k = request.top_logprobs
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={k!r} must be an int in [0, {TOP_LOGPROBS}]")
+        stops = StopStrings(self.tokenizer, list(request.stop), 1)
+        return prompt.astype(np.int32), sampling, eos, stops
+
+    def submit(self, request: Request, on_update: Callable[[Update], None]) -> Handle:
+        """Queue ``request``; ``on_update(Update)`` receives its tokens chunk by chunk. Raises ValueError
+        (a bad request) or QueueFull."""
+        tokens, sampling, eos, stops = self.check(request)
+        active = _Active(request=request, tokens=tokens, sampling=sampling, eos=eos, on_update=on_update,
+                         stops=stops, submitted=time.perf_counter())
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (the queue holds {self.max_queue}); retry later")
+            self._queue.append(active)
+            self._lock.notify()
+        return Handle(active, self)
+
+    def _cancel(self, active: _Active) -> None:
+        with self._lock:
+            active.cancelled = True
+            self._lock.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(a is not None for a in self._by_slot)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    # ---- the device side: only the thread that calls step() touches these ----
+    def warmup(self) -> float:
+        """Compile every program (an insert per prompt bucket, the chunk, the release); returns seconds."""
+        t0 = time.perf_counter()
+        slots = self._slots
+        one = SamplingParams.greedy(1)
+        eos = jnp.full((_EOS_SLOTS,), -1, jnp.int32)
+        for P in self.buckets:
+            slots = _insert(self._graphdef, self._params, slots, jnp.zeros((1, P), jnp.int32), jnp.int32(1), jnp.int32(0),
+                            seed_key(0), jnp.int32(1), eos, one)
+        slots = _release(slots, jnp.ones((self.num_slots,), bool))
+        slots, out = _chunk(self._graphdef, self.chunk_steps, self._params, slots, jnp.int32(self.pad_id))
+        jax.block_until_ready(out)
+        self._slots = slots
+        return time.perf_counter() - t0
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (prefill each), dropping cancelled ones."""
+        while True:
+            with self._lock:
+                while self._queue and self._queue[0].cancelled:
+                    self._finish_quiet(self._queue.popleft())
+                free = [i for i, a in enumerate(self._by_slot) if a is None]
+                if not free or not self._queue:
+                    return
+                active = self._queue.popleft()
+            slot = free[0]
+            n = active.tokens.size
+            P = bucket(n, self.buckets)
+            padded = np.full((1, P), self.pad_id, np.int32)
+            padded[0, :n] = active.tokens
+            req = active.request
+            self._slots = _insert(self._graphdef, self._params, self._slots, jnp.asarray(padded), jnp.int32(n),
+                                  jnp.int32(slot), seed_key(req.seed), jnp.int32(req.max_new_tokens),
+                                  jnp.asarray(active.eos), active.sampling)
+            active.slot = slot
+            self._by_slot[slot] = active
+
+    def _finish_quiet(self, active: _Active) -> None:
+        active.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="cancelled",
+                                prompt_tokens=int(active.tokens.size), completion_tokens=len(active.out)))
+
+    def step(self, wait: float = 0.0) -> bool:
+        """One round: admit waiting requests, run one chunk, deliver its tokens, release finished slots.
+
+        Returns False when there was nothing to do (after waiting up to ``wait`` seconds for a request).
+        """
+        release = np.zeros(self.num_slots, bool)
+        for i, a in enumerate(self._by_slot):  # cancelled while decoding
+            if a is not None and a.cancelled:
+                release[i] = True
+                self._by_slot[i] = None
+                self._finish_quiet(a)
+        self._admit()
+        if release.any():
+            self._slots = _release(self._slots, jnp.asarray(release))
+        if not any(a is not None for a in self._by_slot):
+            with self._lock:
+                if not self._queue and wait > 0 and not self._stopping:
+                    self._lock.wait(wait)
+            return False
+        self._slots, out = _chunk(self._graphdef, self.chunk_steps, self._params, self._slots, jnp.int32(self.pad_id))
+        out, done, reason = jax.device_get((out, self._slots.done, self._slots.stop_reason))
+        self.stats["chunks"] += 1
+        release[:] = False
+        for i, a in enumerate(self._by_slot):
+            if a is None:
+                continue
+            k = int(out.new[i])
+            start = len(a.out)
+            a.out.extend(int(t) for t in out.tokens[i, :k])
+            ids = np.asarray(a.out, np.int32)
+            finished = bool(done[i])
+            reason_name = STOP_NAMES[int(reason[i])] if finished else None
+            keep = len(a.out)
+            if a.stops.stops or self.tokenizer is not None:
+                if a.stops.check(0, ids):  # a stop string: cut at the token that completed it
+                    keep, finished, reason_name = a.stops.rows[0].cut, True, STOP_NAMES[STOP_STRING]
+                    release[i] = not done[i]
+                text = a.stops.delta(0, ids[:keep], final=finished)
+            else:
+                text = ""
+            del a.out[keep:]
+            n_new = max(0, keep - start)
+            top = None
+            if a.request.top_logprobs:
+                top = [[(int(t), float(lp)) for t, lp in zip(out.top_ids[i, j, :a.request.top_logprobs],
+                                                             out.top_logprobs[i, j, :a.request.top_logprobs])]
+                       for j in range(n_new)]
+            self.stats["tokens"] += n_new
+            a.on_update(Update(tokens=a.out[start:keep], logprobs=[float(x) for x in out.logprobs[i, :n_new]],
+                               top_logprobs=top, text=text, finish_reason=reason_name,
+                               prompt_tokens=int(a.tokens.size), completion_tokens=keep))
+            if finished:
+                self._by_slot[i] = None
+                self.stats["finished"] += 1
+        if release.any():
+            self._slots = _release(self._slots, jnp.asarray(release))
+        return True
+
+    def run_until_done(self) -> None:
+        """Step until nothing is queued or running (batch jobs, tests); in the calling thread."""
+        while self.step() or self._queue:
+            pass
+
+    def start(self) -> None:
+        """Run ``step`` in a background thread (the only one touching device state) until ``stop()``."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+
+        def loop():
+            while not self._stopping:
+                self.step(wait=0.05)
+
+        self._thread = threading.Thread(target=loop, name="arjax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+__all__ = ["Engine", "Handle", "QueueFull", "Request", "Slots", "Update", "TOP_LOGPROBS"]

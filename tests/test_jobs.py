@@ -1,0 +1,126 @@
+"""The engine from the command line: `arjax generate --input/--output` batch jobs (killed and resumed)
+and `arjax serve` as a user starts it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from arjax.model import Transformer, get_config
+from arjax.train import checkpoint as ckpt
+from arjax.train import cli
+from arjax.train.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory (weights + byte tokenizer) as `arjax convert` writes one: a random tiny model."""
+    run = str(tmp_path_factory.mktemp("jobs") / "run")
+    model = Transformer(get_config("tiny"), rngs=nnx.Rngs(0))
+    tok = ByteTokenizer()
+    tok.save(ckpt.tokenizer_dir(run))
+    manager = ckpt.make_manager(run)
+    ckpt.save(manager, 0, params=nnx.state(model, nnx.Param),
+              meta={"model_config": model.cfg.to_dict(), "tokenizer": "byte", "tokenizer_sha256": ckpt.tokenizer_digest(run)})
+    manager.wait_until_finished()
+    manager.close()
+    return run
+
+
+def _records(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_batch_job_killed_midway_and_rerun_equals_an_uninterrupted_run(run_dir, tmp_path, subprocess_env, capsys):
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "é", "日本", "sea", "a", "\n", "to be"]
+    lines = []
+    for i in range(1000):
+        item = {"id": f"p{i}", "prompt": " ".join(rng.choice(words, size=int(rng.integers(1, 8))))}
+        if i % 10 == 3:
+            item["temperature"] = 0.0  # per-line overrides
+        if i % 10 == 7:
+            item["max_new_tokens"] = 3
+        lines.append(json.dumps(item, ensure_ascii=False))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    flags = ["generate", "--ckpt", run_dir, "--input", str(prompts), "--max-new-tokens", "12", "--temperature", "0.9",
+             "--top-k", "40", "--slots", "16", "--logprobs"]
+
+    whole = tmp_path / "whole.jsonl"
+    assert cli.main([*flags, "--output", str(whole)]) == 0
+    assert "1000 prompts done" in capsys.readouterr().err
+
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "arjax.train.cli", *flags, "--output", str(out)], env=subprocess_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 100:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    kept = _records(out)
+    assert 100 <= len(kept) < 1000
+    with open(out, "a", encoding="utf-8") as f:
+        f.write('{"id": "p999", "prompt": "the ki')  # what a kill in the middle of a write leaves
+
+    assert cli.main([*flags, "--output", str(out)]) == 0
+    assert f"({len(kept)} were already in" in capsys.readouterr().err
+    resumed, reference = _records(out), {r["id"]: r for r in _records(whole)}
+    assert sorted(r["id"] for r in resumed) == sorted(reference) and len(resumed) == 1000
+    for r in resumed:
+        want = reference[r["id"]]
+        assert {k: v for k, v in r.items() if k != "logprobs"} == {k: v for k, v in want.items() if k != "logprobs"}
+        np.testing.assert_allclose(r["logprobs"], want["logprobs"], atol=1e-5)
+    assert {r["stop_reason"] for r in resumed} == {"length"} and reference["p7"]["tokens"] == 3
+
+
+def test_batch_job_input_errors_are_one_line(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    cases = [
+        ('{"prompt": "a"}\n{"prompt": "b", "temprature": 1}\n', "bad.jsonl:2 has unknown key 'temprature'"),
+        ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "repeats id 1 (first on line 1)"),
+        ('{"prompt": ""}\n', '"prompt" must be a non-empty string'),
+        ('[1, 2]\n', "is a JSON list, not an object"),
+        ('{"prompt": "' + "a" * 70 + '"}\n', "bad.jsonl:1: prompt (70 tokens)"),
+        ('{"prompt": "a", "top_p": 0}\n', "top_p"),
+    ]
+    for text, message in cases:
+        bad.write_text(text)
+        assert cli.main(["generate", "--ckpt", run_dir, "--input", str(bad), "--output", str(tmp_path / "o.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (message, err)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": "zz", "prompt": "a", "text": "", "tokens": 0, "stop_reason": "length"}\n')
+    bad.write_text('{"prompt": "a"}\n')
+    assert cli.main(["generate", "--ckpt", run_dir, "--input", str(bad), "--output", str(other)]) == 2
+    assert "holds id 'zz', which --input has not" in capsys.readouterr().err
+
+
+def test_arjax_serve_starts_serves_and_stops(run_dir, subprocess_env):
+    openai = pytest.importorskip("openai")
+    proc = subprocess.Popen([sys.executable, "-m", "arjax.train.cli", "serve", "--ckpt", run_dir, "--port", "0",
+                             "--slots", "4"], env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "4 slots of 64 tokens, compiled in" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split(" on ")[1].split(" ")[0]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["run"]
+        r = client.completions.create(model="run", prompt="To be", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "stopped after" in err and "1 requests, 5 tokens" in err, err
+    assert os.path.isdir(run_dir)

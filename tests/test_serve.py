@@ -1,0 +1,266 @@
+"""Serving: the continuous-batching engine against solo ``generate``, and the OpenAI-compatible server
+driven by the official ``openai`` client (and by raw HTTP for what a client library would not send)."""
+
+import http.client
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from arjax.decode import SamplingParams, generate
+from arjax.decode.engine import Engine, Request
+from arjax.decode.loop import TRACE_COUNTS
+from arjax.model import Transformer, get_config
+from arjax.train.tokenizer import ByteTokenizer, CharTokenizer
+
+openai = pytest.importorskip("openai")
+from arjax.decode.server import Server, bind, create_app  # noqa: E402  (needs fastapi, a test extra)
+
+# 256 distinct characters, one per token id: decoding is injective, so equal text means equal tokens.
+TOK = CharTokenizer([chr(c) for c in range(32, 127)] + [chr(c) for c in range(0x100, 0x100 + 161)])
+
+
+def _engine_traces():
+    return {k: v for k, v in TRACE_COUNTS.items() if k.startswith("engine_")}
+
+
+def _solo(model, ids, max_new, *, temperature=0.0, top_k=0, top_p=1.0, seed=0, eos=()):
+    sampling = SamplingParams.make(1, temperature=temperature, top_k=top_k, top_p=top_p)
+    out = generate(model, [ids], max_new_tokens=max_new, sampling=sampling, seed=seed, eos_ids=eos)
+    return [int(t) for t in out.tokens[0, : out.lengths[0]]], str(out.stop_reason[0])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(get_config("tiny"), rngs=nnx.Rngs(0))  # vocabulary 256, 64 positions, float32
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    engine = Engine(model, slots=8, chunk_steps=4, tokenizer=TOK, max_queue=64)
+    engine.warmup()
+    engine.start()
+    server = Server(create_app(engine, TOK, "tiny"), bind("127.0.0.1", 0))
+    server.start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield SimpleNamespace(engine=engine, server=server, client=client, host=server.sock.getsockname()[:2])
+    server.stop()
+    engine.stop()
+
+
+def _prompts(n, seed):
+    rng = np.random.default_rng(seed)
+    return ["".join(TOK.chars[int(i)] for i in rng.integers(0, 256, size=int(k))) for k in rng.integers(1, 40, size=n)]
+
+
+def test_engine_equals_solo_generate_with_slots_reused_and_nothing_compiled(model):
+    """Ten requests of mixed lengths, greedy and seeded sampling, through 3 slots, submitted in waves
+    while others decode: each equals a solo ``generate`` of its prompt and seed; after the warm-up no
+    prompt length or sampling value compiles anything."""
+    engine = Engine(model, slots=3, max_len=64, chunk_steps=3)
+    engine.warmup()
+    before = _engine_traces()
+    rng = np.random.default_rng(1)
+    reqs = []
+    for i in range(10):
+        n = int(rng.integers(1, 31))  # two prompt buckets (16, 32) and one output bucket: few solo programs
+        reqs.append(Request(prompt=[int(t) for t in rng.integers(0, 256, size=n)], max_new_tokens=int(rng.integers(1, 17)),
+                            temperature=[0.0, 0.7, 1.3][i % 3], top_k=[0, 5][i % 2], top_p=[1.0, 0.9][i % 2],
+                            seed=100 + i, eos_ids=(7,) if i == 4 else ()))
+    got = {i: [] for i in range(10)}
+    reasons = {}
+
+    def collect(i):
+        def on_update(u):
+            got[i].extend(u.tokens)
+            if u.finish_reason:
+                reasons[i] = u.finish_reason
+        return on_update
+
+    for i in range(4):
+        engine.submit(reqs[i], collect(i))
+    for _ in range(3):
+        engine.step()
+    for i in range(4, 10):  # a second wave joins while the first decodes
+        engine.submit(reqs[i], collect(i))
+        engine.step()
+    engine.run_until_done()
+    assert _engine_traces() == before
+    for i, r in enumerate(reqs):
+        tokens, reason = _solo(model, list(r.prompt), r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+                               top_p=r.top_p, seed=r.seed, eos=r.eos_ids)
+        assert got[i] == tokens, i
+        assert reasons[i] == reason
+
+
+def test_a_reused_slot_never_sees_its_previous_occupant(model):
+    engine = Engine(model, slots=1, max_len=64, chunk_steps=5)
+    got = []
+    long = Request(prompt=list(range(1, 41)), max_new_tokens=23, temperature=0.0)
+    short = Request(prompt=[5, 6, 7], max_new_tokens=6, temperature=0.0)
+    engine.submit(long, lambda u: None)
+    engine.submit(short, lambda u: got.extend(u.tokens))
+    engine.run_until_done()
+    assert got == _solo(model, [5, 6, 7], 6)[0]
+    # The slot's cache holds the short request's 3 + 6 positions (the last token is never fed) and nothing after.
+    pos = np.asarray(engine._slots.cache.pos[0])
+    assert list(pos[:8]) == list(range(8)) and (pos[9:] == -1).all()
+
+
+def test_openai_client_completion_stream_stop_seed_and_models(served, model):
+    client = served.client
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    prompt = "Hello, world"
+    ids = TOK.encode(prompt)
+    greedy = TOK.decode(_solo(model, ids, 12)[0])
+
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == greedy and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 12, len(ids) + 12)
+
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 12
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+    stop = greedy[4:6]
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop, "never"])
+    assert r.choices[0].text == greedy[: greedy.find(stop)] and r.choices[0].finish_reason == "stop"
+
+    sampled = [client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=1.0, seed=s).choices[0].text
+               for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+    assert sampled[0] == TOK.decode(_solo(model, ids, 16, temperature=1.0, seed=7)[0])
+
+    r = client.completions.create(model="tiny", prompt=[prompt, "ab"], max_tokens=5, temperature=0, logprobs=2, echo=False)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].text == greedy[:5]
+    assert len(r.choices[1].logprobs.token_logprobs) == 5 and all(len(t) == 2 for t in r.choices[1].logprobs.top_logprobs)
+
+
+def test_32_requests_at_once_and_staggered_equal_solo_generate(served, model):
+    """Greedy requests sent together and staggered, with sampled ones of other settings in flight at
+    the same time: every greedy reply is exactly its solo ``generate``; nothing compiles."""
+    before = _engine_traces()
+    prompts = _prompts(32, seed=3)
+    max_tokens = [min(24, 64 - len(p)) for p in prompts]
+    sampled = [dict(temperature=0.8 + 0.1 * (i % 4), top_k=i % 7, top_p=1.0 - 0.05 * (i % 3), seed=i) for i in range(8)]
+
+    def greedy(i):
+        if i >= 16:
+            time.sleep(0.02 * (i - 16))  # staggered: these arrive while the first 16 decode
+        r = served.client.completions.create(model="tiny", prompt=prompts[i], max_tokens=max_tokens[i], temperature=0)
+        return r.choices[0].text
+
+    def sample(i):  # top_k is our extension: the client sends it in extra_body
+        s = sampled[i]
+        return served.client.completions.create(model="tiny", prompt=prompts[i], max_tokens=max_tokens[i], seed=s["seed"],
+                                                temperature=s["temperature"], top_p=s["top_p"],
+                                                extra_body={"top_k": s["top_k"]}).choices[0].text
+
+    with ThreadPoolExecutor(40) as pool:
+        sampled_texts = list(pool.map(sample, range(8)))
+        greedy_texts = list(pool.map(greedy, range(32)))
+    assert _engine_traces() == before
+    for i, p in enumerate(prompts):
+        assert greedy_texts[i] == TOK.decode(_solo(model, TOK.encode(p), max_tokens[i])[0]), i
+    for i, s in enumerate(sampled):
+        assert sampled_texts[i] == TOK.decode(_solo(model, TOK.encode(prompts[i]), max_tokens[i], **s)[0]), i
+
+
+def _post(host, body: bytes | str, path="/v1/completions"):
+    conn = http.client.HTTPConnection(*host, timeout=30)
+    conn.request("POST", path, body=body if isinstance(body, bytes) else body.encode(),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, json.loads(data) if data else None
+
+
+BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature: Input should be greater than or equal to 0"),
+    ({"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p: Input should be greater than 0"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal to 1"),
+    ({"model": "tiny", "prompt": "abc", "max_tokens": 100}, 400, "exceeds the 64 tokens a slot holds; lower max_tokens to <= 61"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
+    ({"model": "tiny", "prompt": "a" * 100_000}, 400, "shorten the prompt to at most 63 tokens"),
+    ({"model": "tiny", "prompt": "a", "temprature": 0.5}, 400, "unknown field 'temprature'"),
+    ({"model": "tiny", "prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
+    ({"model": "gpt-4", "prompt": "a"}, 404, "serves 'tiny'"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD, ids=[m[:24] for _, _, m in BAD])
+def test_bad_request_gets_its_status_and_message_then_a_good_one_succeeds(served, body, status, message):
+    got, reply = _post(served.host, body if isinstance(body, bytes) else json.dumps(body))
+    assert got == status and message in reply["error"]["message"], reply
+    ok, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "ok", "max_tokens": 2}))
+    assert ok == 200 and reply["usage"]["completion_tokens"] == 2
+
+
+def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served):
+    engine = served.engine
+    engine.max_queue = 0
+    try:
+        got, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "a"}))
+    finally:
+        engine.max_queue = 64
+    assert got == 429 and "retry later" in reply["error"]["message"]
+
+    conn = http.client.HTTPConnection(*served.host, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 60,
+                                                             "stream": True}), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"data: {")  # decoding has begun
+    conn.sock.shutdown(2)  # the client goes away mid-stream
+    conn.close()
+    deadline = time.time() + 10
+    while engine.active and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0 and engine.stats["tokens"] > 0
+    ok, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "ok", "max_tokens": 3}))
+    assert ok == 200 and reply["choices"][0]["finish_reason"] == "length"
+
+
+def _model_that_spells(text: str) -> Transformer:
+    """A 1-layer model whose greedy output is ``text``'s UTF-8 bytes, whatever the prompt: the blocks add
+    nothing, position p's embedding is a one-hot, and the head maps position p to byte p."""
+    cfg = get_config("tiny", n_layers=1, d_model=64, tie_embeddings=False, max_len=64)
+    m = Transformer(cfg, rngs=nnx.Rngs(0))
+    target = text.encode()
+    m.embed.embedding[...] = jnp.zeros_like(m.embed.embedding[...])
+    m.pos_embed.embedding[...] = 10.0 * jnp.eye(64, cfg.d_model)
+    for layer in (m.blocks[0].attn.o, m.blocks[0].mlp.down):
+        layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
+        layer.bias[...] = jnp.zeros_like(layer.bias[...])
+    head = np.zeros((cfg.d_model, 256), np.float32)
+    head[np.arange(len(target)), list(target)] = 1.0
+    m.lm_head.kernel[...] = jnp.asarray(head)
+    return m
+
+
+def test_multibyte_characters_split_across_tokens_stream_without_replacement_characters():
+    text = "né ü — 日本語 ✓ €!"  # 2-, 3-byte characters, each byte a token; chunks of 3 cut through them
+    model = _model_that_spells(text)
+    n = len(text.encode())
+    engine = Engine(model, slots=2, chunk_steps=3, tokenizer=ByteTokenizer())
+    engine.start()
+    server = Server(create_app(engine, ByteTokenizer(), "spell"), bind("127.0.0.1", 0))
+    server.start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        pieces = [c.choices[0].text for c in client.completions.create(model="spell", prompt="a", max_tokens=n,
+                                                                       temperature=0, stream=True) if c.choices]
+    finally:
+        server.stop()
+        engine.stop()
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert len([p for p in pieces if p]) > 3  # it did stream, in pieces

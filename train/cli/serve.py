@@ -1,0 +1,88 @@
+"""`arjax serve`: an OpenAI-compatible completions server over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from arjax.decode.engine import Engine
+from arjax.model import quantize
+from arjax.train.cli.common import Help, UsageError
+from arjax.train.cli.generate import _load_for_generate
+
+
+def engine_args(p, *, slots_default: int) -> None:
+    """The engine's flags, shared by `arjax serve` and `arjax generate --input`."""
+    p.add_argument("--slots", type=int, metavar="N", default=slots_default,
+                   help="requests decoded at once (the static batch); more wait in a queue")
+    p.add_argument("--max-len", type=int, metavar="N",
+                   help="cache slots per request, prompt + new tokens (default: the model's max_len)")
+    p.add_argument("--chunk-steps", type=int, metavar="N", default=8,
+                   help="decode steps between admitting requests and handing out text (smaller: lower latency, "
+                        "more overhead)")
+
+
+def build_engine(args, model, tokenizer, *, max_queue: int) -> Engine:
+    pad = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else 0
+    for flag, value in (("--slots", args.slots), ("--chunk-steps", args.chunk_steps)):
+        if not 1 <= value <= 65536:
+            raise UsageError(f"{flag} {value} is out of range; give 1 to 65536")
+    if args.max_len is not None and not 2 <= args.max_len < 2**31:
+        raise UsageError(f"--max-len {args.max_len} is out of range; give at least 2 (prompt + new tokens per request)")
+    return Engine(model, slots=args.slots, max_len=args.max_len, chunk_steps=args.chunk_steps, tokenizer=tokenizer,
+                  pad_id=pad, max_queue=max_queue, kv_cache_dtype=args.kv_cache_dtype)
+
+
+def cmd_serve(args) -> int:
+    try:
+        from arjax.decode.server import Server, bind, create_app
+    except ImportError as e:
+        raise UsageError(f"arjax serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'arjax[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is out of range; give 0 to 65535 (0: any free port)")
+    if not 0 <= args.max_queue < 2**31:
+        raise UsageError(f"--max-queue {args.max_queue} is out of range; give 0 or more")
+    sock = bind(args.host, args.port)  # before loading: a taken port fails fast
+    model, tokenizer = _load_for_generate(args)
+    if args.quantize:
+        model = quantize(model, args.quantize)  # int8 weights, per output channel (arjax.model.quant)
+    engine = build_engine(args, model, tokenizer, max_queue=args.max_queue)
+    model_id = args.model_name or os.path.basename(os.path.normpath(args.ckpt or args.hf))
+    seconds = engine.warmup()
+    server = Server(create_app(engine, tokenizer, model_id), sock)
+    engine.start()
+    print(f"arjax serve: {model_id!r} on {server.url} (OpenAI-compatible: {server.url}/v1/completions); "
+          f"{engine.num_slots} slots of {engine.max_len} tokens, compiled in {seconds:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C / SIGTERM, then re-raises it: a normal stop
+        pass
+    finally:
+        engine.stop()
+        print(f"arjax serve: stopped after {time.perf_counter() - t0:.0f} s, {engine.stats['finished']} requests, "
+              f"{engine.stats['tokens']} tokens", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP with OpenAI's completions API (continuous batching)",
+        description="An OpenAI-compatible server: POST /v1/completions (streaming too), GET /v1/models, "
+        "GET /health. Requests share a fixed set of slots; new ones join between chunks of decode steps.",
+        formatter_class=Help,
+    )
+    p.add_argument("--ckpt", metavar="DIR", help="run directory written by `arjax train --out DIR`")
+    p.add_argument("--hf", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed at startup)")
+    p.add_argument("--model-name", metavar="NAME", help="the model id clients pass (default: the directory's name)")
+    p.add_argument("--max-queue", type=int, metavar="N", default=256,
+                   help="requests waiting for a slot before new ones get HTTP 429")
+    engine_args(p, slots_default=16)
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights (a scale per output channel)")
+    p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
+                   help="KV cache dtype (default: the model's dtype)")
+    p.set_defaults(func=cmd_serve, mesh=None)
