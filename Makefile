@@ -30,8 +30,10 @@ demo: $(VENV)/.core
 	$(VENV)/bin/arjax generate --ckpt $(DEMO_DIR) --max-new-tokens 110 --temperature 0.8 --top-k 40 \
 		--prompt "The " --prompt "In the beginning" --prompt "def "
 
+# One pytest worker per core (pytest-xdist), each test file on one worker (module fixtures built once).
+TEST_WORKERS ?= auto
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

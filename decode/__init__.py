@@ -5,6 +5,8 @@
                   (one jitted prefill + lax.while_loop, bucketed shapes)
     speculative.py  DraftModel, PromptLookup: speculative decoding in the same jitted loop
     stops.py      stop strings, checked on the decoded text between chunks
+    engine.py     Engine: continuous batching over a fixed set of slots (requests join between chunks)
+    server.py     the OpenAI-compatible HTTP server over the engine (FastAPI; the "serve" extra)
 """
 
 from arjax.decode.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample

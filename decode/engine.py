@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -226,7 +227,8 @@ class Request:
 class Update:
     """What the engine hands a request's callback after a chunk: the new tokens and text since the
     last update (text never holds half a UTF-8 character or anything a stop string removes).
-    ``finish_reason`` is set on the last update: 'eos', 'length', 'stop' (a stop string) or 'cancelled'."""
+    ``finish_reason`` is set on the last update: 'eos', 'length', 'stop' (a stop string), 'cancelled' or
+    'error' (the round failed; the engine's thread said why on stderr)."""
 
     tokens: list[int]
     logprobs: list[float]
@@ -465,6 +467,23 @@ class Engine:
             self._slots = _release(self._slots, jnp.asarray(release))
         return True
 
+    def _fail_all(self, error: Exception) -> None:
+        """After a failed round: every request in flight or waiting ends with finish_reason 'error', and
+        the slots start empty (the device state may be gone, e.g. donated to the call that failed)."""
+        print(f"arjax engine: a decoding round failed ({type(error).__name__}: {error}); "
+              "the requests in flight end with an error", file=sys.stderr, flush=True)
+        with self._lock:
+            victims = [a for a in self._by_slot if a is not None] + list(self._queue)
+            self._queue.clear()
+        self._by_slot = [None] * self.num_slots
+        self._slots = _empty_slots(self.model.cfg, self.num_slots, self.max_len, self._cache_dtype)
+        for a in victims:
+            try:
+                a.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="error",
+                                   prompt_tokens=int(a.tokens.size), completion_tokens=len(a.out)))
+            except Exception:  # noqa: BLE001: a callback that fails too has nobody left to tell
+                pass
+
     def run_until_done(self) -> None:
         """Step until nothing is queued or running (batch jobs, tests); in the calling thread."""
         while self.step() or self._queue:
@@ -478,7 +497,10 @@ class Engine:
 
         def loop():
             while not self._stopping:
-                self.step(wait=0.05)
+                try:
+                    self.step(wait=0.05)
+                except Exception as e:  # noqa: BLE001: the server must outlive one bad round
+                    self._fail_all(e)
 
         self._thread = threading.Thread(target=loop, name="arjax-engine", daemon=True)
         self._thread.start()

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from arjax.decode.engine import TOP_LOGPROBS, Engine, QueueFull, Request, Update
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled", "error": "error"}
 
 
 class CompletionRequest(BaseModel):
@@ -122,8 +122,12 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
         queue: asyncio.Queue = asyncio.Queue()
         handles, choices = [], []
         for p_index, text in enumerate(prompts):
-            ids = tokenizer.encode(text) if text else []
             where = "prompt" if isinstance(body.prompt, str) else f"prompt[{p_index}]"
+            try:
+                ids = tokenizer.encode(text) if text else []
+            except ValueError as e:  # text the tokenizer cannot encode (a character-level vocabulary)
+                _cancel(handles)
+                return _error(400, f"{where}: {e}", "prompt")
             if not ids:
                 _cancel(handles)
                 return _error(400, f"{where} is empty; give some text to continue", "prompt")
@@ -208,6 +212,9 @@ async def _collect(queue, handles, choices, body, base, tokenizer, http) -> dict
     except asyncio.CancelledError:
         _cancel(handles)
         raise
+    if "error" in finish:
+        _cancel(handles)
+        return _error(500, "decoding failed on the server (its log says why); retry", None, "server_error")
     prompt_tokens = sum(len(c["ids"]) for c in choices[:: body.n])
     return {**base, "choices": [{"index": i, "text": texts[i], "logprobs": logprobs[i], "finish_reason": finish[i]}
                                 for i in range(len(choices))],
@@ -274,7 +281,7 @@ class Server:
         import uvicorn
 
         self.sock = sock
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, log_config=None,
                                                      timeout_graceful_shutdown=1))
         self._thread: threading.Thread | None = None
 

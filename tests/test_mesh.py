@@ -122,7 +122,7 @@ def test_multi_process_flags_are_checked(args, match):
 
 
 def _run(args, devices, env, out, timeout=600):
-    env = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen([sys.executable, CHECKS, *map(str, args), out], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

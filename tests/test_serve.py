@@ -264,3 +264,22 @@ def test_multibyte_characters_split_across_tokens_stream_without_replacement_cha
         engine.stop()
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert len([p for p in pieces if p]) > 3  # it did stream, in pieces
+
+
+def test_a_failed_round_fails_its_requests_with_500_and_the_server_goes_on(served, monkeypatch, capfd):
+    import arjax.decode.engine as engine_module
+
+    real, calls = engine_module._chunk, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    monkeypatch.setattr(engine_module, "_chunk", fails_once)
+    got, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 3}))
+    assert got == 500 and "decoding failed on the server" in reply["error"]["message"]
+    assert "a decoding round failed (RuntimeError: device lost)" in capfd.readouterr().err
+    ok, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "ok", "max_tokens": 3}))
+    assert ok == 200 and reply["usage"]["completion_tokens"] == 3
