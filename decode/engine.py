@@ -372,13 +372,13 @@ class Engine:
         """Compile every program (an insert per prompt bucket, the chunk, the release); returns seconds."""
         t0 = time.perf_counter()
         slots = self._slots
-        one = SamplingParams.greedy(1)
-        eos = jnp.full((_EOS_SLOTS,), -1, jnp.int32)
+        one = SamplingParams.make(1, temperature=1.0, vocab_size=self.model.cfg.vocab_size)
+        eos = jax.device_put(np.full((_EOS_SLOTS,), -1, np.int32))
         for P in self.buckets:
-            slots = _insert(self._graphdef, self._params, slots, jnp.zeros((1, P), jnp.int32), jnp.int32(1), jnp.int32(0),
-                            seed_key(0), jnp.int32(1), eos, one)
-        slots = _release(slots, jnp.ones((self.num_slots,), bool))
-        slots, out = _chunk(self._graphdef, self.chunk_steps, self._params, slots, jnp.int32(self.pad_id))
+            slots = _insert(self._graphdef, self._params, slots, jax.device_put(np.zeros((1, P), np.int32)), np.int32(1),
+                            np.int32(0), seed_key(0), np.int32(1), eos, one)
+        slots = _release(slots, jax.device_put(np.ones((self.num_slots,), bool)))
+        slots, out = _chunk(self._graphdef, self.chunk_steps, self._params, slots, np.int32(self.pad_id))
         jax.block_until_ready(out)
         self._slots = slots
         return time.perf_counter() - t0
@@ -399,9 +399,10 @@ class Engine:
             padded = np.full((1, P), self.pad_id, np.int32)
             padded[0, :n] = active.tokens
             req = active.request
-            self._slots = _insert(self._graphdef, self._params, self._slots, jnp.asarray(padded), jnp.int32(n),
-                                  jnp.int32(slot), seed_key(req.seed), jnp.int32(req.max_new_tokens),
-                                  jnp.asarray(active.eos), active.sampling)
+            # numpy in, device_put: jnp.asarray would compile a small staging program per new shape.
+            self._slots = _insert(self._graphdef, self._params, self._slots, jax.device_put(padded), np.int32(n),
+                                  np.int32(slot), seed_key(req.seed), np.int32(req.max_new_tokens),
+                                  jax.device_put(active.eos), active.sampling)
             active.slot = slot
             self._by_slot[slot] = active
 
@@ -422,13 +423,13 @@ class Engine:
                 self._finish_quiet(a)
         self._admit()
         if release.any():
-            self._slots = _release(self._slots, jnp.asarray(release))
+            self._slots = _release(self._slots, jax.device_put(release))
         if not any(a is not None for a in self._by_slot):
             with self._lock:
                 if not self._queue and wait > 0 and not self._stopping:
                     self._lock.wait(wait)
             return False
-        self._slots, out = _chunk(self._graphdef, self.chunk_steps, self._params, self._slots, jnp.int32(self.pad_id))
+        self._slots, out = _chunk(self._graphdef, self.chunk_steps, self._params, self._slots, np.int32(self.pad_id))
         out, done, reason = jax.device_get((out, self._slots.done, self._slots.stop_reason))
         self.stats["chunks"] += 1
         release[:] = False
@@ -464,7 +465,7 @@ class Engine:
                 self._by_slot[i] = None
                 self.stats["finished"] += 1
         if release.any():
-            self._slots = _release(self._slots, jnp.asarray(release))
+            self._slots = _release(self._slots, jax.device_put(release))
         return True
 
     def _fail_all(self, error: Exception) -> None:

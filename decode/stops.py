@@ -75,7 +75,10 @@ class StopStrings:
         text = self.tokenizer.decode([int(t) for t in ids])
         if final:
             return text
-        end = len(text.rstrip("\ufffd"))
+        # An unfinished UTF-8 character at the end decodes as one U+FFFD (a lossy decoder replaces each
+        # maximal invalid run once); only that one can still change. Earlier ones are bytes that no
+        # later token can complete: shown now, as the final text will show them.
+        end = len(text) - 1 if text.endswith("\ufffd") else len(text)
         hold = 0  # the longest tail that is the start of a stop string
         for s in self.stops:
             hold = max(hold, next((n for n in range(min(len(s) - 1, end), 0, -1) if text[end - n:end] == s[:n]), 0))

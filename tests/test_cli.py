@@ -62,6 +62,10 @@ def test_streamed_text_holds_back_split_utf8():
     assert rows.delta(0, [ord("a"), e_acute[0]]) == "a"
     assert rows.delta(0, [ord("a"), *e_acute, ord("b")]) == "éb"
     assert rows.delta(0, [ord("a"), *e_acute, ord("b"), 0xFF], final=True) == "\ufffd"
+    # Bytes no later token can complete show as U+FFFD at once; only an unfinished tail waits.
+    rows = StopStrings(ByteTokenizer(), (), 1)
+    assert rows.delta(0, [0xE6, 0xE6, ord("a"), 0xE6, 0x97]) == "\ufffd\ufffda"
+    assert rows.delta(0, [0xE6, 0xE6, ord("a"), *"日".encode()]) == "日"
 
 
 @pytest.mark.slow

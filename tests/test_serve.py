@@ -1,12 +1,14 @@
 """Serving: the continuous-batching engine against solo ``generate``, and the OpenAI-compatible server
 driven by the official ``openai`` client (and by raw HTTP for what a client library would not send)."""
 
+import collections
 import http.client
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,8 +27,14 @@ from arjax.decode.server import Server, bind, create_app  # noqa: E402  (needs f
 TOK = CharTokenizer([chr(c) for c in range(32, 127)] + [chr(c) for c in range(0x100, 0x100 + 161)])
 
 
+_COMPILES = collections.Counter()  # XLA compilations in this process, whatever asked for them
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *_, **__: _COMPILES.update([name]) if name == "/jax/core/compile/backend_compile_duration" else None)
+
+
 def _engine_traces():
-    return {k: v for k, v in TRACE_COUNTS.items() if k.startswith("engine_")}
+    """Traces of the engine's programs, and every XLA compile (a staging copy too)."""
+    return {**{k: v for k, v in TRACE_COUNTS.items() if k.startswith("engine_")}, "xla": sum(_COMPILES.values())}
 
 
 def _solo(model, ids, max_new, *, temperature=0.0, top_k=0, top_p=1.0, seed=0, eos=()):
