@@ -7,8 +7,10 @@ PRNG key, EOS ids and token budget. Two jitted programs act on it, both donating
 - ``insert``: prefill one request's prompt (padded on the right to a length bucket) into a fresh
   cache row and put that row, and the request's settings, into a free slot. Every slot field is
   overwritten, so a reused slot never sees its previous occupant. One program per prompt bucket.
-- ``chunk``: up to ``chunk_steps`` decode steps for every slot at once (``lax.while_loop``; free and
-  finished slots ride along masked), returning the tokens each slot emitted. One program.
+- ``chunk``: up to ``chunk_steps`` decode steps for the slots in use (``lax.while_loop``; finished
+  slots ride along masked), returning the tokens each slot emitted. Requests take the lowest free
+  slot and a chunk runs over the first 1, 2, 4, ... slots that hold them, so a lightly loaded server
+  does not pay for its idle slots. One program per such row count.
 
 The host (``Engine.step``: one thread owns the device state) admits waiting requests into free
 slots between chunks, hands each request its new tokens and text, checks stop strings, and releases
@@ -139,10 +141,13 @@ def _insert_impl(graphdef, params, slots: Slots, tokens, n, slot, key, max_new, 
     )
 
 
-def _chunk_impl(graphdef, chunk_steps, params, slots: Slots, pad_id) -> tuple[Slots, ChunkOut]:
-    """Up to ``chunk_steps`` decode steps for every running slot (stops early when none runs)."""
+def _chunk_impl(graphdef, chunk_steps, rows, params, all_slots: Slots, pad_id) -> tuple[Slots, ChunkOut]:
+    """Up to ``chunk_steps`` decode steps for every running slot among the first ``rows`` (static; the
+    others are free), stopping early when none runs. Returns the slots and the chunk's ``rows`` outputs."""
     TRACE_COUNTS["engine_chunk"] += 1
     model = nnx.merge(graphdef, params)
+    # Few requests in flight: decode only the slots in use (they are the lowest; see Engine._rows).
+    slots = all_slots if rows == all_slots.logits.shape[0] else jax.tree.map(lambda x: x[:rows], all_slots)
     S, V = slots.logits.shape
     K = min(TOP_LOGPROBS, V)
     out = ChunkOut(tokens=jnp.full((S, chunk_steps), pad_id, jnp.int32),
@@ -190,6 +195,8 @@ def _chunk_impl(graphdef, chunk_steps, params, slots: Slots, pad_id) -> tuple[Sl
         return s, o, i + 1
 
     slots, out, _ = jax.lax.while_loop(cond, body, (slots, out, jnp.zeros((), jnp.int32)))
+    if rows < all_slots.logits.shape[0]:  # back into the (donated) whole
+        slots = jax.tree.map(lambda full, part: full.at[:rows].set(part), all_slots, slots)
     return slots, out
 
 
@@ -200,7 +207,7 @@ def _release_impl(slots: Slots, mask) -> Slots:
 
 
 _insert = jax.jit(_insert_impl, static_argnums=(0,), donate_argnums=(2,))
-_chunk = jax.jit(_chunk_impl, static_argnums=(0, 1), donate_argnums=(3,))
+_chunk = jax.jit(_chunk_impl, static_argnums=(0, 1, 2), donate_argnums=(4,))
 _release = jax.jit(_release_impl, donate_argnums=(0,))
 
 
@@ -271,7 +278,8 @@ class Engine:
     ``submit(request, on_update)`` is thread-safe; ``on_update`` is called from the thread that runs
     ``step`` (``start()`` runs it in a background thread that owns the device state; batch jobs call
     ``run_until_done`` instead). Requests wait in a FIFO queue of at most ``max_queue`` (then
-    ``submit`` raises ``QueueFull``). ``warmup()`` compiles every program serving can need; after it,
+    ``submit`` raises ``QueueFull``). ``warmup()`` compiles every program serving can need (an insert per
+    prompt bucket, a chunk per row bucket); after it,
     no prompt length up to ``max_len`` and no sampling value compiles anything (``TRACE_COUNTS``).
     """
 
@@ -295,6 +303,9 @@ class Engine:
         self.pad_id, self.max_queue = int(pad_id), int(max_queue)
         # Prompt widths: the buckets below max_len, and max_len itself (a prompt may fill all but one slot).
         self.buckets = tuple(sorted({b for b in buckets if b < self.max_len} | {self.max_len}))
+        # Chunks run over the first 1, 2, 4, ... slots when only those are in use: one request in
+        # flight costs a batch of one, not of every slot. One chunk program per row count.
+        self.row_buckets = tuple(sorted({2**i for i in range(32) if 2**i < self.num_slots} | {self.num_slots}))
         self._graphdef, self._params = nnx.split(model)
         self._cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self._slots = _empty_slots(cfg, self.num_slots, self.max_len, self._cache_dtype)
@@ -369,7 +380,7 @@ class Engine:
 
     # ---- the device side: only the thread that calls step() touches these ----
     def warmup(self) -> float:
-        """Compile every program (an insert per prompt bucket, the chunk, the release); returns seconds."""
+        """Compile every program (an insert per prompt bucket, a chunk per row bucket, the release); returns seconds."""
         t0 = time.perf_counter()
         slots = self._slots
         one = SamplingParams.make(1, temperature=1.0, vocab_size=self.model.cfg.vocab_size)
@@ -378,7 +389,8 @@ class Engine:
             slots = _insert(self._graphdef, self._params, slots, jax.device_put(np.zeros((1, P), np.int32)), np.int32(1),
                             np.int32(0), seed_key(0), np.int32(1), eos, one)
         slots = _release(slots, jax.device_put(np.ones((self.num_slots,), bool)))
-        slots, out = _chunk(self._graphdef, self.chunk_steps, self._params, slots, np.int32(self.pad_id))
+        for rows in self.row_buckets:
+            slots, out = _chunk(self._graphdef, self.chunk_steps, rows, self._params, slots, np.int32(self.pad_id))
         jax.block_until_ready(out)
         self._slots = slots
         return time.perf_counter() - t0
@@ -406,6 +418,11 @@ class Engine:
             active.slot = slot
             self._by_slot[slot] = active
 
+    def _rows(self) -> int:
+        """The smallest row bucket holding every slot in use (requests take the lowest free slot)."""
+        last = max(i for i, a in enumerate(self._by_slot) if a is not None)
+        return next(r for r in self.row_buckets if r > last)
+
     def _finish_quiet(self, active: _Active) -> None:
         active.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="cancelled",
                                 prompt_tokens=int(active.tokens.size), completion_tokens=len(active.out)))
@@ -429,7 +446,9 @@ class Engine:
                 if not self._queue and wait > 0 and not self._stopping:
                     self._lock.wait(wait)
             return False
-        self._slots, out = _chunk(self._graphdef, self.chunk_steps, self._params, self._slots, np.int32(self.pad_id))
+        rows = self._rows()
+        self._slots, out = _chunk(self._graphdef, self.chunk_steps, rows, self._params, self._slots,
+                                  np.int32(self.pad_id))
         out, done, reason = jax.device_get((out, self._slots.done, self._slots.stop_reason))
         self.stats["chunks"] += 1
         release[:] = False
