@@ -1,10 +1,11 @@
 """Serving: `arjax serve` under load (concurrency 1, 8, 32 and Poisson arrivals) next to static-batch generate.
 
     python bench/serve.py            # shakespeare-char size, 32 prompts, 128 new tokens each
+    python bench/serve.py --size gpt2-small
     python bench/serve.py --quick    # fewer tokens and requests (a smoke run, not for the record)
 
-A random-initialised model of nanoGPT's shakespeare-char size (6 layers, d_model 384) with the byte
-tokenizer is written as a run directory and served by `arjax serve` in a subprocess (the engine
+A random-initialised model (nanoGPT's shakespeare-char size, 6 layers x 384, or GPT-2 small's
+body, 12 x 768; byte vocabulary) with the byte tokenizer is written as a run directory and served by `arjax serve` in a subprocess (the engine
 thread and the HTTP server in one process, as a user runs it); this process is the client: one
 thread per in-flight request, each streaming its completion over HTTP (server-sent events). Prompts
 are slices of tinyshakespeare (../shared/data; 16 to 96 bytes). Every request is greedy with the
@@ -39,10 +40,16 @@ from arjax.train.tokenizer import ByteTokenizer
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
-def write_run(path: str, seed: int = 0) -> Transformer:
+SIZES = {  # byte vocabulary (256), learned positions, 256 of them
+    "shakespeare-char": dict(n_layers=6, d_model=384, n_heads=6),  # nanoGPT's recipe size, 10.7M parameters
+    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12),  # GPT-2 small's body, 85M parameters
+}
+
+
+def write_run(path: str, size: str, seed: int = 0) -> Transformer:
     from flax import nnx
 
-    cfg = get_config("tiny", vocab_size=256, max_len=256, n_layers=6, d_model=384, n_heads=6, dropout=0.0)
+    cfg = get_config("tiny", vocab_size=256, max_len=256, dropout=0.0, **SIZES[size])
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     tok = ByteTokenizer()
     tok.save(ckpt.tokenizer_dir(path))
@@ -174,6 +181,7 @@ def static_generate(model, prompts, max_tokens: int, max_len: int, repeats: int 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16 new tokens, fewer requests (a smoke run)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="shakespeare-char", help="model size (random weights)")
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--chunk-steps", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -184,14 +192,14 @@ def main() -> None:
     prompts = make_prompts(n)
     with tempfile.TemporaryDirectory() as tmp:
         run = os.path.join(tmp, "run")
-        model = write_run(run)
+        model = write_run(run, args.size)
         static = static_generate(model, prompts, max_tokens, max_len)
-        print(f"static-batch generate, {n} prompts x {max_tokens} tokens: {static:,.0f} tokens/s", flush=True)
+        print(f"{args.size}: static-batch generate, {n} prompts x {max_tokens} tokens: {static:,.0f} tokens/s", flush=True)
         proc, addr = start_server(run, args.slots, max_len, args.chunk_steps)
         try:
             one_request(addr, prompts[0], 4)  # first-request costs (connection, thread start) out of the way
             rows = {}
-            for c, reqs in ((1, prompts[: 4 if args.quick else 8]), (8, prompts), (32, prompts)):
+            for c, reqs in ((1, prompts[:4] if args.quick else prompts), (8, prompts), (32, prompts)):
                 rows[f"concurrency {c}"] = summarize(closed_loop(addr, reqs, max_tokens, c))
             for rate in ((4.0,) if args.quick else (2.0, 8.0, 32.0)):
                 rows[f"poisson {rate:g}/s"] = summarize(poisson(addr, prompts, max_tokens, rate))
