@@ -149,8 +149,10 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
                     handles.append(engine.submit(req, on_update))
                 except ValueError as e:
                     _cancel(handles)
-                    param = "max_tokens" if "max_new_tokens" in str(e) else "prompt"
-                    return _error(400, f"{where}: {str(e).replace('max_new_tokens', 'max_tokens')}", param)
+                    message = str(e).replace("max_new_tokens", "max_tokens")
+                    param = next((f for f in ("max_tokens", "temperature", "top_k", "top_p", "min_p",
+                                              "repetition_penalty", "seed") if f in message), "prompt")
+                    return _error(400, message if param != "prompt" else f"{where}: {message}", param)
                 except QueueFull as e:
                     _cancel(handles)
                     return _error(429, f"the server is busy: {e}", None, "rate_limit_error")

@@ -121,13 +121,13 @@ def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], defa
     requests = []
     for it in todo:  # every line is checked before anything runs
         where = f"{args.input}:{it['_line']}"
-        ids = tokenizer.encode(it["prompt"])
-        max_new = it.get("max_new_tokens", args.max_new_tokens)
-        if max_new is None:
-            max_new = default_max_new(len(ids))
-        stop = it.get("stop", stops)
-        stop = [stop] if isinstance(stop, str) else stop
         try:
+            ids = tokenizer.encode(it["prompt"])
+            max_new = it.get("max_new_tokens", args.max_new_tokens)
+            if max_new is None:
+                max_new = default_max_new(len(ids))
+            stop = it.get("stop", stops)
+            stop = [stop] if isinstance(stop, str) else stop
             req = Request(prompt=ids, max_new_tokens=max_new, temperature=it.get("temperature", args.temperature),
                           top_k=it.get("top_k", args.top_k), top_p=it.get("top_p", args.top_p),
                           min_p=it.get("min_p", args.min_p),
