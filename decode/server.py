@@ -196,14 +196,19 @@ async def _collect(queue, handles, choices, body, base, tokenizer, http) -> dict
     logprobs: list[dict | None] = [None] * len(choices)
     finish: list[str | None] = [None] * len(choices)
     usage = [0] * len(choices)
+    checked = time.monotonic()
     try:
         while any(f is None for f in finish):
             try:
                 index, update = await asyncio.wait_for(queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                index, update = None, None
+            if time.monotonic() - checked >= 0.5:  # a client that hung up frees its slots
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     _cancel(handles)
                     return JSONResponse(status_code=499, content={})
+            if update is None:
                 continue
             if body.logprobs is not None and update.tokens:
                 logprobs[index] = _merge_logprobs(logprobs[index], _logprobs_block(update, tokenizer, len(texts[index])))

@@ -214,7 +214,7 @@ def test_bad_request_gets_its_status_and_message_then_a_good_one_succeeds(served
     assert ok == 200 and reply["usage"]["completion_tokens"] == 2
 
 
-def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served):
+def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served, monkeypatch):
     engine = served.engine
     engine.max_queue = 0
     try:
@@ -236,6 +236,25 @@ def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served):
     assert engine.active == 0 and engine.stats["tokens"] > 0
     ok, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "ok", "max_tokens": 3}))
     assert ok == 200 and reply["choices"][0]["finish_reason"] == "length"
+
+    # A non-streaming client that hangs up while its requests decode (slowed to 0.1 s a chunk, so that
+    # they would take 1.5 s): the slots are freed too.
+    import arjax.decode.engine as engine_module
+
+    real = engine_module._chunk
+    monkeypatch.setattr(engine_module, "_chunk", lambda *a: (time.sleep(0.1), real(*a))[1])
+    before = engine.stats["finished"]
+    conn = http.client.HTTPConnection(*served.host, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "y", "max_tokens": 60, "n": 8}),
+                 headers={"Content-Type": "application/json"})
+    deadline = time.time() + 10
+    while not engine.active and time.time() < deadline:
+        time.sleep(0.01)
+    conn.sock.shutdown(2)
+    conn.close()
+    while engine.active and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0 and engine.stats["finished"] - before < 8  # cancelled, not decoded to the end
 
 
 def _model_that_spells(text: str) -> Transformer:
