@@ -310,3 +310,18 @@ def test_a_failed_round_fails_its_requests_with_500_and_the_server_goes_on(serve
     assert "a decoding round failed (RuntimeError: device lost)" in capfd.readouterr().err
     ok, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "ok", "max_tokens": 3}))
     assert ok == 200 and reply["usage"]["completion_tokens"] == 3
+
+
+def test_engine_with_int8_weights_and_cache_equals_generate(model):
+    from arjax.model import quantize
+
+    m, kv = quantize(model, "int8"), "int8"
+    engine = Engine(m, slots=2, max_len=64, chunk_steps=4, kv_cache_dtype=kv)
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(0, 256, size=int(n))] for n in (3, 17, 9)]
+    got = {i: [] for i in range(3)}
+    for i, p in enumerate(prompts):
+        engine.submit(Request(prompt=p, max_new_tokens=12, temperature=0.0), lambda u, i=i: got[i].extend(u.tokens))
+    engine.run_until_done()
+    for i, p in enumerate(prompts):
+        assert got[i] == [int(t) for t in generate(m, [p], max_new_tokens=12, kv_cache_dtype=kv).tokens[0]], i
