@@ -54,7 +54,13 @@ TOP_LOGPROBS = 5  # the most alternatives a request may ask for per token (OpenA
 
 
 class QueueFull(RuntimeError):
-    """The engine's waiting queue is at ``max_queue``; try again later (HTTP 429)."""
+    """The engine cannot take the request now: its queue is full (retry later: HTTP 429), the request
+    alone needs more than slots + max_queue places (``never``: it will never fit), or the engine is
+    shutting down (``closing``)."""
+
+    def __init__(self, message: str, *, never: bool = False, closing: bool = False):
+        super().__init__(message)
+        self.never, self.closing = never, closing
 
 
 @struct.dataclass
@@ -314,6 +320,7 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closing = False
         self.stats = collections.Counter()  # tokens, chunks, requests finished: for /health and the bench
 
     # ---- the API edge: every check happens here, in the caller's thread ----
@@ -355,20 +362,57 @@ class Engine:
     def submit(self, request: Request, on_update: Callable[[Update], None]) -> Handle:
         """Queue ``request``; ``on_update(Update)`` receives its tokens chunk by chunk. Raises ValueError
         (a bad request) or QueueFull."""
-        tokens, sampling, eos, stops = self.check(request)
-        active = _Active(request=request, tokens=tokens, sampling=sampling, eos=eos, on_update=on_update,
-                         stops=stops, submitted=time.perf_counter())
+        return self.submit_all([(request, on_update)])[0]
+
+    def submit_all(self, requests: Sequence[tuple[Request, Callable[[Update], None]]]) -> list[Handle]:
+        """Queue several requests, all or none (one HTTP request's prompts and choices): each is checked
+        first (ValueError), then they are queued together if the queue has room for all (QueueFull).
+
+        ``max_queue`` counts requests waiting beyond the free slots: an idle engine with ``max_queue=0``
+        takes up to ``slots`` requests at once."""
+        checked = [(self.check(r), r, cb) for r, cb in requests]
         with self._lock:
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are waiting (the queue holds {self.max_queue}); retry later")
-            self._queue.append(active)
+            if self._closing:
+                raise QueueFull("it is shutting down", closing=True)
+            if len(requests) > self.num_slots + self.max_queue:
+                raise QueueFull(f"{len(requests)} completions in one request, but the engine decodes {self.num_slots} "
+                                f"at once and queues {self.max_queue}", never=True)
+            free = sum(a is None for a in self._by_slot)
+            waiting = len(self._queue) + len(requests) - free
+            if waiting > self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting for {self.num_slots} slots (the queue holds "
+                                f"{self.max_queue}); retry later")
+            now = time.perf_counter()
+            actives = [_Active(request=r, tokens=tokens, sampling=sampling, eos=eos, on_update=cb, stops=stops,
+                               submitted=now) for (tokens, sampling, eos, stops), r, cb in checked]
+            self._queue.extend(actives)
             self._lock.notify()
-        return Handle(active, self)
+        return [Handle(a, self) for a in actives]
 
     def _cancel(self, active: _Active) -> None:
         with self._lock:
             active.cancelled = True
+            queued = active.slot is None and active in self._queue
+            if queued:  # never prefilled; its place in the queue is free at once
+                self._queue.remove(active)
             self._lock.notify()
+        if queued:
+            self._finish_quiet(active)
+
+    def close(self) -> None:
+        """Refuse new requests and cancel every one queued or decoding (a server shutting down): each
+        ends with finish_reason 'cancelled' at the next round."""
+        with self._lock:
+            self._closing = True
+            for a in list(self._queue) + [a for a in self._by_slot if a is not None]:
+                a.cancelled = True
+            self._lock.notify()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the slots' KV cache (keys, values and, for int8, their scales)."""
+        c = self._slots.cache
+        return sum(x.nbytes for x in (*c.k, *c.v, *(c.k_scale or ()), *(c.v_scale or ())))
 
     @property
     def active(self) -> int:
@@ -410,7 +454,9 @@ class Engine:
                 if not free or not self._queue:
                     return
                 active = self._queue.popleft()
-            slot = free[0]
+                slot = free[0]
+                active.slot = slot  # the slot is taken from here on (submit_all counts free slots)
+                self._by_slot[slot] = active
             n = active.tokens.size
             P = bucket(n, self.buckets)
             padded = np.full((1, P), self.pad_id, np.int32)
@@ -420,8 +466,6 @@ class Engine:
             self._slots = _insert(self._graphdef, self._params, self._slots, jax.device_put(padded), np.int32(n),
                                   np.int32(slot), seed_key(req.seed), np.int32(req.max_new_tokens),
                                   jax.device_put(active.eos), active.sampling)
-            active.slot = slot
-            self._by_slot[slot] = active
 
     def _rows(self) -> int:
         """The smallest row bucket holding every slot in use (requests take the lowest free slot)."""
@@ -443,9 +487,9 @@ class Engine:
                 release[i] = True
                 self._by_slot[i] = None
                 self._finish_quiet(a)
-        self._admit()
-        if release.any():
+        if release.any():  # before admitting: a new request may take a released slot
             self._slots = _release(self._slots, jax.device_put(release))
+        self._admit()
         if not any(a is not None for a in self._by_slot):
             with self._lock:
                 if not self._queue and wait > 0 and not self._stopping:

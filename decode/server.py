@@ -10,6 +10,7 @@ its range), 404 for another model name, 429 when the queue is full.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import secrets
 import socket
@@ -21,7 +22,8 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from arjax.decode.engine import TOP_LOGPROBS, Engine, QueueFull, Request, Update
 
@@ -66,22 +68,42 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
                                                                "code": None}})
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """One line naming the first bad field, what it must be and what it got."""
-    err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or None
-    if err.get("type") == "json_invalid":
-        return f"the request body is not valid JSON ({err.get('msg', '')}); send a JSON object", None
-    if err.get("type") == "extra_forbidden":
-        return (f"unknown field {field!r}; /v1/completions takes {', '.join(CompletionRequest.model_fields)}",
-                field)
-    if err.get("type") == "literal_error" and loc and loc[0] in ("presence_penalty", "frequency_penalty", "best_of",
-                                                                   "suffix"):
-        return f"{loc[0]} is not supported by this server; leave it out (repetition_penalty is)", loc[0]
+_UNION_FIELDS = {"prompt": "a string or a non-empty list of strings",
+                 "stop": "a string or a list of at most 16 strings"}
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One line naming the first bad field, what it must be and what it got (pydantic's ``errors()``)."""
+    first = errors[0]
+    kind = first.get("type")
+    if kind == "json_invalid":
+        return f"the request body is not valid JSON ({first.get('msg', '')}); send a JSON object", None
+    if not first.get("loc"):
+        return "the request body must be a JSON object, e.g. {\"model\": ..., \"prompt\": \"...\"}", None
+    field = str(first["loc"][0])
+    if kind == "extra_forbidden":
+        return f"unknown field {field!r}; /v1/completions takes {', '.join(CompletionRequest.model_fields)}", field
+    if kind == "literal_error" and field in ("presence_penalty", "frequency_penalty", "best_of", "suffix"):
+        return f"{field} is not supported by this server; leave it out (repetition_penalty is)", field
+    same = [e for e in errors if e.get("loc") and str(e["loc"][0]) == field]
+    if field in _UNION_FIELDS:
+        # One error per branch of the union: the one that is not a plain type mismatch says most.
+        useful = [e for e in same if not str(e.get("type", "")).endswith("_type")]
+        if not useful:
+            return f"{field} must be {_UNION_FIELDS[field]}{_got(first)}", field
+        first = useful[0]
+    where = field + "".join(f"[{p}]" for p in first["loc"][1:] if isinstance(p, int))
+    return f"{where}: {first.get('msg', 'invalid')}{_got(first)}", field
+
+
+def _got(err: dict) -> str:
     got = err.get("input")
-    shown = f" (got {json.dumps(got)[:80]})" if got is not None and not isinstance(got, dict) else ""
-    return f"{field}: {err.get('msg', 'invalid')}{shown}", field
+    if got is None or isinstance(got, (dict, list)):
+        return ""
+    try:
+        return f" (got {json.dumps(got)[:80]})"
+    except (TypeError, ValueError):
+        return ""
 
 
 def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
@@ -89,9 +111,14 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
     app = FastAPI(title="arjax", docs_url=None, redoc_url=None)
     created = int(time.time())
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):  # unknown route, wrong method: OpenAI's error shape
+        return _error(exc.status_code, f"{exc.detail}; this server has POST /v1/completions, GET /v1/models, "
+                      "GET /health", None, "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(_, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+        message, param = _validation_message(exc.errors())
         return _error(400, message, param)
 
     @app.get("/health")
@@ -105,7 +132,13 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
                                             "owned_by": "arjax"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
+    async def completions(http: HTTPRequest):
+        # The body is JSON whatever the Content-Type says (curl -d sends a form type).
+        try:
+            body = CompletionRequest.model_validate_json(await http.body())
+        except ValidationError as e:
+            message, param = _validation_message(e.errors())
+            return _error(400, message, param)
         if body.model != model_id:
             return _error(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model",
                           "not_found_error")
@@ -120,23 +153,21 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
         eos = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        handles, choices = [], []
+        choices, submissions = [], []
         for p_index, text in enumerate(prompts):
             where = "prompt" if isinstance(body.prompt, str) else f"prompt[{p_index}]"
             try:
                 ids = tokenizer.encode(text) if text else []
             except ValueError as e:  # text the tokenizer cannot encode (a character-level vocabulary)
-                _cancel(handles)
                 return _error(400, f"{where}: {e}", "prompt")
             if not ids:
-                _cancel(handles)
                 return _error(400, f"{where} is empty; give some text to continue", "prompt")
-            for j in range(body.n):
-                index = len(choices)
+            for _ in range(body.n):
+                index = len(choices)  # choice i samples with seed + i
                 choices.append({"prompt": text, "ids": ids})
                 req = Request(prompt=ids, max_new_tokens=body.max_tokens, temperature=body.temperature,
                               top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                              repetition_penalty=body.repetition_penalty, seed=seed + j, eos_ids=eos, stop=stops,
+                              repetition_penalty=body.repetition_penalty, seed=seed + index, eos_ids=eos, stop=stops,
                               top_logprobs=body.logprobs or 0)
 
                 def on_update(update: Update, index=index):
@@ -145,17 +176,23 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
                     except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                         pass
 
-                try:
-                    handles.append(engine.submit(req, on_update))
-                except ValueError as e:
-                    _cancel(handles)
-                    message = str(e).replace("max_new_tokens", "max_tokens")
-                    param = next((f for f in ("max_tokens", "temperature", "top_k", "top_p", "min_p",
-                                              "repetition_penalty", "seed") if f in message), "prompt")
-                    return _error(400, message if param != "prompt" else f"{where}: {message}", param)
-                except QueueFull as e:
-                    _cancel(handles)
-                    return _error(429, f"the server is busy: {e}", None, "rate_limit_error")
+                submissions.append((req, on_update, where))
+        try:
+            handles = engine.submit_all([(req, cb) for req, cb, _ in submissions])
+        except ValueError as e:
+            message = str(e).replace("max_new_tokens", "max_tokens")
+            param = next((f for f in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                      "seed") if f in message), "prompt")
+            if "shorten the prompt" in message and "lower max_tokens" not in message:
+                param = "prompt"
+            return _error(400, message, param)
+        except QueueFull as e:
+            if e.never:  # more completions than the server can ever hold at once
+                return _error(400, f"{e}; lower n or send fewer prompts per request", "n")
+            return JSONResponse(status_code=429 if not e.closing else 503, headers={"Retry-After": "1"},
+                                content={"error": {"message": f"the server is {'shutting down' if e.closing else 'busy'}: {e}",
+                                                   "type": "rate_limit_error" if not e.closing else "server_error",
+                                                   "param": None, "code": None}})
         rid = f"cmpl-{uuid.uuid4().hex}"
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id}
         if body.stream:
@@ -171,17 +208,26 @@ def _cancel(handles) -> None:
         h.cancel()
 
 
-def _logprobs_block(update: Update, tokenizer, offset: int) -> dict:
-    """OpenAI's completion ``logprobs`` object for these tokens; ``offset``: text offset of the first one."""
-    words = [tokenizer.decode([t]) for t in update.tokens]
-    offsets, at = [], offset
-    for w in words:
-        offsets.append(at)
-        at += len(w)
+def _logprobs_block(update: Update, tokenizer, before: list[int], offset: int) -> dict:
+    """OpenAI's completion ``logprobs`` object for this update's tokens. ``before``: the choice's tokens
+    so far (extended here); ``offset``: where the choice's text starts (the prompt's length with echo).
+    Each token is shown decoded alone (a byte of a split character shows as U+FFFD, as OpenAI shows
+    ``bytes:``), its ``text_offset`` is the length of the text decoded before it, and alternatives that
+    decode to the same string keep the likelier one (so there may be fewer than asked for)."""
+    offsets = []
+    for t in update.tokens:
+        offsets.append(offset + len(tokenizer.decode(before)))
+        before.append(t)
     top = None
     if update.top_logprobs is not None:
-        top = [{tokenizer.decode([t]): lp for t, lp in alts} for alts in update.top_logprobs]
-    return {"tokens": words, "token_logprobs": update.logprobs, "top_logprobs": top, "text_offset": offsets}
+        top = []
+        for alts in update.top_logprobs:
+            shown: dict[str, float] = {}
+            for t, lp in alts:  # most likely first
+                shown.setdefault(tokenizer.decode([t]), lp)
+            top.append(shown)
+    return {"tokens": [tokenizer.decode([t]) for t in update.tokens], "token_logprobs": update.logprobs,
+            "top_logprobs": top, "text_offset": offsets}
 
 
 def _merge_logprobs(acc: dict | None, block: dict) -> dict:
@@ -193,6 +239,7 @@ def _merge_logprobs(acc: dict | None, block: dict) -> dict:
 async def _collect(queue, handles, choices, body, base, tokenizer, http) -> dict:
     """Wait for every choice to finish (cancelling all if the client goes away); one response."""
     texts = [c["prompt"] if body.echo else "" for c in choices]
+    ids = [[] for _ in choices]
     logprobs: list[dict | None] = [None] * len(choices)
     finish: list[str | None] = [None] * len(choices)
     usage = [0] * len(choices)
@@ -211,7 +258,7 @@ async def _collect(queue, handles, choices, body, base, tokenizer, http) -> dict
             if update is None:
                 continue
             if body.logprobs is not None and update.tokens:
-                logprobs[index] = _merge_logprobs(logprobs[index], _logprobs_block(update, tokenizer, len(texts[index])))
+                logprobs[index] = _merge_logprobs(logprobs[index], _logprobs_block(update, tokenizer, ids[index], 0))
             texts[index] += update.text
             usage[index] = update.completion_tokens
             if update.finish_reason:
@@ -222,6 +269,8 @@ async def _collect(queue, handles, choices, body, base, tokenizer, http) -> dict
     if "error" in finish:
         _cancel(handles)
         return _error(500, "decoding failed on the server (its log says why); retry", None, "server_error")
+    if "cancelled" in finish:  # the server is shutting down
+        return _error(503, "the server is shutting down; retry on another", None, "server_error")
     prompt_tokens = sum(len(c["ids"]) for c in choices[:: body.n])
     return {**base, "choices": [{"index": i, "text": texts[i], "logprobs": logprobs[i], "finish_reason": finish[i]}
                                 for i in range(len(choices))],
@@ -237,7 +286,7 @@ async def _sse(queue, handles, choices, body, base, tokenizer):
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     remaining = len(choices)
-    shown = [0] * len(choices)
+    ids = [[] for _ in choices]
     usage = [0] * len(choices)
     try:
         if body.echo:
@@ -249,8 +298,7 @@ async def _sse(queue, handles, choices, body, base, tokenizer):
             finish = FINISH[update.finish_reason] if update.finish_reason else None
             if not update.text and finish is None and not (body.logprobs is not None and update.tokens):
                 continue
-            lp = _logprobs_block(update, tokenizer, shown[index]) if body.logprobs is not None and update.tokens else None
-            shown[index] += len(update.text)
+            lp = _logprobs_block(update, tokenizer, ids[index], 0) if body.logprobs is not None and update.tokens else None
             chunk = {**base, "choices": [{"index": index, "text": update.text, "logprobs": lp, "finish_reason": finish}]}
             if finish is not None:
                 remaining -= 1
@@ -266,7 +314,7 @@ async def _sse(queue, handles, choices, body, base, tokenizer):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on (host, port) (port 0: a free one), or a one-line OSError naming the fix."""
+    """A listening socket on (host, port) (port 0: a free one), or a one-line ValueError naming the fix."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -274,22 +322,34 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        why = "is in use" if e.errno in (98, 48) else f"cannot be bound ({e.strerror})"
-        raise OSError(f"{host}:{port} {why}; pick another --port (0: any free one) or --host") from None
+        if isinstance(e, socket.gaierror):
+            raise ValueError(f"host {host!r} is not an address of this machine ({e.strerror}); use e.g. --host "
+                             "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+        why = ("is in use; pick another --port (0: any free one)" if e.errno == errno.EADDRINUSE else
+               f"cannot be used ({e.strerror}); pick another --host or --port (0: any free one)")
+        raise ValueError(f"{host}:{port} {why}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
 class Server:
-    """uvicorn serving ``app`` on ``sock``; ``run()`` blocks, or ``start()`` in a thread and ``stop()`` (tests, bench)."""
+    """uvicorn serving ``app`` on ``sock``; ``run()`` blocks, or ``start()`` in a thread and ``stop()`` (tests,
+    bench). ``on_exit`` runs when a signal asks uvicorn to stop, before it waits for open connections:
+    the engine's ``close`` there ends every request in flight, so their streams end properly."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket):
+    def __init__(self, app: FastAPI, sock: socket.socket, on_exit=None):
         import uvicorn
 
+        class _Uvicorn(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if on_exit is not None:
+                    on_exit()
+                super().handle_exit(sig, frame)
+
         self.sock = sock
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, log_config=None,
-                                                     timeout_graceful_shutdown=1))
+        self._server = _Uvicorn(uvicorn.Config(app, log_level="warning", access_log=False, log_config=None,
+                                               timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
 
     @property

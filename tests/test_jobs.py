@@ -105,6 +105,13 @@ def test_batch_job_input_errors_are_one_line(run_dir, tmp_path, capsys):
     bad.write_text('{"prompt": "a"}\n')
     assert cli.main(["generate", "--ckpt", run_dir, "--input", str(bad), "--output", str(other)]) == 2
     assert "holds id 'zz', which --input has not" in capsys.readouterr().err
+    # The input edited since the output was written: the old result is not passed off as the new one's.
+    other.write_text('{"id": 1, "prompt": "b", "text": "", "tokens": 0, "stop_reason": "length"}\n')
+    assert cli.main(["generate", "--ckpt", run_dir, "--input", str(bad), "--output", str(other)]) == 2
+    assert "line 1 (id 1) was written for another prompt" in capsys.readouterr().err
+    bad.write_text('{"prompt": "a", "stop": null, "max_new_tokens": 2}\n')  # null: no stop strings
+    assert cli.main(["generate", "--ckpt", run_dir, "--input", str(bad), "--output", str(tmp_path / "n.jsonl")]) == 0
+    capsys.readouterr()
 
 
 def test_arjax_serve_starts_serves_and_stops(run_dir, subprocess_env):
@@ -113,14 +120,20 @@ def test_arjax_serve_starts_serves_and_stops(run_dir, subprocess_env):
                              "--slots", "4"], env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert "4 slots of 64 tokens, compiled in" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert "4 slots of 64 tokens (KV cache 0.1 MiB), compiled in" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
         url = line.split(" on ")[1].split(" ")[0]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["run"]
         r = client.completions.create(model="run", prompt="To be", max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+        # A second server on the same port: one line, before loading anything.
+        port = url.rsplit(":", 1)[1]
+        second = subprocess.run([sys.executable, "-m", "arjax.train.cli", "serve", "--ckpt", run_dir, "--port", port],
+                                env=subprocess_env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert f"127.0.0.1:{port} is in use; pick another --port" in second.stderr
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # what a process manager sends
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "stopped after" in err and "1 requests, 5 tokens" in err, err
-    assert os.path.isdir(run_dir)
+    assert "Traceback" not in err and os.path.isdir(run_dir)

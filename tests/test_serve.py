@@ -119,6 +119,16 @@ def test_a_reused_slot_never_sees_its_previous_occupant(model):
     pos = np.asarray(engine._slots.cache.pos[0])
     assert list(pos[:8]) == list(range(8)) and (pos[9:] == -1).all()
 
+    # A request cancelled mid-decode and a new one taking its slot in the same round.
+    got.clear()
+    reasons = []
+    handle = engine.submit(long, lambda u: reasons.append(u.finish_reason))
+    engine.step()
+    handle.cancel()
+    engine.submit(short, lambda u: got.extend(u.tokens))
+    engine.run_until_done()
+    assert reasons[-1] == "cancelled" and got == _solo(model, [5, 6, 7], 6)[0]
+
 
 def test_openai_client_completion_stream_stop_seed_and_models(served, model):
     client = served.client
@@ -203,6 +213,11 @@ BAD = [
     ({"model": "tiny", "prompt": "a", "temprature": 0.5}, 400, "unknown field 'temprature'"),
     ({"model": "tiny", "prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
     ({"model": "gpt-4", "prompt": "a"}, 404, "serves 'tiny'"),
+    ({"model": "tiny", "prompt": "a", "stop": ["x"] * 17}, 400, "stop: List should have at most 16 items"),
+    ({"model": "tiny", "prompt": []}, 400, "prompt: List should have at least 1 item"),
+    ({"model": "tiny", "prompt": ["a", ""]}, 400, "prompt[1] is empty"),
+    ([1, 2], 400, "the request body must be a JSON object"),
+    ({"model": "tiny", "prompt": "a", "top_k": 300}, 400, "top_k=300"),
 ]
 
 
@@ -214,11 +229,36 @@ def test_bad_request_gets_its_status_and_message_then_a_good_one_succeeds(served
     assert ok == 200 and reply["usage"]["completion_tokens"] == 2
 
 
+def test_any_content_type_is_read_as_json_and_errors_have_openais_shape(served):
+    conn = http.client.HTTPConnection(*served.host, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 2}),
+                 headers={"Content-Type": "application/x-www-form-urlencoded"})  # what curl -d sends
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 2
+    for method, path, status in (("GET", "/v1/completions", 405), ("POST", "/v1/chat/completions", 404)):
+        conn.request(method, path)
+        resp = conn.getresponse()
+        assert resp.status == status and "this server has POST /v1/completions" in json.loads(resp.read())["error"]["message"]
+    conn.close()
+
+
 def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served, monkeypatch):
     engine = served.engine
-    engine.max_queue = 0
+    engine.max_queue = 0  # no waiting beyond the 8 slots
     try:
+        got, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "a", "n": 8, "max_tokens": 2}))
+        assert got == 200 and len(reply["choices"]) == 8  # an idle server takes as many as it has slots
+        got, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "a", "n": 9}))
+        assert got == 400 and "lower n" in reply["error"]["message"]  # could never fit
+        import arjax.decode.engine as engine_module
+
+        real = engine_module._chunk
+        monkeypatch.setattr(engine_module, "_chunk", lambda *a: (time.sleep(0.1), real(*a))[1])  # 1.5 s a request
+        busy = [engine.submit(Request(prompt=[1], max_new_tokens=60, temperature=0.0), lambda u: None) for _ in range(8)]
         got, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "a"}))
+        for h in busy:
+            h.cancel()
+        monkeypatch.setattr(engine_module, "_chunk", real)
     finally:
         engine.max_queue = 64
     assert got == 429 and "retry later" in reply["error"]["message"]
@@ -325,3 +365,29 @@ def test_engine_with_int8_weights_and_cache_equals_generate(model):
     engine.run_until_done()
     for i, p in enumerate(prompts):
         assert got[i] == [int(t) for t in generate(m, [p], max_new_tokens=12, kv_cache_dtype=kv).tokens[0]], i
+
+
+def test_shutting_down_ends_every_stream_properly_and_refuses_new_requests(model, monkeypatch):
+    import arjax.decode.engine as engine_module
+
+    engine = Engine(model, slots=2, chunk_steps=2, tokenizer=TOK)
+    engine.start()
+    server = Server(create_app(engine, TOK, "tiny"), bind("127.0.0.1", 0))
+    server.start()
+    real = engine_module._chunk
+    monkeypatch.setattr(engine_module, "_chunk", lambda *a: (time.sleep(0.05), real(*a))[1])
+    try:
+        host = server.sock.getsockname()[:2]
+        conn = http.client.HTTPConnection(*host, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 60,
+                                                                 "stream": True}))
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: {")
+        engine.close()  # what a SIGINT / SIGTERM to `arjax serve` does first
+        rest = resp.read().decode()
+        assert '"finish_reason": "cancelled"' in rest and rest.endswith("data: [DONE]\n\n")
+        got, reply = _post(host, json.dumps({"model": "tiny", "prompt": "a"}))
+        assert got == 503 and "shutting down" in reply["error"]["message"]
+    finally:
+        server.stop()
+        engine.stop()

@@ -65,8 +65,9 @@ def _read_input(path: str) -> list[dict]:
     return items
 
 
-def _read_done(path: str, ids: set) -> set:
-    """Ids already in the output; a last line cut short by a kill is removed from the file."""
+def _read_done(path: str, prompts: dict) -> set:
+    """Ids already in the output (``prompts``: the input's prompt per id); a last line cut short by a
+    kill is removed from the file; a line for an id the input lacks, or for another prompt, is refused."""
     if not os.path.exists(path):
         return set()
     if not os.path.isfile(path):
@@ -87,9 +88,12 @@ def _read_done(path: str, ids: set) -> set:
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise UsageError(f"--output {path!r} line {number} is not an output record; give a new --output "
                              "(or remove that line)") from None
-        if key not in ids:
+        if key not in prompts:
             raise UsageError(f"--output {path!r} holds id {key!r}, which --input has not: is it another job's "
                              "output? give a new --output")
+        if record.get("prompt") != prompts[key]:
+            raise UsageError(f"--output {path!r} line {number} (id {key!r}) was written for another prompt than "
+                             "--input has now; give a new --output (or restore the input)")
         done.add(key)
     return done
 
@@ -115,7 +119,7 @@ def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], defa
     parent = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(parent):
         raise UsageError(f"--output {out_path!r}: the directory {parent!r} does not exist; create it first")
-    done = _read_done(out_path, {it["id"] for it in items})
+    done = _read_done(out_path, {it["id"]: it["prompt"] for it in items})
     todo = [it for it in items if it["id"] not in done]
 
     requests = []
@@ -127,7 +131,9 @@ def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], defa
             if max_new is None:
                 max_new = default_max_new(len(ids))
             stop = it.get("stop", stops)
-            stop = [stop] if isinstance(stop, str) else stop
+            stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+                raise ValueError(f'"stop" must be a string or a list of strings, got {it["stop"]!r}')
             req = Request(prompt=ids, max_new_tokens=max_new, temperature=it.get("temperature", args.temperature),
                           top_k=it.get("top_k", args.top_k), top_p=it.get("top_p", args.top_p),
                           min_p=it.get("min_p", args.min_p),
@@ -144,9 +150,23 @@ def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], defa
     progress = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), _Rate(counter),
                         TimeRemainingColumn(), disable=not sys.stderr.isatty(), console=None, transient=False)
     t0 = time.perf_counter()
+    try:
+        written = _run(args, engine, requests, out_path, progress, counter, total=len(items), done=len(done))
+    except OSError as e:  # disk full, permission: the lines written so far are kept
+        raise UsageError(f"cannot write --output {out_path!r} ({e.strerror or e}); free space or choose another "
+                         "--output, then run the same command again: finished lines are kept and skipped") from None
+    seconds = time.perf_counter() - t0
+    print(f"arjax generate: {written} prompts done ({len(done)} were already in {out_path!r}), "
+          f"{counter['tokens']} tokens in {seconds:.1f} s ({counter['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)",
+          file=sys.stderr)
+    return 0
+
+
+def _run(args, engine, requests, out_path, progress, counter, *, total: int, done: int) -> int:
+    """Submit every request, step the engine until all are done, append each result as it finishes."""
     written = 0
     with open(out_path, "a", encoding="utf-8") as out, progress:
-        task = progress.add_task("generate", total=len(items), completed=len(done))
+        task = progress.add_task("generate", total=total, completed=done)
 
         def collector(item):
             text, logprobs = [], []
@@ -172,9 +192,6 @@ def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], defa
         for item, req in requests:
             engine.submit(req, collector(item))
         engine.run_until_done()
+        out.flush()
         os.fsync(out.fileno())
-    seconds = time.perf_counter() - t0
-    print(f"arjax generate: {written} prompts done ({len(done)} were already in {out_path!r}), "
-          f"{counter['tokens']} tokens in {seconds:.1f} s ({counter['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)",
-          file=sys.stderr)
-    return 0
+    return written

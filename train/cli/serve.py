@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -10,6 +11,10 @@ from arjax.decode.engine import Engine
 from arjax.model import quantize
 from arjax.train.cli.common import Help, UsageError
 from arjax.train.cli.generate import _load_for_generate
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def engine_args(p, *, slots_default: int) -> None:
@@ -45,21 +50,39 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--max-queue {args.max_queue} is out of range; give 0 or more")
     sock = bind(args.host, args.port)  # before loading: a taken port fails fast
     model, tokenizer = _load_for_generate(args)
+    if args.max_len is not None and args.max_len > model.cfg.max_len:
+        raise UsageError(f"--max-len {args.max_len} exceeds the model's context ({model.cfg.max_len} tokens); give at "
+                         f"most {model.cfg.max_len}")
     if args.quantize:
         model = quantize(model, args.quantize)  # int8 weights, per output channel (arjax.model.quant)
-    engine = build_engine(args, model, tokenizer, max_queue=args.max_queue)
-    model_id = args.model_name or os.path.basename(os.path.normpath(args.ckpt or args.hf))
-    seconds = engine.warmup()
-    server = Server(create_app(engine, tokenizer, model_id), sock)
+    model_id = args.model_name or os.path.basename(os.path.abspath(args.ckpt or args.hf))
+    try:
+        engine = build_engine(args, model, tokenizer, max_queue=args.max_queue)
+        seconds = engine.warmup()
+    except Exception as e:  # noqa: BLE001: XLA reports memory exhaustion as a runtime error
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise
+        cfg = model.cfg
+        max_len = args.max_len or cfg.max_len
+        width = 1 if args.kv_cache_dtype == "int8" else (2 if "16" in (args.kv_cache_dtype or cfg.dtype) else 4)
+        need = 2 * cfg.n_layers * args.slots * cfg.num_kv_heads * max_len * cfg.dim_per_head * width
+        raise UsageError(f"{args.slots} slots of {max_len} tokens do not fit in the device's memory (the KV cache "
+                         f"alone is {need / 2**30:.2f} GiB); lower --slots or --max-len") from None
+    server = Server(create_app(engine, tokenizer, model_id), sock, on_exit=engine.close)
     engine.start()
     print(f"arjax serve: {model_id!r} on {server.url} (OpenAI-compatible: {server.url}/v1/completions); "
-          f"{engine.num_slots} slots of {engine.max_len} tokens, compiled in {seconds:.1f} s", flush=True)
+          f"{engine.num_slots} slots of {engine.max_len} tokens (KV cache {engine.cache_bytes / 2**20:,.1f} MiB), "
+          f"compiled in {seconds:.1f} s", flush=True)
     t0 = time.perf_counter()
+    # uvicorn stops on SIGINT and SIGTERM, then raises the signal again under the handler it found:
+    # this one, so that SIGTERM also ends here (engine stopped, summary printed, exit 0).
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C / SIGTERM, then re-raises it: a normal stop
+    except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         engine.stop()
         print(f"arjax serve: stopped after {time.perf_counter() - t0:.0f} s, {engine.stats['finished']} requests, "
               f"{engine.stats['tokens']} tokens", file=sys.stderr)
