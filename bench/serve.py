@@ -206,7 +206,7 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
-    print(f"\n| setting | requests | tokens/s | vs static | TTFT p50 / p99 (ms) | per token p50 / p99 (ms) |")
+    print("\n| setting | requests | tokens/s | vs static | TTFT p50 / p99 (ms) | per token p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|")
     print(f"| static-batch generate | {n} | {static:,.0f} | 1.00 | | |")
     for name, r in rows.items():
