@@ -14,7 +14,8 @@ same max_tokens, so all finish on length and the token counts are equal everywhe
 Measured per setting: throughput (completion tokens over wall time, first send to last byte), time
 to first token (send -> first text) and time per output token ((last - first) / (tokens - 1)), p50
 and p99. The reference, in the same run: ``generate`` on all prompts as one static batch (the same
-weights, loaded here; best of 3 after a warm-up), with the same cache length as the server's slots.
+weights, loaded here; best of 3 after a warm-up), with the same cache length as the server's slots,
+and the engine alone in this process (``Engine.submit`` for every prompt, ``run_until_done``; no HTTP).
 """
 
 from __future__ import annotations
@@ -178,6 +179,23 @@ def static_generate(model, prompts, max_tokens: int, max_len: int, repeats: int 
     return int(out.lengths.sum()) / best
 
 
+def engine_alone(model, prompts, max_tokens: int, max_len: int, slots: int, chunk_steps: int) -> float:
+    """The engine in this process, no HTTP: submit every prompt, step until done (best of 2 after a warm-up)."""
+    from arjax.decode.engine import Engine, Request
+
+    tok = ByteTokenizer()
+    engine = Engine(model, slots=slots, max_len=max_len, chunk_steps=chunk_steps, tokenizer=tok, max_queue=len(prompts))
+    engine.warmup()
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        for p in prompts:
+            engine.submit(Request(prompt=tok.encode(p), max_new_tokens=max_tokens, temperature=0.0), lambda u: None)
+        engine.run_until_done()
+        best = min(best, time.perf_counter() - t)
+    return len(prompts) * max_tokens / best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16 new tokens, fewer requests (a smoke run)")
@@ -195,6 +213,7 @@ def main() -> None:
         model = write_run(run, args.size)
         static = static_generate(model, prompts, max_tokens, max_len)
         print(f"{args.size}: static-batch generate, {n} prompts x {max_tokens} tokens: {static:,.0f} tokens/s", flush=True)
+        alone = engine_alone(model, prompts, max_tokens, max_len, args.slots, args.chunk_steps)
         proc, addr = start_server(run, args.slots, max_len, args.chunk_steps)
         try:
             one_request(addr, prompts[0], 4)  # first-request costs (connection, thread start) out of the way
@@ -209,6 +228,7 @@ def main() -> None:
     print("\n| setting | requests | tokens/s | vs static | TTFT p50 / p99 (ms) | per token p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|")
     print(f"| static-batch generate | {n} | {static:,.0f} | 1.00 | | |")
+    print(f"| engine alone, no HTTP ({n} at once) | {n} | {alone:,.0f} | {alone / static:.2f} | | |")
     for name, r in rows.items():
         print(f"| {name} | {r['requests']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / static:.2f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} |")

@@ -282,7 +282,7 @@ class Engine:
     """Continuous batching over ``slots`` rows of ``max_len`` cache slots each.
 
     ``submit(request, on_update)`` is thread-safe; ``on_update`` is called from the thread that runs
-    ``step`` (``start()`` runs it in a background thread that owns the device state; batch jobs call
+    ``step`` (or, for a request cancelled while still queued, from the thread that cancels it) (``start()`` runs it in a background thread that owns the device state; batch jobs call
     ``run_until_done`` instead). Requests wait in a FIFO queue of at most ``max_queue`` (then
     ``submit`` raises ``QueueFull``). ``warmup()`` compiles every program serving can need (an insert per
     prompt bucket, a chunk per row bucket); after it,
@@ -314,7 +314,8 @@ class Engine:
         self.row_buckets = tuple(sorted({2**i for i in range(32) if 2**i < self.num_slots} | {self.num_slots}))
         self._graphdef, self._params = nnx.split(model)
         self._cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
-        self._slots = _empty_slots(cfg, self.num_slots, self.max_len, self._cache_dtype)
+        self._slots = self._fresh_slots()
+        self.broken: str | None = None  # set when the engine could not recover from a failed round
         self._by_slot: list[_Active | None] = [None] * self.num_slots
         self._queue: collections.deque[_Active] = collections.deque()
         self._lock = threading.Condition()
@@ -349,14 +350,14 @@ class Engine:
         sampling = SamplingParams.make(1, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                                        min_p=request.min_p, repetition_penalty=request.repetition_penalty,
                                        vocab_size=V)
-        eos = np.asarray(list(request.eos_ids), np.int64).ravel()
+        eos = np.atleast_1d(np.asarray(request.eos_ids, np.int64)).ravel()
         if ((eos < 0) | (eos >= V)).any() or eos.size > _EOS_SLOTS:
-            raise ValueError(f"eos_ids={list(request.eos_ids)!r} must be at most {_EOS_SLOTS} ids in [0, {V})")
+            raise ValueError(f"eos_ids={request.eos_ids!r} must be at most {_EOS_SLOTS} ids in [0, {V})")
         eos = np.concatenate([eos, np.full(_EOS_SLOTS - eos.size, -1)]).astype(np.int32)
         k = request.top_logprobs
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
             raise ValueError(f"top_logprobs={k!r} must be an int in [0, {TOP_LOGPROBS}]")
-        stops = StopStrings(self.tokenizer, list(request.stop), 1)
+        stops = StopStrings(self.tokenizer, [request.stop] if isinstance(request.stop, str) else list(request.stop), 1)
         return prompt.astype(np.int32), sampling, eos, stops
 
     def submit(self, request: Request, on_update: Callable[[Update], None]) -> Handle:
@@ -372,6 +373,8 @@ class Engine:
         takes up to ``slots`` requests at once."""
         checked = [(self.check(r), r, cb) for r, cb in requests]
         with self._lock:
+            if self.broken:
+                raise QueueFull(f"it failed and cannot decode ({self.broken}); restart it", closing=True)
             if self._closing:
                 raise QueueFull("it is shutting down", closing=True)
             if len(requests) > self.num_slots + self.max_queue:
@@ -511,13 +514,17 @@ class Engine:
             finished = bool(done[i])
             reason_name = STOP_NAMES[int(reason[i])] if finished else None
             keep = len(a.out)
-            if a.stops.stops or self.tokenizer is not None:
-                if a.stops.check(0, ids):  # a stop string: cut at the token that completed it
-                    keep, finished, reason_name = a.stops.rows[0].cut, True, STOP_NAMES[STOP_STRING]
-                    release[i] = not done[i]
-                text = a.stops.delta(0, ids[:keep], final=finished)
-            else:
-                text = ""
+            text = ""
+            try:
+                if a.stops.stops or self.tokenizer is not None:
+                    if a.stops.check(0, ids):  # a stop string: cut at the token that completed it
+                        keep, finished, reason_name = a.stops.rows[0].cut, True, STOP_NAMES[STOP_STRING]
+                        release[i] = not done[i]
+                    text = a.stops.delta(0, ids[:keep], final=finished)
+            except Exception as e:  # noqa: BLE001: the tokenizer failed on this request's tokens: it alone ends
+                print(f"arjax engine: decoding a request's text failed ({type(e).__name__}: {e}); it ends with an error",
+                      file=sys.stderr, flush=True)
+                finished, reason_name, release[i] = True, "error", not done[i]
             del a.out[keep:]
             n_new = max(0, keep - start)
             top = None
@@ -538,20 +545,45 @@ class Engine:
 
     def _fail_all(self, error: Exception) -> None:
         """After a failed round: every request in flight or waiting ends with finish_reason 'error', and
-        the slots start empty (the device state may be gone, e.g. donated to the call that failed)."""
+        the slots start empty (the device state may be gone, e.g. donated to the call that failed).
+        If even that fails (no memory for fresh slots), the engine is ``broken``: it refuses requests."""
         print(f"arjax engine: a decoding round failed ({type(error).__name__}: {error}); "
               "the requests in flight end with an error", file=sys.stderr, flush=True)
         with self._lock:
             victims = [a for a in self._by_slot if a is not None] + list(self._queue)
             self._queue.clear()
         self._by_slot = [None] * self.num_slots
-        self._slots = _empty_slots(self.model.cfg, self.num_slots, self.max_len, self._cache_dtype)
-        for a in victims:
+        for a in victims:  # first: whatever happens next, nobody waits forever
             try:
                 a.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="error",
                                    prompt_tokens=int(a.tokens.size), completion_tokens=len(a.out)))
             except Exception:  # noqa: BLE001: a callback that fails too has nobody left to tell
                 pass
+        self._slots = None  # let the old buffers go before making new ones
+        try:
+            self._slots = self._fresh_slots()
+        except Exception as e:  # noqa: BLE001
+            self.broken = f"{type(e).__name__}: {e}"
+            print(f"arjax engine: cannot start over ({self.broken}); refusing requests from now on", file=sys.stderr,
+                  flush=True)
+            self.close()
+
+    def _fresh_slots(self) -> Slots:
+        """Empty slots, placed like the weights (committed to their device: the programs compiled by
+        ``warmup`` take them without compiling again)."""
+        slots = _empty_slots(self.model.cfg, self.num_slots, self.max_len, self._cache_dtype)
+        sharding = jax.tree.leaves(self._params)[0].sharding
+        return jax.device_put(slots, sharding) if len(sharding.device_set) == 1 else slots
+
+    def _drain_broken(self) -> None:
+        """A broken engine ends whatever is queued with an error (nothing can decode it) and idles."""
+        with self._lock:
+            victims = list(self._queue)
+            self._queue.clear()
+        for a in victims:
+            a.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="error",
+                               prompt_tokens=int(a.tokens.size), completion_tokens=0))
+        time.sleep(0.05)
 
     def run_until_done(self) -> None:
         """Step until nothing is queued or running (batch jobs, tests); in the calling thread."""
@@ -569,7 +601,13 @@ class Engine:
                 try:
                     self.step(wait=0.05)
                 except Exception as e:  # noqa: BLE001: the server must outlive one bad round
-                    self._fail_all(e)
+                    try:
+                        self._fail_all(e)
+                    except Exception:  # noqa: BLE001
+                        self.broken = self.broken or "recovery failed"
+                        self.close()
+                if self.broken:
+                    self._drain_broken()
 
         self._thread = threading.Thread(target=loop, name="arjax-engine", daemon=True)
         self._thread.start()

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from arjax.decode.engine import TOP_LOGPROBS, Engine, QueueFull, Request, Update
 
+MAX_BODY = 16 << 20  # bytes of one request body: far beyond any prompt a slot can hold
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled", "error": "error"}
 
 
@@ -123,7 +124,7 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "slots": engine.num_slots, "active": engine.active,
+        return {"status": "ok" if not engine.broken else f"broken: {engine.broken}", "model": model_id, "slots": engine.num_slots, "active": engine.active,
                 "waiting": engine.waiting, "max_len": engine.max_len}
 
     @app.get("/v1/models")
@@ -134,8 +135,14 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
         # The body is JSON whatever the Content-Type says (curl -d sends a form type).
+        size = http.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY:
+            return _error(413, f"the request body has {int(size):,} bytes; the limit is {MAX_BODY:,}", None)
+        raw = await http.body()
+        if len(raw) > MAX_BODY:
+            return _error(413, f"the request body has {len(raw):,} bytes; the limit is {MAX_BODY:,}", None)
         try:
-            body = CompletionRequest.model_validate_json(await http.body())
+            body = CompletionRequest.model_validate_json(raw)
         except ValidationError as e:
             message, param = _validation_message(e.errors())
             return _error(400, message, param)
@@ -190,7 +197,7 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
             if e.never:  # more completions than the server can ever hold at once
                 return _error(400, f"{e}; lower n or send fewer prompts per request", "n")
             return JSONResponse(status_code=429 if not e.closing else 503, headers={"Retry-After": "1"},
-                                content={"error": {"message": f"the server is {'shutting down' if e.closing else 'busy'}: {e}",
+                                content={"error": {"message": f"the server cannot take requests now: {e}",
                                                    "type": "rate_limit_error" if not e.closing else "server_error",
                                                    "param": None, "code": None}})
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -212,12 +219,14 @@ def _logprobs_block(update: Update, tokenizer, before: list[int], offset: int) -
     """OpenAI's completion ``logprobs`` object for this update's tokens. ``before``: the choice's tokens
     so far (extended here); ``offset``: where the choice's text starts (the prompt's length with echo).
     Each token is shown decoded alone (a byte of a split character shows as U+FFFD, as OpenAI shows
-    ``bytes:``), its ``text_offset`` is the length of the text decoded before it, and alternatives that
+    ``bytes:``); ``text_offset`` is exact at the first token of each update (the text decoded before it)
+    and adds the tokens' own lengths after that; alternatives that
     decode to the same string keep the likelier one (so there may be fewer than asked for)."""
-    offsets = []
+    offsets, at = [], offset + len(tokenizer.decode(before))  # one decode per update, not per token
     for t in update.tokens:
-        offsets.append(offset + len(tokenizer.decode(before)))
-        before.append(t)
+        offsets.append(at)
+        at += len(tokenizer.decode([t]))
+    before.extend(update.tokens)
     top = None
     if update.top_logprobs is not None:
         top = []

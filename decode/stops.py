@@ -53,8 +53,9 @@ class StopStrings:
             return row.cut is not None
         decode = self.tokenizer.decode
         text = decode([int(t) for t in ids])
-        # Only text a new token could have completed: the last longest-1 characters before it and after.
-        start = max(0, len(decode([int(t) for t in ids[:row.checked]])) - self.longest + 1)
+        # Only text a new token could have completed: the last longest-1 characters before it and after
+        # (and 3 more: up to 3 U+FFFD of an unfinished character may have become one character).
+        start = max(0, len(decode([int(t) for t in ids[:row.checked]])) - self.longest + 1 - 3)
         if self._find(text, start) < 0:
             row.checked = len(ids)
             return False
@@ -75,10 +76,12 @@ class StopStrings:
         text = self.tokenizer.decode([int(t) for t in ids])
         if final:
             return text
-        # An unfinished UTF-8 character at the end decodes as one U+FFFD (a lossy decoder replaces each
-        # maximal invalid run once); only that one can still change. Earlier ones are bytes that no
-        # later token can complete: shown now, as the final text will show them.
-        end = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        # An unfinished UTF-8 character at the end decodes as one U+FFFD (Python, byte-level BPE) or as
+        # one per byte (SentencePiece's byte fallback), and has at most 3 bytes: only the last 3 U+FFFD
+        # can still change. Earlier ones are bytes no later token can complete: shown now, as the
+        # final text will show them.
+        trail = len(text) - len(text.rstrip("\ufffd"))
+        end = len(text) - min(trail, 3)
         hold = 0  # the longest tail that is the start of a stop string
         for s in self.stops:
             hold = max(hold, next((n for n in range(min(len(s) - 1, end), 0, -1) if text[end - n:end] == s[:n]), 0))

@@ -67,6 +67,18 @@ def test_streamed_text_holds_back_split_utf8():
     assert rows.delta(0, [0xE6, 0xE6, ord("a"), 0xE6, 0x97]) == "\ufffd\ufffda"
     assert rows.delta(0, [0xE6, 0xE6, ord("a"), *"日".encode()]) == "日"
 
+    class ByteFallback(ByteTokenizer):  # SentencePiece's byte fallback: one U+FFFD per byte of a split character
+        def decode(self, ids):
+            text = bytes(ids).decode("utf-8", errors="surrogateescape")
+            return "".join("\ufffd" if "\udc80" <= c <= "\udcff" else c for c in text)
+
+    ids = [ord("a"), *"中".encode(), ord("b")]
+    rows = StopStrings(ByteFallback(), ("中b",), 1)
+    assert rows.delta(0, ids[:3]) == "a" and not rows.check(0, ids[:3])
+    assert rows.check(0, ids) and rows.rows[0].text == "a"  # the stop string, found once the character completes
+    rows = StopStrings(ByteFallback(), (), 1)
+    assert rows.delta(0, ids[:3]) + rows.delta(0, ids) == "a中b"
+
 
 @pytest.mark.slow
 def test_train_generate_eval_end_to_end(tmp_path, capsys):

@@ -85,10 +85,11 @@ def _read_done(path: str, prompts: dict) -> set:
         try:
             record = json.loads(line)
             key = record["id"]
+            known = key in prompts
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise UsageError(f"--output {path!r} line {number} is not an output record; give a new --output "
                              "(or remove that line)") from None
-        if key not in prompts:
+        if not known:
             raise UsageError(f"--output {path!r} holds id {key!r}, which --input has not: is it another job's "
                              "output? give a new --output")
         if record.get("prompt") != prompts[key]:
@@ -108,8 +109,13 @@ class _Rate(ProgressColumn):
         return Text(f"{self.counter['tokens'] / elapsed:,.0f} tok/s" if elapsed > 0 else "", style="cyan")
 
 
-def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], default_max_new) -> int:
-    """Every line of ``args.input`` not yet in ``args.output``, through ``engine``; one output line each."""
+def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str], context: int) -> int:
+    """Every line of ``args.input`` not yet in ``args.output``, through an engine; one output line each.
+
+    ``make_engine(max_len)`` builds the engine once the lines are read: its slots hold the longest
+    prompt + max_new_tokens of this job (``--max-len`` overrides), not the model's whole ``context``.
+    A line without max_new_tokens (and no --max-new-tokens) gets up to 200, as many as the context
+    leaves after its prompt."""
     if not args.output:
         raise UsageError("--input needs --output FILE (the JSONL the results go to)")
     items = _read_input(args.input)
@@ -121,6 +127,7 @@ def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], defa
         raise UsageError(f"--output {out_path!r}: the directory {parent!r} does not exist; create it first")
     done = _read_done(out_path, {it["id"]: it["prompt"] for it in items})
     todo = [it for it in items if it["id"] not in done]
+    limit = args.max_len or context
 
     requests = []
     for it in todo:  # every line is checked before anything runs
@@ -129,7 +136,7 @@ def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], defa
             ids = tokenizer.encode(it["prompt"])
             max_new = it.get("max_new_tokens", args.max_new_tokens)
             if max_new is None:
-                max_new = default_max_new(len(ids))
+                max_new = max(1, min(200, limit - len(ids)))
             stop = it.get("stop", stops)
             stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
             if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
@@ -140,10 +147,18 @@ def run_batch(args, engine, tokenizer, *, eos: list[int], stops: list[str], defa
                           repetition_penalty=it.get("repetition_penalty", args.repetition_penalty),
                           seed=it.get("seed", args.seed + it["_index"]), eos_ids=eos, stop=stop,
                           top_logprobs=0)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{where}: {e}") from None
+        requests.append((it, req, where))
+    need = max((len(r.prompt) + r.max_new_tokens if isinstance(r.max_new_tokens, int) else 2 for _, r, _ in requests),
+               default=2)
+    engine = make_engine(args.max_len or min(context, max(2, need)))
+    for _, req, where in requests:
+        try:
             engine.check(req)
         except (ValueError, TypeError) as e:
             raise UsageError(f"{where}: {e}") from None
-        requests.append((it, req))
+    requests = [(it, req) for it, req, _ in requests]
 
     engine.max_queue = max(engine.max_queue, len(requests))
     counter = {"tokens": 0}

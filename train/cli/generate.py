@@ -80,8 +80,8 @@ def cmd_generate(args) -> int:
         model = quantize(model, args.quantize)  # int8 weights, per output channel (arjax.model.quant)
     if args.input:
         return _batch_job(args, model, tokenizer)
-    if args.output or args.logprobs or args.slots is not None:
-        raise UsageError("--output, --logprobs and --slots belong to batch jobs; add --input prompts.jsonl")
+    if args.output or args.logprobs or args.slots is not None or args.max_len is not None:
+        raise UsageError("--output, --logprobs, --slots and --max-len belong to batch jobs; add --input prompts.jsonl")
     texts = args.prompt or ["\n"]
     prompts = [tokenizer.encode(t) for t in texts]
     for i, p in enumerate(prompts):
@@ -163,13 +163,21 @@ def _batch_job(args, model, tokenizer) -> int:
         raise UsageError("--input runs on the serving engine, which has no speculative decoding or --mesh; drop those flags")
     args.slots = 32 if args.slots is None else args.slots
     eos, _ = _eos_and_pad(args, tokenizer)
-    engine = build_engine(args, model, tokenizer, max_queue=0)
+    if args.max_len is not None and not 2 <= args.max_len <= model.cfg.max_len:
+        raise UsageError(f"--max-len {args.max_len} is out of range; give 2 to the model's context ({model.cfg.max_len})")
 
-    def default_max_new(n):  # up to 200, as many as a slot leaves after the prompt
-        return max(1, min(200, engine.max_len - n))
+    def make_engine(max_len):
+        args.max_len = max_len
+        try:
+            return build_engine(args, model, tokenizer, max_queue=0)  # allocates the slots' cache: too big fails here
+        except Exception as e:  # noqa: BLE001: XLA reports memory exhaustion as a runtime error
+            if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+                raise
+            raise UsageError(f"{args.slots} slots of {max_len} tokens do not fit in the device's memory; lower --slots "
+                             "(or --max-len, or the longest prompt + max_new_tokens)") from None
 
-    return run_batch(args, engine, tokenizer, eos=eos, stops=[_unescape(t) for t in args.stop or []],
-                     default_max_new=default_max_new)
+    return run_batch(args, make_engine, tokenizer, eos=eos, stops=[_unescape(t) for t in args.stop or []],
+                     context=model.cfg.max_len)
 
 
 def register(sub) -> None:
