@@ -521,7 +521,7 @@ class Engine:
                         keep, finished, reason_name = a.stops.rows[0].cut, True, STOP_NAMES[STOP_STRING]
                         release[i] = not done[i]
                     text = a.stops.delta(0, ids[:keep], final=finished)
-            except Exception as e:  # noqa: BLE001: the tokenizer failed on this request's tokens: it alone ends
+            except Exception as e:  # noqa: BLE001 (the tokenizer failed on this request: it alone ends)
                 print(f"arjax engine: decoding a request's text failed ({type(e).__name__}: {e}); it ends with an error",
                       file=sys.stderr, flush=True)
                 finished, reason_name, release[i] = True, "error", not done[i]
@@ -557,7 +557,7 @@ class Engine:
             try:
                 a.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="error",
                                    prompt_tokens=int(a.tokens.size), completion_tokens=len(a.out)))
-            except Exception:  # noqa: BLE001: a callback that fails too has nobody left to tell
+            except Exception:  # noqa: BLE001 (a callback that fails too has nobody left to tell)
                 pass
         self._slots = None  # let the old buffers go before making new ones
         try:
@@ -600,7 +600,7 @@ class Engine:
             while not self._stopping:
                 try:
                     self.step(wait=0.05)
-                except Exception as e:  # noqa: BLE001: the server must outlive one bad round
+                except Exception as e:  # noqa: BLE001 (the server must outlive one bad round)
                     try:
                         self._fail_all(e)
                     except Exception:  # noqa: BLE001

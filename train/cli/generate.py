@@ -170,7 +170,7 @@ def _batch_job(args, model, tokenizer) -> int:
         args.max_len = max_len
         try:
             return build_engine(args, model, tokenizer, max_queue=0)  # allocates the slots' cache: too big fails here
-        except Exception as e:  # noqa: BLE001: XLA reports memory exhaustion as a runtime error
+        except Exception as e:  # noqa: BLE001 (XLA reports memory exhaustion as a runtime error)
             if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
                 raise
             raise UsageError(f"{args.slots} slots of {max_len} tokens do not fit in the device's memory; lower --slots "

@@ -59,7 +59,7 @@ def cmd_serve(args) -> int:
     try:
         engine = build_engine(args, model, tokenizer, max_queue=args.max_queue)
         seconds = engine.warmup()
-    except Exception as e:  # noqa: BLE001: XLA reports memory exhaustion as a runtime error
+    except Exception as e:  # noqa: BLE001 (XLA reports memory exhaustion as a runtime error)
         if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
             raise
         cfg = model.cfg
