@@ -43,6 +43,8 @@ from arjax.decode.loop import (
     RUNNING,
     TRACE_COUNTS,
     bucket,
+    check_prompt,
+    eos_array,
 )
 from arjax.decode.sampling import SamplingParams, sample
 from arjax.decode.stops import StopStrings
@@ -328,14 +330,7 @@ class Engine:
     def check(self, request: Request) -> tuple[np.ndarray, SamplingParams, np.ndarray, StopStrings]:
         """The request's prompt, sampling values, EOS ids and stop strings, checked (ValueError naming the bad value)."""
         V = self.model.cfg.vocab_size
-        prompt = np.asarray(request.prompt)
-        if prompt.ndim != 1 or prompt.size == 0:
-            raise ValueError("the prompt is empty; give at least one token")
-        if not np.issubdtype(prompt.dtype, np.integer):
-            raise ValueError(f"the prompt holds {prompt.dtype} values; token ids must be ints")
-        bad = (prompt < 0) | (prompt >= V)
-        if bad.any():
-            raise ValueError(f"prompt token id {prompt[bad][0]} is outside the vocabulary [0, {V})")
+        prompt = check_prompt(request.prompt, V)
         m = request.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
             raise ValueError(f"max_new_tokens={m!r} must be an int >= 1")
@@ -350,15 +345,12 @@ class Engine:
         sampling = SamplingParams.make(1, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                                        min_p=request.min_p, repetition_penalty=request.repetition_penalty,
                                        vocab_size=V)
-        eos = np.atleast_1d(np.asarray(request.eos_ids, np.int64)).ravel()
-        if ((eos < 0) | (eos >= V)).any() or eos.size > _EOS_SLOTS:
-            raise ValueError(f"eos_ids={request.eos_ids!r} must be at most {_EOS_SLOTS} ids in [0, {V})")
-        eos = np.concatenate([eos, np.full(_EOS_SLOTS - eos.size, -1)]).astype(np.int32)
+        eos = eos_array(request.eos_ids, V, width=_EOS_SLOTS)
         k = request.top_logprobs
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
             raise ValueError(f"top_logprobs={k!r} must be an int in [0, {TOP_LOGPROBS}]")
         stops = StopStrings(self.tokenizer, [request.stop] if isinstance(request.stop, str) else list(request.stop), 1)
-        return prompt.astype(np.int32), sampling, eos, stops
+        return prompt, sampling, eos, stops
 
     def submit(self, request: Request, on_update: Callable[[Update], None]) -> Handle:
         """Queue ``request``; ``on_update(Update)`` receives its tokens chunk by chunk. Raises ValueError

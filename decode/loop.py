@@ -270,6 +270,33 @@ class _Plan:
     cache_dtype: str | None = None  # kv_cache_dtype: None (the model's dtype), a float dtype name or "int8"
 
 
+def check_prompt(prompt, vocab_size: int, what: str = "the prompt") -> np.ndarray:
+    """A prompt (token ids) as an int32 array, or a ValueError naming ``what`` is wrong with it."""
+    a, V = np.asarray(prompt), vocab_size
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{what} is {'empty' if a.size == 0 else f'shaped {a.shape}'}; every prompt needs at least one token id (e.g. the BOS id)")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{what} holds {a.dtype} values; token ids must be ints")
+    bad = (a < 0) | (a >= V)
+    if bad.any():
+        raise ValueError(f"{what} has token id {a[bad][0]} outside [0, {V}); the model's vocabulary has {V} ids (check the tokenizer matches the model)")
+    return a.astype(np.int32)
+
+
+def eos_array(eos_ids, vocab_size: int, width: int | None = None) -> np.ndarray:
+    """EOS ids (an int, a sequence or None) checked and padded with -1 to ``width`` (default: a multiple of
+    _EOS_SLOTS, so a new EOS set of similar size never recompiles)."""
+    eos = np.atleast_1d(np.asarray(eos_ids if eos_ids is not None else (), np.int64)).ravel()
+    bad = (eos < 0) | (eos >= vocab_size)
+    if bad.any():
+        raise ValueError(f"eos id {eos[bad][0]} is outside [0, {vocab_size}); pass ids of the model's vocabulary")
+    if width is None:
+        width = _EOS_SLOTS * max(1, -(-len(eos) // _EOS_SLOTS))
+    elif len(eos) > width:
+        raise ValueError(f"{len(eos)} eos ids; at most {width} per request")
+    return np.concatenate([eos, np.full(width - len(eos), -1)]).astype(np.int32)
+
+
 def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len, buckets, seed=0, extra_slots=0,
           spec_cap=None,
           kv_cache_dtype=None) -> _Plan:
@@ -289,17 +316,7 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         raise ValueError(f"buckets={buckets!r} must be positive sizes, e.g. (16, 32, 64, ...)")
     if not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < V:
         raise ValueError(f"pad_id={pad_id!r} must be a token id in [0, {V})")
-    rows = []
-    for i, p in enumerate(prompts):
-        a = np.asarray(p)
-        if a.ndim != 1 or a.size == 0:
-            raise ValueError(f"prompt {i} is {'empty' if a.size == 0 else f'shaped {a.shape}'}; every prompt needs at least one token id (e.g. the BOS id)")
-        if not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"prompt {i} holds {a.dtype} values; token ids must be ints")
-        bad = (a < 0) | (a >= V)
-        if bad.any():
-            raise ValueError(f"prompt {i} has token id {a[bad][0]} outside [0, {V}); the model's vocabulary has {V} ids (check the tokenizer matches the model)")
-        rows.append(a.astype(np.int32))
+    rows = [check_prompt(p, V, f"prompt {i}") for i, p in enumerate(prompts)]
     longest = max(len(r) for r in rows)
     B = len(rows)
 
@@ -349,12 +366,7 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         tokens[i, P - len(r) :] = r
         positions[i, P - len(r) :] = np.arange(len(r))
 
-    eos = np.atleast_1d(np.asarray(eos_ids if eos_ids is not None else (), np.int64).ravel())
-    bad = (eos < 0) | (eos >= V)
-    if bad.any():
-        raise ValueError(f"eos id {eos[bad][0]} is outside [0, {V}); pass ids of the model's vocabulary")
-    width = _EOS_SLOTS * max(1, -(-len(eos) // _EOS_SLOTS))
-    eos = np.concatenate([eos, np.full(width - len(eos), -1)]).astype(np.int32)
+    eos = eos_array(eos_ids, V)
 
     if sampling is not None:
         if not isinstance(sampling, SamplingParams):

@@ -180,6 +180,19 @@ def _batch_job(args, model, tokenizer) -> int:
                      context=model.cfg.max_len)
 
 
+def add_model_flags(p) -> None:
+    """Where the model comes from: `generate` and `serve`."""
+    p.add_argument("--ckpt", metavar="DIR", help="run directory written by `arjax train --out DIR`")
+    p.add_argument("--hf", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
+
+
+def add_quant_flags(p) -> None:
+    """int8 weights and the KV cache's dtype: `generate` and `serve`."""
+    p.add_argument("--quantize", choices=["int8"], help="decode with int8 weights (a scale per output channel)")
+    p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
+                   help="KV cache dtype; int8 keeps a scale per token and head (default: the model's dtype)")
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "generate",
@@ -188,8 +201,7 @@ def register(sub) -> None:
         "Several --prompt flags decode together as one batch.",
         formatter_class=Help,
     )
-    p.add_argument("--ckpt", metavar="DIR", help="run directory written by `arjax train --out DIR`")
-    p.add_argument("--hf", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
+    add_model_flags(p)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch (default: a single newline)")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="tokens to generate per prompt (default: 200, or what the model's context leaves after the prompt)")
@@ -208,9 +220,7 @@ def register(sub) -> None:
     p.add_argument("--draft-k", type=int, metavar="K", default=4, help="tokens drafted per target pass (speculative decoding)")
     p.add_argument("--ngram", type=int, metavar="N", default=3, help="--prompt-lookup: the n-gram matched in the text so far")
     p.add_argument("--chunk-steps", type=int, metavar="N", default=8, help="decode steps per streamed chunk (smaller: smoother output, more overhead)")
-    p.add_argument("--quantize", choices=["int8"], help="decode with int8 weights (a scale per output channel)")
-    p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
-                   help="KV cache dtype; int8 keeps a scale per token and head (default: the model's dtype)")
+    add_quant_flags(p)
     add_mesh_flags(p, default="one device; e.g. model=4 decodes with tensor-parallel weights on 4 devices")
     jobs = p.add_argument_group("batch jobs (a file of prompts through the continuous-batching engine)")
     jobs.add_argument("--input", metavar="FILE", help="JSONL of {\"prompt\": ..., \"id\": ...} lines (per-line "

@@ -10,7 +10,7 @@ import time
 from arjax.decode.engine import Engine
 from arjax.model import quantize
 from arjax.train.cli.common import Help, UsageError
-from arjax.train.cli.generate import _load_for_generate
+from arjax.train.cli.generate import _load_for_generate, add_model_flags, add_quant_flags
 
 
 def _interrupt(signum, frame):
@@ -97,15 +97,12 @@ def register(sub) -> None:
         "GET /health. Requests share a fixed set of slots; new ones join between chunks of decode steps.",
         formatter_class=Help,
     )
-    p.add_argument("--ckpt", metavar="DIR", help="run directory written by `arjax train --out DIR`")
-    p.add_argument("--hf", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
+    add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed at startup)")
     p.add_argument("--model-name", metavar="NAME", help="the model id clients pass (default: the directory's name)")
     p.add_argument("--max-queue", type=int, metavar="N", default=256,
                    help="requests waiting for a slot before new ones get HTTP 429")
     engine_args(p, slots_default=16)
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights (a scale per output channel)")
-    p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
-                   help="KV cache dtype (default: the model's dtype)")
+    add_quant_flags(p)
     p.set_defaults(func=cmd_serve, mesh=None)
