@@ -51,6 +51,7 @@ from arjax.decode.stops import StopStrings
 from arjax.model import KVCache, Transformer, init_cache
 from arjax.model.quant import check_kv_cache_dtype
 from arjax.model.rng import check_seed, seed_key
+from arjax.model.sharding import cache_sharding, mesh_of, placement
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for per token (OpenAI's limit for completions)
 
@@ -316,6 +317,7 @@ class Engine:
         self.row_buckets = tuple(sorted({2**i for i in range(32) if 2**i < self.num_slots} | {self.num_slots}))
         self._graphdef, self._params = nnx.split(model)
         self._cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self._placement = placement(self._params)  # from the mesh/device, not from any one parameter
         self._slots = self._fresh_slots()
         self.broken: str | None = None  # set when the engine could not recover from a failed round
         self._by_slot: list[_Active | None] = [None] * self.num_slots
@@ -423,18 +425,18 @@ class Engine:
         t0 = time.perf_counter()
         slots = self._slots
         one = SamplingParams.make(1, temperature=1.0, vocab_size=self.model.cfg.vocab_size)
-        eos = jax.device_put(np.full((_EOS_SLOTS,), -1, np.int32))
+        eos = self._put(np.full((_EOS_SLOTS,), -1, np.int32))
         for P in self.buckets:
-            slots = _insert(self._graphdef, self._params, slots, jax.device_put(np.zeros((1, P), np.int32)), np.int32(1),
+            slots = _insert(self._graphdef, self._params, slots, self._put(np.zeros((1, P), np.int32)), np.int32(1),
                             np.int32(0), seed_key(0), np.int32(1), eos, one)
         # Every slot busy with a one-token request, then each row count's chunk in turn: each runs its
         # loop body on real work once (a first execution costs more than the next), none is left busy.
         for slot in range(1, self.num_slots):
-            slots = _insert(self._graphdef, self._params, slots, jax.device_put(np.zeros((1, self.buckets[0]), np.int32)),
+            slots = _insert(self._graphdef, self._params, slots, self._put(np.zeros((1, self.buckets[0]), np.int32)),
                             np.int32(1), np.int32(slot), seed_key(0), np.int32(1), eos, one)
         for rows in self.row_buckets:
             slots, out = _chunk(self._graphdef, self.chunk_steps, rows, self._params, slots, np.int32(self.pad_id))
-        slots = _release(slots, jax.device_put(np.ones((self.num_slots,), bool)))
+        slots = _release(slots, self._put(np.ones((self.num_slots,), bool)))
         jax.block_until_ready(slots)
         self._slots = slots
         return time.perf_counter() - t0
@@ -458,9 +460,9 @@ class Engine:
             padded[0, :n] = active.tokens
             req = active.request
             # numpy in, device_put: jnp.asarray would compile a small staging program per new shape.
-            self._slots = _insert(self._graphdef, self._params, self._slots, jax.device_put(padded), np.int32(n),
+            self._slots = _insert(self._graphdef, self._params, self._slots, self._put(padded), np.int32(n),
                                   np.int32(slot), seed_key(req.seed), np.int32(req.max_new_tokens),
-                                  jax.device_put(active.eos), active.sampling)
+                                  self._put(active.eos), active.sampling)
 
     def _rows(self) -> int:
         """The smallest row bucket holding every slot in use (requests take the lowest free slot)."""
@@ -483,7 +485,7 @@ class Engine:
                 self._by_slot[i] = None
                 self._finish_quiet(a)
         if release.any():  # before admitting: a new request may take a released slot
-            self._slots = _release(self._slots, jax.device_put(release))
+            self._slots = _release(self._slots, self._put(release))
         self._admit()
         if not any(a is not None for a in self._by_slot):
             with self._lock:
@@ -532,7 +534,7 @@ class Engine:
                 self._by_slot[i] = None
                 self.stats["finished"] += 1
         if release.any():
-            self._slots = _release(self._slots, jax.device_put(release))
+            self._slots = _release(self._slots, self._put(release))
         return True
 
     def _fail_all(self, error: Exception) -> None:
@@ -561,11 +563,22 @@ class Engine:
             self.close()
 
     def _fresh_slots(self) -> Slots:
-        """Empty slots, placed like the weights (committed to their device: the programs compiled by
-        ``warmup`` take them without compiling again)."""
-        slots = _empty_slots(self.model.cfg, self.num_slots, self.max_len, self._cache_dtype)
-        sharding = jax.tree.leaves(self._params)[0].sharding
-        return jax.device_put(slots, sharding) if len(sharding.device_set) == 1 else slots
+        """Empty slots where the weights are (committed: the programs compiled by ``warmup`` take them
+        without compiling again): on their device, or on their mesh with the cache's rows and KV heads
+        split as ``generate`` splits its cache and every other field replicated."""
+        cfg = self.model.cfg
+        slots = _empty_slots(cfg, self.num_slots, self.max_len, self._cache_dtype)
+        shardings = jax.tree.map(lambda _: self._placement, slots)
+        mesh = mesh_of(self._params)
+        if mesh is not None:
+            kv = cache_sharding(mesh, self.num_slots, cfg.num_kv_heads)
+            shardings = shardings.replace(cache=shardings.cache.replace(
+                k=tuple(kv for _ in slots.cache.k), v=tuple(kv for _ in slots.cache.v)))
+        return jax.device_put(slots, shardings)
+
+    def _put(self, x):
+        """A host array (a prompt, EOS ids, a release mask) beside the weights."""
+        return jax.device_put(x, self._placement)
 
     def _drain_broken(self) -> None:
         """A broken engine ends whatever is queued with an error (nothing can decode it) and idles."""

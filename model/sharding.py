@@ -276,6 +276,23 @@ def mesh_of(tree) -> Mesh | None:
     return None
 
 
+def placement(tree) -> jax.sharding.Sharding:
+    """Where host arrays that run beside ``tree``'s arrays (a model's parameters) belong: replicated
+    over their mesh, or on their one device.
+
+    Taken from the mesh, never from one leaf's sharding: a leaf's ``NamedSharding`` carries that
+    leaf's rank (``P(None, None)`` for a 2-D kernel) and cannot place an array of another rank.
+    """
+    mesh = mesh_of(tree)
+    if mesh is not None:
+        return NamedSharding(mesh, P())
+    for x in jax.tree.leaves(tree):
+        devices = getattr(getattr(x, "sharding", None), "device_set", None)
+        if devices:
+            return jax.sharding.SingleDeviceSharding(next(iter(devices)))
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def single_device_plan() -> Plan:
     """Everything on the first local device: where a checkpoint loads when no mesh is asked for."""
     return make_plan({"data": 1}, "dp", devices=[jax.local_devices()[0]])

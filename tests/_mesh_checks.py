@@ -240,6 +240,23 @@ def phase_restore(out: str) -> None:
         out_tp = generate(model, prompts, max_new_tokens=12)
         result[f"generate_tp{tp}_equal"] = bool(np.array_equal(out_tp.tokens, ref.tokens))
         result[f"generate_tp{tp}_devices"] = len(model.blocks[0].attn.q.kernel[...].sharding.device_set)
+    # The serving engine over the same weights loaded from disk (no biases: the first parameter is a
+    # 2-D kernel): one device and tensor-parallel, greedy and seeded, give the same tokens.
+    from arjax.decode.engine import Engine, Request
+
+    def engine_tokens(model):
+        engine, got = Engine(model, slots=4, max_len=32, chunk_steps=4), {}
+        for i, p in enumerate(prompts):
+            for j, temperature in enumerate((0.0, 1.0)):
+                engine.submit(Request(prompt=p, max_new_tokens=8, temperature=temperature, seed=i),
+                              lambda u, key=(i, j): got.setdefault(key, []).extend(u.tokens))
+        engine.run_until_done()
+        return [got[key] for key in sorted(got)]
+
+    one_engine = engine_tokens(ckpt.load_model(straight)[0])
+    result["engine_greedy_equals_generate"] = [one_engine[2 * i] for i in range(len(prompts))] == ref.tokens[:, :8].tolist()
+    for tp in (2, 4):
+        result[f"engine_tp{tp}_equal"] = engine_tokens(ckpt.load_model(straight, mesh={"model": tp}, preset="tp")[0]) == one_engine
     from arjax.train.cli import main as cli_main
 
     result["cli_generate_tp2"] = cli_main(["generate", "--ckpt", straight, "--mesh", "model=2", "--temperature", "0",

@@ -210,6 +210,8 @@ def test_tensor_parallel_greedy_decoding_equals_one_device(mesh_results):
     assert r["generate_tp2_equal"] and r["generate_tp4_equal"]  # 2 KV heads: split on tp=2, replicated on tp=4
     assert (r["generate_tp2_devices"], r["generate_tp4_devices"]) == (2, 4)
     assert r["cli_generate_tp2"] == 0  # arjax generate --mesh model=2
+    # The serving engine on the same weights, loaded from disk, on one device and on tp=2 and tp=4.
+    assert r["engine_greedy_equals_generate"] and r["engine_tp2_equal"] and r["engine_tp4_equal"]
 
 
 @pytest.mark.slow
