@@ -49,6 +49,7 @@ from arjax.decode.loop import (
 from arjax.decode.sampling import SamplingParams, sample
 from arjax.decode.stops import StopStrings
 from arjax.model import KVCache, Transformer, init_cache
+from arjax.model.memory import Need, check_needs, kv_cache_bytes, loaded_needs
 from arjax.model.quant import check_kv_cache_dtype
 from arjax.model.rng import check_seed, seed_key
 from arjax.model.sharding import cache_sharding, mesh_of, placement
@@ -318,6 +319,7 @@ class Engine:
         self._graphdef, self._params = nnx.split(model)
         self._cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self._placement = placement(self._params)  # from the mesh/device, not from any one parameter
+        self._check_memory()
         self._slots = self._fresh_slots()
         self.broken: str | None = None  # set when the engine could not recover from a failed round
         self._by_slot: list[_Active | None] = [None] * self.num_slots
@@ -561,6 +563,19 @@ class Engine:
             print(f"arjax engine: cannot start over ({self.broken}); refusing requests from now on", file=sys.stderr,
                   flush=True)
             self.close()
+
+    def _check_memory(self) -> None:
+        """Refuse slots that cannot fit beside the weights, in one line, before any is allocated."""
+        cfg, S, L = self.model.cfg, self.num_slots, self.max_len
+        mesh = mesh_of(self._params)
+        shards = 1 if mesh is None else mesh.size  # weights and cache split over a mesh, at best evenly
+        check_needs([
+            *loaded_needs(self._params, shards=shards),
+            Need(f"the KV cache of slots={S} x max_len={L}", kv_cache_bytes(cfg, S, L, self._cache_dtype) // shards,
+                 "lower slots (--slots) or max_len (--max-len)"),
+            Need(f"the slots' logits and token sets (slots={S} x vocab_size={cfg.vocab_size})", S * cfg.vocab_size * 5,
+                 "lower slots (--slots)"),
+        ], None if mesh is None else list(mesh.devices.flat))
 
     def _fresh_slots(self) -> Slots:
         """Empty slots where the weights are (committed: the programs compiled by ``warmup`` take them

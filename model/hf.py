@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from arjax.model.config import ModelConfig
+from arjax.model.memory import check_needs, param_needs
 from arjax.model.transformer import Transformer
 
 # model_type in config.json -> our family. Mistral shares Llama's layout (plus a sliding window,
@@ -432,10 +433,16 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
 def from_hf_dir(directory: str) -> Transformer:
     """Load a local HF checkpoint directory (config.json + *.safetensors, sharded or not)."""
     hf_config = read_hf_config(directory)
+    where = os.path.join(directory, "config.json")
     try:
-        config_from_hf(hf_config)  # refuse unsupported configs before reading gigabytes of weights
+        cfg = config_from_hf(hf_config)  # refuse unsupported configs before reading gigabytes of weights
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{os.path.join(directory, 'config.json')}: {e}") from None
+        raise ValueError(f"{where}: {e}") from None
+    # A config.json that claims sizes no machine holds is one line, not an allocation failure.
+    try:
+        check_needs(param_needs(cfg, what="the float32 weights"))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     return model_from_hf_tensors(hf_config, read_safetensors(directory), source=directory)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from arjax.model import sharding
+from arjax.model import memory, sharding
 from arjax.model.config import ModelConfig
 from arjax.model.transformer import Transformer, count_params
 from arjax.train import checkpoint as ckpt
@@ -223,6 +223,37 @@ def step_memory(compiled, plan: sharding.Plan, cfg: TrainConfig) -> str:
     return line
 
 
+def check_memory(cfg: TrainConfig, model_cfg: ModelConfig, seq_len: int, *, eval_windows: int = 0) -> None:
+    """Refuse in one line, before anything is allocated, a run whose weights, optimizer state, one
+    micro-batch's activations or batches cannot fit the devices and host (``arjax.model.memory``).
+
+    ``eval_windows``: validation windows the caller will build on the host (``train``), 0 when it has."""
+    n_devices = jax.device_count()
+    sizes = dict(zip(sharding.AXES, sharding.mesh_shape(cfg.mesh, n_devices)))
+    rows = memory.shards_of(sizes, sharding.BATCH_AXES)  # a batch's rows are split over data x fsdp
+    A, B, T, L = cfg.accum_steps, cfg.batch_size, seq_len, model_cfg.n_layers
+    tokens = A * B * (T + 1)
+    seq = f"seq_len={T}" if cfg.seq_len is not None else f"seq_len=max_len={T}"  # no seq_len: the model's context
+    batch_fix = "lower batch_size or accum_steps"
+    needs = memory.param_needs(model_cfg, copies=4, shards=memory.shards_of(sizes, ("fsdp", "model")),
+                               what="the weights, gradients and AdamW moments", settings="model.",
+                               shardable=True)
+    needs += [
+        memory.Need(f"one micro-batch's activations (batch_size={B} x {seq} x d_model={model_cfg.d_model} x "
+                    f"n_layers={L}, {model_cfg.dtype})", memory.activation_bytes(model_cfg, B, T) // rows,
+                    "lower batch_size (raise accum_steps to keep the tokens per step) or seq_len"),
+        memory.Need(f"a step's batch (accum_steps={A} x batch_size={B} x {T + 1} tokens)", 4 * tokens // rows, batch_fix),
+        # The host reads its rows of each batch (int32 windows and their int64 row indices).
+        memory.Need(f"a step's batch on the host (accum_steps={A} x batch_size={B} x {T + 1} tokens)",
+                    4 * tokens + 8 * A * B, batch_fix, per_device=False),
+    ]
+    if eval_windows:
+        needs.append(memory.Need(f"the validation windows (eval_iters={cfg.eval_iters} x batch_size={B} x {T + 1} "
+                                 "tokens)", 4 * eval_windows * (T + 1), "lower eval_iters or batch_size",
+                                 per_device=False))
+    memory.check_needs(needs, jax.devices()[:n_devices])
+
+
 def fit(
     cfg: TrainConfig,
     run_dir: str,
@@ -249,6 +280,7 @@ def fit(
     check_run_dir(run_dir, resume)
     T = source.seq_len
     A, B = cfg.accum_steps, cfg.batch_size
+    check_memory(cfg, model_cfg, T)
     # The mesh and rules, checked against the model and batch before anything compiles.
     plan = sharding.make_plan(cfg.mesh, cfg.sharding, model_cfg=model_cfg, batch_size=B)
     main = sharding.is_main_process()
@@ -448,6 +480,7 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     check_fits(tokenizer, model_cfg.vocab_size,
                fix="remove vocab_size from model_overrides (it then follows the tokenizer) or raise it")
     T = cfg.context_len(model_cfg)
+    check_memory(cfg, model_cfg, T, eval_windows=cfg.eval_iters * cfg.batch_size)
     source = data_lib.Windows(train_ids, T)
     val_windows = data_lib.eval_windows(val_ids, n_windows=cfg.eval_iters * cfg.batch_size, seq_len=T)
     val_windows = val_windows.reshape(cfg.eval_iters, cfg.batch_size, T + 1)  # [E, B, T+1]

@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from arjax.model.memory import device_memory_bytes  # noqa: F401 (here for the trainer and its tests)
 from arjax.model.transformer import count_params
 
 
@@ -124,17 +125,3 @@ def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float) -> 
     return tokens_per_s_per_device * flops_per_token / peak
 
 
-def device_memory_bytes(device) -> int | None:
-    """Memory one device may allocate (``memory_stats()["bytes_limit"]``: HBM less the runtime's reserve), or None.
-
-    CPU devices report no memory stats, and we return None rather than the host's RAM: the CPU
-    "device" shares RAM with everything else on the host, so RAM is no budget a caller should
-    size batches by.
-    """
-    try:
-        stats = device.memory_stats()
-    except (RuntimeError, NotImplementedError):  # backends without stats may raise (XlaRuntimeError is a RuntimeError)
-        return None
-    if not stats or "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"])

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Protocol, Sequence
 
+from arjax.model.memory import Need, check_needs
 from arjax.train.data import read_text
 
 # The file our tokenizers write; a directory holding a Hugging Face tokenizer.json without this
@@ -278,6 +279,11 @@ def load_hf_tokenizer(directory: str) -> HFTokenizer:
     return HFTokenizer(hf.backend_tokenizer, **{k: (str(v) if v is not None else None) for k, v in tokens.items()})
 
 
+# Bytes the tokenizers BPE trainer reserves per vocabulary entry: a HashMap<String, u32> bucket
+# (32 bytes + a control byte) and a Vec<String> slot (24 bytes).
+_BPE_BYTES_PER_TOKEN = 57
+
+
 def train_bpe(data_file: str, vocab_size: int, out_dir: str | None = None) -> HFTokenizer:
     """Train a byte-level BPE (GPT-2 style: every string encodable) on a text file; save it if ``out_dir``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # the "hf" extra
@@ -288,6 +294,10 @@ def train_bpe(data_file: str, vocab_size: int, out_dir: str | None = None) -> HF
             f"vocab_size={vocab_size} is too small for a byte-level BPE: the {len(alphabet)} byte symbols and "
             f"{EOS_TOKEN!r} need {len(alphabet) + 1}; use --vocab-size {len(alphabet) + 1} or more"
         )
+    # The trainer reserves its tables for vocab_size entries up front (a hash map of token strings to
+    # ids and a list of them): an absurd size aborts the process inside the allocator.
+    check_needs([Need(f"the BPE trainer's tables for vocab_size={vocab_size}", vocab_size * _BPE_BYTES_PER_TOKEN,
+                      "lower --vocab-size (GPT-2 has 50257 tokens)", per_device=False)])
     if not os.path.isfile(data_file):
         raise ValueError(f"training text {data_file!r} does not exist; pass --data FILE")
     read_text(data_file)  # UTF-8 and not empty, or an error naming the byte offset

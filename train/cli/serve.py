@@ -9,6 +9,7 @@ import time
 
 from arjax.decode.engine import Engine
 from arjax.model import quantize
+from arjax.model.memory import kv_cache_bytes
 from arjax.train.cli.common import Help, UsageError
 from arjax.train.cli.generate import _load_for_generate, add_model_flags, add_quant_flags
 
@@ -64,8 +65,7 @@ def cmd_serve(args) -> int:
             raise
         cfg = model.cfg
         max_len = args.max_len or cfg.max_len
-        width = 1 if args.kv_cache_dtype == "int8" else (2 if "16" in (args.kv_cache_dtype or cfg.dtype) else 4)
-        need = 2 * cfg.n_layers * args.slots * cfg.num_kv_heads * max_len * cfg.dim_per_head * width
+        need = kv_cache_bytes(cfg, args.slots, max_len, args.kv_cache_dtype)
         raise UsageError(f"{args.slots} slots of {max_len} tokens do not fit in the device's memory (the KV cache "
                          f"alone is {need / 2**30:.2f} GiB); lower --slots or --max-len") from None
     server = Server(create_app(engine, tokenizer, model_id), sock, on_exit=engine.close)
