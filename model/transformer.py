@@ -43,13 +43,15 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, std: float | None = None, bias=None):
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, std: float | None = None, bias=None,
+            out_dtype=None):
     return nnx.Linear(
         d_in,
         d_out,
         use_bias=cfg.use_bias if bias is None else bias,
         dtype=jnp.dtype(cfg.dtype),
         kernel_init=nnx.initializers.normal(cfg.init_std if std is None else std),
+        preferred_element_type=out_dtype,
         rngs=rngs,
     )
 
@@ -226,7 +228,9 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.ln_f = _norm(cfg, rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, bias=False)
+            # Logits accumulate and come out in float32 whatever the compute dtype: the loss and
+            # the sampler read them, and bf16 logits keep ~3 significant digits.
+            self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, bias=False, out_dtype=jnp.float32)
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -287,7 +291,7 @@ class Transformer(nnx.Module):
             if quantized:
                 h, table = int8_operands(h, table)
             table = table.astype(h.dtype)
-            logits = _flat(lambda x: jnp.einsum("vd,nd->nv", table, x), h)
+            logits = _flat(lambda x: jnp.einsum("vd,nd->nv", table, x, preferred_element_type=jnp.float32), h)
             if quantized:
                 logits = logits * self.embed.scale[...].astype(logits.dtype)
             return logits.astype(jnp.float32)

@@ -1,9 +1,12 @@
 """Scheduled sampling: the closed-form optimum (through the one train step), alignment of fed-back predictions, gradients, coins, the objective."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 import pytest
 from flax import nnx
 
@@ -83,6 +86,7 @@ class NextIsPlusOne:
 
     def __init__(self, vocab: int = 10):
         self.V = vocab
+        self.cfg = types.SimpleNamespace(vocab_size=vocab)
         self.calls = []
 
     def embed_tokens(self, tokens):
@@ -91,10 +95,17 @@ class NextIsPlusOne:
     def embed_soft(self, probs):
         return probs  # the mixture of one-hot embeddings is the distribution itself
 
-    def __call__(self, tokens=None, positions=None, cache=None, *, embeddings=None, dropout_rng=None):
+    def hidden(self, tokens=None, positions=None, cache=None, *, embeddings=None, dropout_rng=None):
         x = self.embed_tokens(tokens) if embeddings is None else embeddings  # [B, T, V]
         self.calls.append(x)
-        return 20.0 * jnp.roll(x, 1, axis=-1), None  # logits peak at (input + 1) mod V
+        return x, None
+
+    def logits(self, h):
+        return 20.0 * jnp.roll(h, 1, axis=-1)  # logits peak at (input + 1) mod V
+
+    def __call__(self, tokens=None, positions=None, cache=None, *, embeddings=None, dropout_rng=None):
+        h, _ = self.hidden(tokens, positions, cache, embeddings=embeddings, dropout_rng=dropout_rng)
+        return self.logits(h), None
 
 
 @pytest.mark.parametrize("feed", ["argmax", "sample", "soft", "soft_topk", "gumbel"])

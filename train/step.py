@@ -23,7 +23,7 @@ import optax
 from flax import nnx, struct
 
 from arjax.model.rng import seed_key
-from arjax.train.loss import next_token_loss
+from arjax.train.loss import hidden_loss
 
 # How many times each jitted function was traced (compiled): tests and benchmarks count them.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -37,9 +37,9 @@ def step_key(key: jax.Array, step) -> jax.Array:
 def teacher_forced_nll(model, batch: jax.Array, pad_id: int | None, dropout_rng=None) -> tuple[jax.Array, jax.Array]:
     """Summed NLL and token count for one batch [B, T+1], in one parallel (teacher-forced) pass."""
     inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T], [B, T]
-    logits, _ = model(inputs, dropout_rng=dropout_rng)  # [B, T, V] float32
+    h, _ = model.hidden(inputs, dropout_rng=dropout_rng)  # [B, T, D]; the head runs inside the loss, in chunks
     mask = None if pad_id is None else targets != pad_id
-    mean, n = next_token_loss(logits, targets, mask)
+    mean, n = hidden_loss(model, h, targets, mask)
     return mean * n, n  # the sum (not the mean): micro-batches combine weighted by their token counts
 
 

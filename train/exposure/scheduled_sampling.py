@@ -51,7 +51,7 @@ from arjax.decode import SamplingParams, decode_step, init_state, prefill, sampl
 from arjax.model.cache import init_cache
 from arjax.model.config import NON_NEGATIVE, bounds, check_field_types, strict_from_dict
 from arjax.train.exposure.schedules import GoldSchedule, as_gold_schedule, constant
-from arjax.train.loss import next_token_loss
+from arjax.train.loss import hidden_loss, next_token_loss
 
 __all__ = ["ScheduledSamplingConfig", "ScheduledSampling", "draw_coins", "ss_loss", "from_dict"]
 
@@ -191,7 +191,8 @@ def _mix(model, gold_inputs, use_model, fed_tokens, fed_emb):
 
 
 def _parallel(model, inputs, targets, use_model, key, cfg, dropout_rng):
-    """Teacher-forced pass 1, then K-1 passes each fed from the previous one; logits of pass 1 and pass K."""
+    """Teacher-forced pass 1, then K-1 passes each fed from the previous one: the logits of pass 1
+    and the hidden states of pass K (its head runs inside the loss, in chunks: ``hidden_loss``)."""
     drop = lambda i: None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
     logits1, _ = model(inputs, dropout_rng=drop(1))  # [B, T, V]
     logits = logits1
@@ -201,8 +202,10 @@ def _parallel(model, inputs, targets, use_model, key, cfg, dropout_rng):
         # The prediction made at t-1 (for token t) replaces input t: shift right by one.
         fed_tokens, fed_emb = _feed(model, _shift_right(prev), jax.random.fold_in(key, k), cfg)
         tok, emb = _mix(model, inputs, use_model, fed_tokens, fed_emb)
-        logits, _ = model(tok, embeddings=emb, dropout_rng=drop(k))  # [B, T, V]
-    return logits1, logits, fed_tokens
+        h, _ = model.hidden(tok, embeddings=emb, dropout_rng=drop(k))  # [B, T, D]
+        if k < cfg.num_passes:  # an intermediate pass feeds the next one: its logits are needed whole
+            logits = model.logits(h)
+    return logits1, h, fed_tokens
 
 
 def _sequential(model, inputs, targets, use_model, key, cfg, dropout_rng):
@@ -303,10 +306,12 @@ def ss_loss(
     gold_prob = jnp.broadcast_to(jnp.asarray(gold_prob, jnp.float32), (T,))  # [T]
     use_model = draw_coins(coin_key, gold_prob, B, T, cfg.granularity)  # [B, T]
 
-    objective = _sequential if cfg.method == "sequential" else _parallel
-    logits1, logits2, fed_tokens = objective(model, inputs, targets, use_model, feed_key, cfg, dropout_rng)
-
-    loss2, n = next_token_loss(logits2, targets, mask)
+    if cfg.method == "sequential":  # the scan produces each position's logits (they feed the next step)
+        logits1, logits2, fed_tokens = _sequential(model, inputs, targets, use_model, feed_key, cfg, dropout_rng)
+        loss2, n = next_token_loss(logits2, targets, mask)
+    else:  # the last pass's head and cross-entropy in chunks, as teacher forcing's
+        logits1, h2, fed_tokens = _parallel(model, inputs, targets, use_model, feed_key, cfg, dropout_rng)
+        loss2, n = hidden_loss(model, h2, targets, mask)
     loss = cfg.pass2_weight * loss2
     loss1 = jnp.zeros((), jnp.float32)
     if logits1 is not None:
