@@ -376,43 +376,60 @@ def fit(
         t_last, steps_since, tok_s = time.perf_counter(), 0, float("nan")
         t_start = t_last
         measured_tokens, measured_time = 0, 0.0
+
+        def read_metrics(done: int) -> None:
+            """Fetch the steps in ``pending`` (one device sync), log each, update the progress bar."""
+            nonlocal pending, t_last, steps_since, tok_s, measured_tokens, measured_time
+            fetched = jax.device_get(pending)
+            now = time.perf_counter()
+            elapsed = now - t_last
+            tok_s = steps_since * tokens_per_step / elapsed
+            tok_s_device = tok_s / n_devices
+            speed = {"tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s_device}
+            if peak is not None:
+                speed["mfu"] = perf.mfu(tok_s_device, flops_token, peak[0])
+            # The first interval includes compilation; leave it out of the run's average.
+            if fetched[0][0] > start:
+                measured_tokens += steps_since * tokens_per_step
+                measured_time += elapsed
+            for s, m in fetched:
+                m = {k: float(v) for k, v in m.items()}
+                for k, v in m.items():
+                    history.setdefault(k, []).append(v)
+                write({"step": s + 1, "loss": m.pop("loss"), "lr": float(schedule(s)), "grad_norm": m.pop("grad_norm"),
+                       **speed, **{k: v for k, v in m.items() if k != "tokens"}})
+            if log is not None:
+                log.flush()
+            last = fetched[-1][1]
+            extra = "".join(f"  {_BAR_NAMES.get(k, k)} {float(last[k]):.3f}" for k in objective.metric_names if k in _BAR_NAMES)
+            per_device = f" ({tok_s_device:,.0f}/device)" if n_devices > 1 else ""
+            mfu_text = f"  MFU {speed['mfu']:.1%}" if "mfu" in speed else ""
+            progress.update(done, f"loss {float(last['loss']):.4f}{extra}  {tok_s:,.0f} tok/s{per_device}{mfu_text}")
+            pending, t_last, steps_since = [], now, 0
+
+        # The device never waits for the host: the next step's batch is built and placed while this
+        # step runs, and an interval's metrics are read only after the following step is dispatched.
+        batch = global_batch(start) if start < end else None
+        deferred = None  # the step whose interval's metrics are due but not yet read
         for step in range(start, end):
             step_arr = sharding.replicate(np.int32(step), rep)
-            params, opt_state, metrics = compiled(params, opt_state, global_batch(step), step_arr, key, objective)
+            params, opt_state, metrics = compiled(params, opt_state, batch, step_arr, key, objective)
+            if step + 1 < end:
+                batch = global_batch(step + 1)
+            if deferred is not None:
+                read_metrics(deferred)
+                deferred = None
             pending.append((step, metrics))
             steps_since += 1
             done = step + 1
             evaluating = done % cfg.eval_interval == 0 or done == cfg.steps
             saving = done % cfg.ckpt_interval == 0 or done == end
-            # Fetch before an evaluation or a checkpoint, too: the log then holds every step the checkpoint
-            # holds, and the records come in the same order however the run was interrupted.
-            if done % cfg.log_interval == 0 or done == end or saving or evaluating:
-                fetched = jax.device_get(pending)  # one sync for the whole interval
-                now = time.perf_counter()
-                elapsed = now - t_last
-                tok_s = steps_since * tokens_per_step / elapsed
-                tok_s_device = tok_s / n_devices
-                speed = {"tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s_device}
-                if peak is not None:
-                    speed["mfu"] = perf.mfu(tok_s_device, flops_token, peak[0])
-                # The first interval includes compilation; leave it out of the run's average.
-                if step >= start + cfg.log_interval:
-                    measured_tokens += steps_since * tokens_per_step
-                    measured_time += elapsed
-                for s, m in fetched:
-                    m = {k: float(v) for k, v in m.items()}
-                    for k, v in m.items():
-                        history.setdefault(k, []).append(v)
-                    write({"step": s + 1, "loss": m.pop("loss"), "lr": float(schedule(s)), "grad_norm": m.pop("grad_norm"),
-                           **speed, **{k: v for k, v in m.items() if k != "tokens"}})
-                if log is not None:
-                    log.flush()
-                last = fetched[-1][1]
-                extra = "".join(f"  {_BAR_NAMES.get(k, k)} {float(last[k]):.3f}" for k in objective.metric_names if k in _BAR_NAMES)
-                per_device = f" ({tok_s_device:,.0f}/device)" if n_devices > 1 else ""
-                mfu_text = f"  MFU {speed['mfu']:.1%}" if "mfu" in speed else ""
-                progress.update(done, f"loss {float(last['loss']):.4f}{extra}  {tok_s:,.0f} tok/s{per_device}{mfu_text}")
-                pending, t_last, steps_since = [], now, 0
+            # Read before an evaluation or a checkpoint at once: the log then holds every step the
+            # checkpoint holds, and the records come in the same order however the run was interrupted.
+            if done == end or saving or evaluating:
+                read_metrics(done)
+            elif done % cfg.log_interval == 0:
+                deferred = done
             t_pause = time.perf_counter()
             if evaluating:
                 val_losses.append((done, evaluate(done)))
