@@ -21,9 +21,10 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from arjax.decode.engine import TOP_LOGPROBS, Engine, QueueFull, Request, Update
 
@@ -138,7 +139,10 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
         size = http.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY:
             return _error(413, f"the request body has {int(size):,} bytes; the limit is {MAX_BODY:,}", None)
-        raw = await http.body()
+        try:
+            raw = await http.body()
+        except ClientDisconnect:  # the client hung up before its body arrived: nobody to answer, nothing to log
+            return Response(status_code=499)
         if len(raw) > MAX_BODY:
             return _error(413, f"the request body has {len(raw):,} bytes; the limit is {MAX_BODY:,}", None)
         try:

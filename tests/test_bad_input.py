@@ -168,6 +168,7 @@ def _cases(f):
         (["generate", "--ckpt", run, "--hf", run], "--hf"),
         (["generate", "--hf", "/nonexistent/hf"], "/nonexistent/hf"),
         (["generate", "--ckpt", f["empty_dir"]], f["empty_dir"]),
+        (["generate", "--ckpt", f["file"]], f"{f['file']!r} is a file, not a run directory"),
         # eval and checkpoints
         (["eval", "--ckpt", run, "--batch-size", "0"], "--batch-size 0"),
         (["eval", "--ckpt", run, "--iters", "-3"], "--iters -3"),
@@ -176,6 +177,8 @@ def _cases(f):
         (["eval", "--ckpt", "/nonexistent/run"], "/nonexistent/run"),
         (["checkpoints", "/nonexistent/run"], "/nonexistent/run"),
         (["checkpoints", f["empty_dir"]], f["empty_dir"]),
+        (["checkpoints", f["file"]], f"{f['file']!r} is a file, not a run directory"),
+        (["eval", "--ckpt", f["file"]], f"{f['file']!r} is a file, not a run directory"),
         # convert and tokenizer
         (["convert", "--from-hf", "/nonexistent/hf", "--out", out], "/nonexistent/hf"),
         (["convert", "--from-hf", run, "--out", out], "config.json"),
@@ -186,6 +189,7 @@ def _cases(f):
         (["convert", "--from-hf", run, "--to-hf", run, "--out", out], "--from-hf"),
         (["tokenizer", "train", "--data", "/nonexistent/corpus.txt", "--vocab-size", "300"], "/nonexistent/corpus.txt"),
         (["tokenizer", "train", "--data", f["text"], "--vocab-size", "10"], "vocab_size=10"),
+        (["tokenizer", "train", "--data", f["empty_dir"], "--vocab-size", "300"], "is a directory; pass a UTF-8 text file"),
         (["tokenizer", "train", "--data", f["text"], "--vocab-size", "ten"], "'ten'"),
         # study
         (["study", "/nonexistent/study.yaml"], "/nonexistent/study.yaml"),
@@ -220,6 +224,63 @@ def test_bad_command_lines_exit_2_with_one_line_naming_the_value(files, tmp_path
     assert not problems, "\n".join(problems)
     assert not os.path.exists(files["out"]), "no bad command may leave a run behind"
     assert sorted(os.listdir(tmp_path)) == ["cases.json", "driver.py", "out.json"], "nothing written in the working directory"
+
+
+def _size_cases(f, demo, hf_big):
+    """Numbers that fit 32 bits but not the machine: each refused before anything is allocated."""
+    return [
+        (["train", "--batch-size", "1000000000", "--out", f["out"]], "batch_size=1000000000"),
+        (["train", "--batch-size", "2147483647", "--out", f["out"]], "batch_size=2147483647"),
+        (["train", "--set", "model.vocab_size=2147483647", "--out", f["out"]], "vocab_size=2147483647"),
+        (["train", "--set", "model.max_len=2147483647", "--out", f["out"]], "max_len=2147483647"),
+        (["train", "--set", "model.max_len=2147483647", "--seq-len", "64", "--out", f["out"]], "max_len=2147483647"),
+        (["train", "--accum-steps", "2147483647", "--out", f["out"]], "accum_steps=2147483647"),
+        (["train", "--set", "model.n_layers=2147483647", "--out", f["out"]], "n_layers=2147483647"),
+        (["train", "--set", "eval_iters=2147483647", "--out", f["out"]], "eval_iters=2147483647"),
+        (["eval", "--ckpt", f["run"], "--batch-size", "2147483647"], "--batch-size 2147483647"),
+        (["eval", "--ckpt", f["run"], "--iters", "2147483647"], "--iters 2147483647"),
+        (["tokenizer", "train", "--data", f["text"], "--vocab-size", "1000000000", "--out", f["out"]],
+         "vocab_size=1000000000"),
+        (["generate", "--hf", hf_big, "--prompt", "a"], "vocab_size=1000000000"),
+        (["convert", "--from-hf", hf_big, "--out", f["out"]], "vocab_size=1000000000"),
+        (["serve", "--ckpt", demo, "--slots", "65536", "--port", "0"], "slots=65536"),
+        (["generate", "--ckpt", demo, "--input", f["prompts"], "--output", f["out"], "--slots", "65536"], "slots=65536"),
+    ]
+
+
+@pytest.mark.slow
+def test_sizes_the_machine_cannot_hold_are_refused_in_one_line_before_allocating(files, tmp_path, subprocess_env):
+    """Run under ``ulimit -v`` (3 GiB): an estimate that came too late would be an allocation failure
+    (a traceback or an abort) here, not a one-line refusal, and could not take the machine down."""
+    from transformers import GPT2Config
+
+    from arjax.train.cli import main
+
+    demo = str(tmp_path / "demo")  # the `make demo` preset: a 32 GiB cache at 65536 slots
+    assert main(["train", "--config", "tpu_configs/cpu-demo.yaml", "--data", files["text"], "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "16", "--set", "eval_iters=1", "--out", demo, "--quiet"]) == 0
+    hf_big = tmp_path / "hf_big"  # a config.json that claims a billion tokens
+    GPT2Config(vocab_size=10**9, n_positions=64, n_embd=32, n_layer=2, n_head=2).save_pretrained(hf_big)
+    files = {**files, "prompts": str(tmp_path / "prompts.jsonl")}
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "the"}\n')
+    cases = _size_cases(files, demo, str(hf_big))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "cases.json").write_text(json.dumps(cases))
+    (work / "driver.py").write_text(DRIVER)
+
+    command = f"ulimit -v {3 * 2**20} && exec {sys.executable} driver.py cases.json out.json"  # KiB
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600, cwd=work,
+                          env=subprocess_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    problems = []
+    for (argv, needle), r in zip(cases, json.loads((work / "out.json").read_text())):
+        lines = r["stderr"].strip().splitlines()
+        if (r["code"] != 2 or len(lines) != 1 or "Traceback" in r["stderr"] or needle not in lines[0]
+                or "at least" not in lines[0] or "has 3.0 GiB" not in lines[0]):
+            problems.append(f"{argv}: code {r['code']}, stderr {r['stderr'][-400:]!r} (wanted one line naming {needle!r})")
+    assert not problems, "\n".join(problems)
+    assert not os.path.exists(files["out"]), "a refused command leaves nothing behind"
 
 
 def test_the_console_script_itself(files, subprocess_env):
@@ -276,6 +337,8 @@ API = [
     (lambda: study_from_dict({"name": "x", "eval": {"n_rollouts": -1}}), "n_rollouts=-1"),
     (lambda: study_from_dict({"name": "x", "decodings": [{"name": "d", "top_p": 2.0}]}), "top_p=2.0"),
     (lambda: load_model("/nonexistent/run"), "/nonexistent/run"),
+    (lambda: load_model(None), "run_dir=None is not a path"),
+    (lambda: load_model(__file__), "is a file, not a run directory"),
 ]
 
 

@@ -1,11 +1,14 @@
 """Damaged checkpoints are caught and skipped: truncated, deleted or flipped array files, missing metadata, wrong fingerprints."""
 
+import gc
 import glob
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import jax
@@ -189,3 +192,51 @@ def test_checkpoints_command_runs_as_a_process(base, subprocess_env):
                          capture_output=True, text=True, timeout=120, env=subprocess_env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(" ok ") == 4 and "arrays match their fingerprints" in out.stdout and not out.stderr
+
+
+def _damaged_quietly_run(root, tmp_path):
+    """Step 4 with a truncated array file and without orbax's own _CHECKPOINT_METADATA: the reads orbax
+    abandons when one fails, and its "Metadata file does not exist" per read, are what used to reach stderr."""
+    run = str(tmp_path / "run")
+    shutil.copytree(root / "full", run)
+    _truncate(run, 4)
+    os.remove(os.path.join(run, "checkpoints", "4", "_CHECKPOINT_METADATA"))
+    return run
+
+
+def test_reading_a_damaged_checkpoint_leaves_nothing_to_print_later(base, tmp_path, caplog):
+    root, _, _ = base
+    run = _damaged_quietly_run(root, tmp_path)
+    unraisable, hook = [], sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                with pytest.warns(ckpt.CheckpointWarning, match="checkpoint step 4 in .* is damaged"):
+                    ckpt.load_model(run)
+                assert [r["ok"] for r in ckpt.verify(run)] == [True, True, True, False]
+            time.sleep(0.5)  # reads still under way finish; what they leave is collected
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert not unraisable, [f"{u.exc_type.__name__}: {u.exc_value} in {u.object!r}" for u in unraisable[:3]]
+    library = [f"{r.name}: {r.getMessage()[:200]}" for r in caplog.records if not r.name.startswith("arjax")]
+    assert not library, library[:3]
+
+
+def test_a_damaged_checkpoint_is_one_line_on_stderr_and_nothing_else(base, tmp_path, subprocess_env):
+    """From the console script: one warning line from generate and eval, none from checkpoints (its report
+    is on stdout), nothing from absl, orbax or asyncio, not even at exit; ARJAX_DEBUG=1 lets them speak."""
+    root, _, _ = base
+    run = _damaged_quietly_run(root, tmp_path)
+    exe = os.path.join(os.path.dirname(sys.executable), "arjax")
+    warning = f"warning: checkpoint step 4 in {run!r} is damaged (its arrays cannot be read"
+    for argv, code, warns in [(["generate", "--ckpt", run, "--prompt", "entry", "--max-new-tokens", "2"], 0, 1),
+                              (["eval", "--ckpt", run], 0, 1), (["checkpoints", run], 1, 0)]:
+        proc = subprocess.run([exe, *argv], capture_output=True, text=True, timeout=300, env=subprocess_env)
+        lines = proc.stderr.splitlines()
+        assert proc.returncode == code and len(lines) == warns, (argv, proc.returncode, proc.stderr[-3000:])
+        assert all(line.startswith(f"arjax {argv[0]}: {warning}") for line in lines), lines
+    debug = subprocess.run([exe, "checkpoints", run], capture_output=True, text=True, timeout=300,
+                           env={**subprocess_env, "ARJAX_DEBUG": "1"})
+    assert debug.returncode == 1 and "Metadata file does not exist" in debug.stderr, debug.stderr[-3000:]

@@ -3,6 +3,7 @@ and `arjax serve` as a user starts it."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +22,12 @@ from arjax.train.tokenizer import ByteTokenizer
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory (weights + byte tokenizer) as `arjax convert` writes one: a random tiny model."""
-    run = str(tmp_path_factory.mktemp("jobs") / "run")
-    model = Transformer(get_config("tiny"), rngs=nnx.Rngs(0))
+    return _random_run(str(tmp_path_factory.mktemp("jobs") / "run"), seed=0)
+
+
+def _random_run(run, *, seed):
+    """A tiny model with random weights (``seed``) saved as a run directory with a byte tokenizer."""
+    model = Transformer(get_config("tiny"), rngs=nnx.Rngs(seed))
     tok = ByteTokenizer()
     tok.save(ckpt.tokenizer_dir(run))
     manager = ckpt.make_manager(run)
@@ -137,3 +142,68 @@ def test_arjax_serve_starts_serves_and_stops(run_dir, subprocess_env):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "stopped after" in err and "1 requests, 5 tokens" in err, err
     assert "Traceback" not in err and os.path.isdir(run_dir)
+
+
+def test_batch_job_rerun_with_other_settings_is_refused_unless_forced(run_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "the king " * (i + 1)}) + "\n" for i in range(6)))
+    flags = ["generate", "--ckpt", run_dir, "--input", str(prompts), "--max-new-tokens", "3", "--temperature", "0.9",
+             "--slots", "2"]
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    assert cli.main([*flags, "--output", str(whole)]) == 0
+    assert cli.main([*flags, "--output", str(out)]) == 0
+    settings = json.loads((tmp_path / "out.jsonl.settings.json").read_text())["written_with"]
+    assert [w["from_line"] for w in settings] == [1] and settings[0]["settings"]["seed"] == 0
+    assert "slots" not in settings[0]["settings"] and "max_len" not in settings[0]["settings"]
+    first_two = out.read_text().splitlines(keepends=True)[:2]
+    out.write_text("".join(first_two))  # as a kill after two lines leaves it
+    capsys.readouterr()
+
+    for extra, was, now in [(["--seed", "1"], "--seed 0", "--seed 1"),
+                            (["--max-new-tokens", "4"], "--max-new-tokens 3", "--max-new-tokens 4"),
+                            (["--top-p", "0.9"], "--top-p 1.0", "--top-p 0.9"),
+                            (["--logprobs"], "no --logprobs", "--logprobs")]:
+        assert cli.main([*flags, *extra, "--output", str(out)]) == 2, extra  # a repeated flag: the last one counts
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"was written with {was}; this run has {now}" in err, err
+        assert "--force-settings" in err and "new --output" in err
+    assert out.read_text() == "".join(first_two)  # nothing was added
+
+    # More slots (and another chunk size) change no result: accepted, and the job ends as an uninterrupted one.
+    assert cli.main([*flags, "--slots", "5", "--chunk-steps", "2", "--output", str(out)]) == 0
+    assert sorted(_records(out), key=lambda r: r["id"]) == sorted(_records(whole), key=lambda r: r["id"])
+
+    # --force-settings continues with the new settings and records from which line on.
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(first_two))
+    (tmp_path / "mixed.jsonl.settings.json").write_text((tmp_path / "out.jsonl.settings.json").read_text())
+    assert cli.main([*flags, "--seed", "1", "--force-settings", "--output", str(mixed)]) == 0
+    written_with = json.loads((tmp_path / "mixed.jsonl.settings.json").read_text())["written_with"]
+    assert [(w["from_line"], w["settings"]["seed"], w.get("forced", False)) for w in written_with] == \
+        [(1, 0, False), (3, 1, True)]
+    assert len(_records(mixed)) == 6
+    capsys.readouterr()
+    assert cli.main([*flags, "--seed", "1", "--output", str(mixed)]) == 0  # the latest settings: accepted
+    assert cli.main([*flags, "--output", str(mixed)]) == 2
+    assert "was written with --seed 1; this run has --seed 0" in capsys.readouterr().err
+
+    # An output with lines and no settings file (an older arjax): refused, or recorded from here on.
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(first_two))
+    assert cli.main([*flags, "--output", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has 2 lines but no record of the settings" in err and "--force-settings" in err
+    assert cli.main([*flags, "--force-settings", "--output", str(old)]) == 0
+    written_with = json.loads((tmp_path / "old.jsonl.settings.json").read_text())["written_with"]
+    assert [(w["from_line"], w["settings"] is None) for w in written_with] == [(1, True), (3, False)]
+    assert sorted(_records(old), key=lambda r: r["id"]) == sorted(_records(whole), key=lambda r: r["id"])
+
+    # The weights are what count, not where they are: a moved run is the same model, another one is not.
+    moved = str(tmp_path / "moved")
+    shutil.copytree(run_dir, moved)
+    assert cli.main([*[moved if a == run_dir else a for a in flags], "--output", str(out)]) == 0
+    other = _random_run(str(tmp_path / "other"), seed=1)
+    capsys.readouterr()
+    assert cli.main([*[other if a == run_dir else a for a in flags], "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was written by a model with other weights" in err and other in err, err

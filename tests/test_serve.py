@@ -4,6 +4,8 @@ driven by the official ``openai`` client (and by raw HTTP for what a client libr
 import collections
 import http.client
 import json
+import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -295,6 +297,27 @@ def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served, monke
     while engine.active and time.time() < deadline:
         time.sleep(0.05)
     assert engine.active == 0 and engine.stats["finished"] - before < 8  # cancelled, not decoded to the end
+
+
+def test_a_client_that_hangs_up_mid_body_ends_its_request_quietly(served, caplog, capfd):
+    """Part of a body (a Content-Length it never reaches, or an unfinished chunk), then the client hangs
+    up: no traceback in the server's log, and the next request is served."""
+    capfd.readouterr()
+    caplog.clear()
+    heads = [b"Content-Length: 1000\r\n\r\n", b"Transfer-Encoding: chunked\r\n\r\n40\r\n"]
+    for head in heads:
+        sock = socket.create_connection(served.host, timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: arjax\r\nContent-Type: application/json\r\n" + head
+                     + b'{"model": "tiny", "pro')
+        time.sleep(0.2)  # the handler is waiting for the rest of the body
+        sock.close()
+        time.sleep(0.2)
+        ok, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "ok", "max_tokens": 2}))
+        assert ok == 200 and reply["usage"]["completion_tokens"] == 2
+    logged = "\n".join(f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING)
+    out, err = capfd.readouterr()
+    for text in (logged, err, out):
+        assert "Traceback" not in text and "Exception in ASGI application" not in text and "ClientDisconnect" not in text, text
 
 
 def _model_that_spells(text: str) -> Transformer:

@@ -9,15 +9,21 @@ them again on what it read. A checkpoint that cannot be read (a truncated or del
 missing metadata) or whose arrays differ from their fingerprints (flipped bytes) is *damaged*:
 loaders then fall back to the newest intact checkpoint, with one warning naming the damaged step,
 which stays on disk (``train --resume`` moves it aside, into ``damaged/``, so the run can save that
-step again). ``verify(run_dir)`` checks every checkpoint (``arjax checkpoints RUN``).
+step again). ``verify(run_dir)`` checks every checkpoint (``arjax checkpoints RUN``). What orbax,
+absl and asyncio would print about a damaged or incomplete checkpoint (tracebacks of the reads a
+failed restore abandons, "Metadata file does not exist" per read) stays off stderr: that one
+warning says it (``ARJAX_DEBUG=1`` lets the libraries speak).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import gc
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -73,7 +79,21 @@ def all_steps(run_dir: str) -> list[int]:
     """Every (complete) checkpoint step of ``run_dir``, oldest first; nothing is created."""
     if not os.path.isdir(checkpoint_dir(run_dir)):
         return []
-    return sorted(make_manager(run_dir, create=False).all_steps())
+    with _orbax_reading():
+        return sorted(make_manager(run_dir, create=False).all_steps())
+
+
+def _check_run_dir(run_dir: Any, *, exists: bool = True) -> None:
+    """``run_dir`` names a run directory, or an error saying what it is instead (not a path, a file, nothing)."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir={run_dir!r} is not a path; pass the run directory (`arjax train --out DIR`) as a str")
+    if not os.fspath(run_dir):
+        raise ValueError("run_dir is empty; pass the run directory (`arjax train --out DIR`)")
+    where = os.fspath(run_dir)
+    if os.path.exists(where) and not os.path.isdir(where):
+        raise ValueError(f"{where!r} is a file, not a run directory; pass the --out directory of `arjax train`")
+    if exists and not os.path.isdir(where):
+        raise ValueError(f"checkpoint directory {where!r} does not exist; pass the --out directory of `arjax train`")
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -171,6 +191,7 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state=None, m
 
 def _candidates(run_dir: str, step: int | None) -> list[int]:
     """The checkpoint steps to try, newest first (or just ``step``); an error when there are none."""
+    _check_run_dir(run_dir, exists=False)
     steps = all_steps(run_dir)
     if not steps:
         raise ValueError(f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); train first with `arjax train --out {run_dir}`")
@@ -193,7 +214,8 @@ def _read_meta(run_dir: str, step: int) -> dict[str, Any]:
     if step not in all_steps(run_dir):
         raise ValueError(f"{run_dir!r} has no checkpoint at step {step}; it has {all_steps(run_dir)}")
     try:
-        meta = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with _orbax_reading():
+            meta = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax raises many types for missing or garbled files
         raise DamagedCheckpoint(f"its metadata cannot be read ({_short(e)})") from None
     if not isinstance(meta, dict) or "model_config" not in meta:
@@ -221,12 +243,78 @@ def _short(e: Exception) -> str:
     return text + (f"; array {arrays[-1]}" if arrays else "")
 
 
+class _OrbaxNoise(logging.Filter):
+    """On the absl and asyncio loggers while orbax reads: its "Metadata file does not exist", said once
+    per read of a checkpoint whose own ``_CHECKPOINT_METADATA`` is gone (arjax needs only its ``meta``
+    item, which it verifies), and asyncio's "exception was never retrieved" or "destroyed but it is
+    pending" for the reads orbax abandons when one fails."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "absl":
+            return not str(record.msg).startswith("Metadata file does not exist")
+        text = record.getMessage()
+        abandoned = "never retrieved" in text or "destroyed but it is pending" in text
+        return not (abandoned and ("/orbax/" in text or "TensorStore" in text))
+
+
+_NOISE = _OrbaxNoise()
+
+
+def _late_read(unraisable) -> bool:
+    """A read that a failed restore abandoned, finishing after orbax closed its event loop."""
+    return unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError) and \
+        str(unraisable.exc_value) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def _orbax_reading():
+    """Around each orbax read: what orbax, absl and asyncio would print about what arjax checks and
+    reports itself (in one warning, or one error) stays off stderr; ARJAX_DEBUG=1 lets it through."""
+    if os.environ.get("ARJAX_DEBUG"):
+        yield
+        return
+    loggers = [logging.getLogger("absl"), logging.getLogger("asyncio")]
+    outermost = _NOISE not in loggers[0].filters
+    for logger in loggers:
+        logger.addFilter(_NOISE)
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if _late_read(unraisable) else hook(unraisable)
+    try:
+        yield
+    except Exception:
+        _drop_orbax_leftovers()
+        raise
+    finally:
+        sys.unraisablehook = hook
+        if outermost:
+            for logger in loggers:
+                logger.removeFilter(_NOISE)
+
+
 def _drop_orbax_leftovers() -> None:
-    """When one array of a checkpoint fails to read, orbax leaves the reads of the others unawaited;
-    collect them now, quietly, instead of letting Python print a traceback for each later."""
+    """When one array of a checkpoint fails to read, orbax closes its event loop with the reads of the
+    others still pending: each would print a traceback later (when it finishes, when it is collected,
+    at exit), long after arjax said in one line that the checkpoint is damaged. End them now, quietly."""
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
     try:
+        # Before any collection: a task collected with its exception unread is logged (by asyncio, not the hook).
+        futures = [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Future) and obj.get_loop().is_closed()]
+        loops = {id(f.get_loop()): f.get_loop() for f in futures if isinstance(f, asyncio.Task)
+                 and "orbax" in getattr(getattr(f.get_coro(), "cr_code", None), "co_filename", "")}
+        for loop in loops.values():
+            if "call_soon_threadsafe" not in vars(loop):  # a read finishing later: nobody is waiting for it
+                loop.call_soon_threadsafe = lambda *args, **kwargs: None
+        for obj in futures:
+            if id(obj.get_loop()) not in loops:
+                continue
+            if obj.done():
+                if not obj.cancelled():
+                    obj.exception()  # retrieved: asyncio does not log it as "never retrieved"
+            elif isinstance(obj, asyncio.Task):
+                obj._log_destroy_pending = False  # noqa: SLF001 (asyncio's own switch for "destroyed but pending")
+                with contextlib.suppress(BaseException):
+                    obj.get_coro().close()
         gc.collect()
     finally:
         sys.unraisablehook = hook
@@ -242,12 +330,10 @@ def _restore_verified(run_dir: str, step: int, meta: dict[str, Any], targets: di
         # No target: the arrays as saved, on this process's first device, whatever mesh wrote them.
         targets = {name: _saved_shapes(run_dir, step, name) if t is None else t for name, t in targets.items()}
         args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
-        restored = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(**args))
+        with _orbax_reading():
+            restored = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # a truncated or deleted array file: tensorstore, OS and value errors alike
-        reason = _short(e)
-        del e
-        _drop_orbax_leftovers()
-        raise DamagedCheckpoint(f"its arrays cannot be read ({reason})") from None
+        raise DamagedCheckpoint(f"its arrays cannot be read ({_short(e)})") from None
     recorded = meta.get("fingerprints")
     if recorded is None and meta.get("format", 1) >= 2:
         raise DamagedCheckpoint("its metadata lists no fingerprints")
@@ -264,7 +350,8 @@ def _saved_shapes(run_dir: str, step: int, name: str):
     """The shapes and dtypes item ``name`` of a checkpoint was saved with, as a target on the first local device."""
     from etils import epath
 
-    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(checkpoint_dir(run_dir)) / str(step) / name)
+    with _orbax_reading():
+        metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(checkpoint_dir(run_dir)) / str(step) / name)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     tree = getattr(metadata, "tree", metadata)
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
@@ -317,6 +404,7 @@ def verify(run_dir: str) -> list[dict[str, Any]]:
     """Every checkpoint of ``run_dir``, oldest first: ``{step, ok, params_ok, detail, items, bytes}``
     (``arjax checkpoints``). ``params_ok``: the weights alone verify (what generate and eval read);
     ``ok``: everything does (what a resume needs)."""
+    _check_run_dir(run_dir)
     report = []
     for s in all_steps(run_dir):
         folder = os.path.join(checkpoint_dir(run_dir), str(s))
@@ -340,10 +428,16 @@ def verify(run_dir: str) -> list[dict[str, Any]]:
     return report
 
 
+# Model-config keys that choose how the same weights are computed, not what they are: a run may
+# resume, and a checkpoint load, under another value (and checkpoints from before a key existed).
+EXECUTION_KEYS = ("attention",)
+
+
 def config_mismatch(saved: dict[str, Any], requested: ModelConfig) -> dict[str, tuple[Any, Any]]:
     """Model-config keys whose saved and requested values differ: {key: (saved, requested)}."""
     want = requested.to_dict()
-    return {k: (saved.get(k), want.get(k)) for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)}
+    keys = sorted((set(saved) | set(want)) - set(EXECUTION_KEYS))
+    return {k: (saved.get(k), want.get(k)) for k in keys if saved.get(k) != want.get(k)}
 
 
 def check_compatible(run_dir: str, saved: dict[str, Any], requested: ModelConfig) -> None:
@@ -432,8 +526,7 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, preset: str 
     on ``mesh`` (axis sizes, as in a run config; e.g. ``{"model": 2}`` for tensor-parallel decoding)
     with ``preset``'s rules, or on the first device when no mesh is given, whatever mesh wrote them.
     """
-    if not os.path.isdir(run_dir):
-        raise ValueError(f"checkpoint directory {run_dir!r} does not exist; pass the --out directory of `arjax train`")
+    _check_run_dir(run_dir)
 
     def targets(meta):
         try:

@@ -298,6 +298,8 @@ def train_bpe(data_file: str, vocab_size: int, out_dir: str | None = None) -> HF
     # ids and a list of them): an absurd size aborts the process inside the allocator.
     check_needs([Need(f"the BPE trainer's tables for vocab_size={vocab_size}", vocab_size * _BPE_BYTES_PER_TOKEN,
                       "lower --vocab-size (GPT-2 has 50257 tokens)", per_device=False)])
+    if os.path.isdir(data_file):
+        raise ValueError(f"training text {data_file!r} is a directory; pass a UTF-8 text file (--data FILE)")
     if not os.path.isfile(data_file):
         raise ValueError(f"training text {data_file!r} does not exist; pass --data FILE")
     read_text(data_file)  # UTF-8 and not empty, or an error naming the byte offset

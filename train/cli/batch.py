@@ -8,6 +8,18 @@ Output: one line per input as each finishes (so not in input order): ``id``, ``p
 when written; a rerun reads the output back (dropping a line cut short by a kill), skips the ids
 already there and appends the rest. A line's seed is its ``seed``, else ``--seed`` + its line index
 (0-based), so a rerun draws what the first run would have.
+
+Settings: ``OUT.settings.json`` (written atomically before the first line of OUT) records what the
+lines' text depends on: the model's weights (a digest of its config, every weight's fingerprint and
+its tokenizer; the --ckpt/--hf path is kept for the reader but may move), --quantize,
+--kv-cache-dtype, the sampling flags, --seed, --max-new-tokens, --eos, --stop and --logprobs;
+--max-len too when there is no --max-new-tokens (it then bounds each line's default budget).
+--slots, --chunk-steps and the cache's size are not recorded: a rerun may change them. A rerun of
+an output with lines in it and other settings is refused in one line naming the first flag that
+differs; ``--force-settings`` continues anyway and appends the new settings to the file's
+``written_with`` list with the output line they start at, so the file says that it is mixed. An
+output with lines but no settings file (an older arjax wrote none, or the file was deleted)
+is refused the same way: --force-settings records this run's settings from its next line on.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -25,6 +38,12 @@ from arjax.train.cli.common import UsageError
 
 _LINE_KEYS = {"id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
               "seed", "stop"}
+SETTINGS_SUFFIX = ".settings.json"
+SETTINGS_FORMAT = 1
+# What a line's text depends on, in the order a refusal looks for the first difference ("model", the
+# path the weights came from, is shown but not compared: a run directory may move).
+_COMPARED = ("weights", "quantize", "kv_cache_dtype", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "seed", "max_new_tokens", "max_len", "eos", "stop", "logprobs")
 
 
 def _read_input(path: str) -> list[dict]:
@@ -99,6 +118,111 @@ def _read_done(path: str, prompts: dict) -> set:
     return done
 
 
+def job_settings(args, *, model: dict[str, Any], eos: list[int], stops: list[str]) -> dict[str, Any]:
+    """What this job's lines are written with (``model``: ``model``, ``weights`` and ``dtype`` from the caller)."""
+    settings = {"model": model["model"], "weights": model["weights"], "quantize": args.quantize,
+                "kv_cache_dtype": args.kv_cache_dtype or model["dtype"], "temperature": args.temperature,
+                "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+                "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+                "max_new_tokens": args.max_new_tokens, "eos": list(eos), "stop": list(stops),
+                "logprobs": bool(args.logprobs)}
+    if args.max_new_tokens is None:  # then --max-len bounds each line's default budget (not otherwise)
+        settings["max_len"] = args.max_len
+    return settings
+
+
+def _shown(key: str, value: Any) -> str:
+    """A setting as the flags that give it: ``--seed 0``, ``no --max-new-tokens``, ``--stop "\\n" --stop "."``."""
+    flag = "--" + key.replace("_", "-")
+    if value is None or value is False or value == []:
+        return f"no {flag}"
+    if value is True:
+        return flag
+    if isinstance(value, list):
+        return " ".join(f"{flag} {json.dumps(v, ensure_ascii=False)}" for v in value)
+    return f"{flag} {value}"
+
+
+def _settings_path(out_path: str) -> str:
+    return out_path + SETTINGS_SUFFIX
+
+
+def _read_settings(out_path: str) -> list[dict[str, Any]] | None:
+    """The ``written_with`` list of an output's settings file; None when there is none."""
+    path = _settings_path(out_path)
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        written_with = data["written_with"]
+        if data.get("format") != SETTINGS_FORMAT or not written_with or not all(
+                isinstance(w, dict) and isinstance(w.get("from_line"), int) and "settings" in w for w in written_with):
+            raise ValueError("not a settings file of this arjax")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"cannot read {path!r}, the settings --output {out_path!r} was written with "
+                         f"({getattr(e, 'strerror', None) or e}); pass --force-settings to continue anyway, or give a "
+                         "new --output") from None
+    return written_with
+
+
+def _check_settings(out_path: str, settings: dict[str, Any], *, lines: int, force: bool) -> list[dict[str, Any]] | None:
+    """The settings file's new ``written_with`` list (None: it already ends with this run's settings), or
+    a refusal naming the first flag that differs from what the output's ``lines`` were written with."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if not lines:  # nothing written yet (or a kill came before the first line): nothing to mix with
+        return [{"from_line": 1, "time": now, "settings": settings}]
+    try:
+        recorded = _read_settings(out_path)
+    except UsageError:
+        if not force:
+            raise
+        recorded = [{"from_line": 1, "settings": None, "unreadable": True}]
+    written_with = list(recorded or [{"from_line": 1, "settings": None, "unrecorded": True}])
+    while len(written_with) > 1 and written_with[-1]["from_line"] > lines:  # a forced run killed before its first line
+        written_with.pop()
+    last = written_with[-1]["settings"]
+    if not last and not force:
+        raise UsageError(f"--output {out_path!r} has {lines} lines but no record of the settings they were written "
+                         f"with ({os.path.basename(_settings_path(out_path))}; an older arjax wrote none): pass "
+                         "--force-settings to continue with this run's settings (recorded from here on), or give a "
+                         "new --output")
+    differs = [k for k in _COMPARED if (last or {}).get(k) != settings.get(k)]
+    if not differs:
+        return None if written_with == recorded else written_with
+    if not force:
+        key = differs[0]
+        if key == "weights":
+            what = (f"was written by a model with other weights ({last.get('model')}, digest "
+                    f"{str(last['weights'])[:12]}) than this run's ({settings['model']}, digest "
+                    f"{settings['weights'][:12]}): rerun with that model")
+        else:
+            what = (f"was written with {_shown(key, last.get(key))}; this run has {_shown(key, settings.get(key))}: "
+                    "rerun with the same flags")
+        raise UsageError(f"--output {out_path!r} {what}, pass --force-settings to continue anyway (mixing settings), "
+                         "or give a new --output")
+    return written_with + [{"from_line": lines + 1, "time": now, "settings": settings, "forced": True}]
+
+
+def _write_settings(out_path: str, written_with: list[dict[str, Any]]) -> None:
+    """The settings file, replaced whole (a kill leaves the old one or the new one, never half of one)."""
+    path = _settings_path(out_path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    body = {"format": SETTINGS_FORMAT,
+            "about": f"the settings each part of {os.path.basename(out_path)} was written with, from its from_line "
+                     "on (arjax generate --input --output); a rerun must use the last ones or pass --force-settings",
+            "written_with": written_with}
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(body, indent=1, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 class _Rate(ProgressColumn):
     def __init__(self, counter):
         super().__init__()
@@ -109,13 +233,15 @@ class _Rate(ProgressColumn):
         return Text(f"{self.counter['tokens'] / elapsed:,.0f} tok/s" if elapsed > 0 else "", style="cyan")
 
 
-def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str], context: int) -> int:
+def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str], context: int,
+              model: dict[str, Any]) -> int:
     """Every line of ``args.input`` not yet in ``args.output``, through an engine; one output line each.
 
     ``make_engine(max_len)`` builds the engine once the lines are read: its slots hold the longest
     prompt + max_new_tokens of this job (``--max-len`` overrides), not the model's whole ``context``.
     A line without max_new_tokens (and no --max-new-tokens) gets up to 200, as many as the context
-    leaves after its prompt."""
+    leaves after its prompt. ``model`` identifies the weights for the settings file (``job_settings``):
+    an output written with other settings is refused unless ``args.force_settings``."""
     if not args.output:
         raise UsageError("--input needs --output FILE (the JSONL the results go to)")
     items = _read_input(args.input)
@@ -126,6 +252,8 @@ def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str],
     if not os.path.isdir(parent):
         raise UsageError(f"--output {out_path!r}: the directory {parent!r} does not exist; create it first")
     done = _read_done(out_path, {it["id"]: it["prompt"] for it in items})
+    written_with = _check_settings(out_path, job_settings(args, model=model, eos=eos, stops=stops), lines=len(done),
+                                   force=args.force_settings)
     todo = [it for it in items if it["id"] not in done]
     limit = args.max_len or context
 
@@ -166,6 +294,8 @@ def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str],
                         TimeRemainingColumn(), disable=not sys.stderr.isatty(), console=None, transient=False)
     t0 = time.perf_counter()
     try:
+        if written_with is not None:
+            _write_settings(out_path, written_with)  # before the first line it describes
         written = _run(args, engine, requests, out_path, progress, counter, total=len(items), done=len(done))
     except OSError as e:  # disk full, permission: the lines written so far are kept
         raise UsageError(f"cannot write --output {out_path!r} ({e.strerror or e}); free space or choose another "

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import sys
 
+from flax import nnx
 from rich.console import Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
 from arjax.decode import DraftModel, PromptLookup, SamplingParams, stream_text
-from arjax.train.checkpoint import load_model
+from arjax.train.checkpoint import fingerprints, load_model
 from arjax.model import quantize
 from arjax.model.sharding import parse_mesh
 from arjax.train.cli.common import Help, UsageError, add_mesh_flags
@@ -74,14 +78,23 @@ def digest_of(tokenizer) -> tuple:
             tuple(tokenizer.decode([i]) for i in range(min(size, 1 << 16))))
 
 
+def weights_digest(model, tokenizer) -> str:
+    """What identifies a model's text (a batch job records it): its config, every weight's fingerprint, its tokenizer."""
+    body = {"config": model.cfg.to_dict(), "weights": fingerprints(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+            "tokenizer": digest_of(tokenizer)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def cmd_generate(args) -> int:
     model, tokenizer = _load_for_generate(args)
+    weights = weights_digest(model, tokenizer) if args.input else None  # as loaded: --quantize is recorded apart
     if args.quantize:
         model = quantize(model, args.quantize)  # int8 weights, per output channel (arjax.model.quant)
     if args.input:
-        return _batch_job(args, model, tokenizer)
-    if args.output or args.logprobs or args.slots is not None or args.max_len is not None:
-        raise UsageError("--output, --logprobs, --slots and --max-len belong to batch jobs; add --input prompts.jsonl")
+        return _batch_job(args, model, tokenizer, weights)
+    if args.output or args.logprobs or args.slots is not None or args.max_len is not None or args.force_settings:
+        raise UsageError("--output, --logprobs, --slots, --max-len and --force-settings belong to batch jobs; add "
+                         "--input prompts.jsonl")
     texts = args.prompt or ["\n"]
     prompts = [tokenizer.encode(t) for t in texts]
     for i, p in enumerate(prompts):
@@ -95,13 +108,17 @@ def cmd_generate(args) -> int:
     stops = [_unescape(t) for t in args.stop or []]
     eos, pad = _eos_and_pad(args, tokenizer)
     max_new = args.max_new_tokens
-    if max_new is None:  # up to 200, as many as the model's context leaves after the longest prompt
-        room = model.cfg.max_len - max(len(p) for p in prompts)
-        if room < 1:
-            raise UsageError(f"the longest prompt has {max(len(p) for p in prompts)} tokens, the model's whole context "
-                             f"({model.cfg.max_len}); shorten it")
-        max_new = min(200, room)
     draft = _draft_for(args, model, tokenizer)
+    if max_new is None:  # up to 200, as many as the model's context leaves after the longest prompt
+        # Speculative decoding also needs room for the k drafted tokens, within the draft model's context too.
+        context = min([model.cfg.max_len] + ([draft.model.cfg.max_len] if isinstance(draft, DraftModel) else []))
+        drafted = draft.k if draft is not None else 0
+        longest = max(len(p) for p in prompts)
+        room = context - longest - drafted
+        if room < 1:
+            raise UsageError(f"the longest prompt has {longest} tokens{f' (+ {drafted} drafted)' if drafted else ''}, "
+                             f"the model's whole context ({context}); shorten it")
+        max_new = min(200, room)
     gen = stream_text(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new, sampling=sampling, eos_ids=eos,
                       seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps, kv_cache_dtype=args.kv_cache_dtype,
                       stop=stops, draft=draft)
@@ -152,8 +169,9 @@ def _eos_and_pad(args, tokenizer) -> tuple[list[int], int]:
     return eos, tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
 
-def _batch_job(args, model, tokenizer) -> int:
-    """``--input``: every prompt of a JSONL file through the continuous-batching engine (train/cli/batch.py)."""
+def _batch_job(args, model, tokenizer, weights: str) -> int:
+    """``--input``: every prompt of a JSONL file through the continuous-batching engine (train/cli/batch.py);
+    ``weights``: ``weights_digest`` of the model before --quantize."""
     from arjax.train.cli.batch import run_batch
     from arjax.train.cli.serve import build_engine
 
@@ -176,8 +194,9 @@ def _batch_job(args, model, tokenizer) -> int:
             raise UsageError(f"{args.slots} slots of {max_len} tokens do not fit in the device's memory; lower --slots "
                              "(or --max-len, or the longest prompt + max_new_tokens)") from None
 
+    source = f"--ckpt {os.path.abspath(args.ckpt)}" if args.ckpt else f"--hf {os.path.abspath(args.hf)}"
     return run_batch(args, make_engine, tokenizer, eos=eos, stops=[_unescape(t) for t in args.stop or []],
-                     context=model.cfg.max_len)
+                     context=model.cfg.max_len, model={"model": source, "weights": weights, "dtype": model.cfg.dtype})
 
 
 def add_model_flags(p) -> None:
@@ -204,7 +223,8 @@ def register(sub) -> None:
     add_model_flags(p)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch (default: a single newline)")
     p.add_argument("--max-new-tokens", type=int, metavar="N",
-                   help="tokens to generate per prompt (default: 200, or what the model's context leaves after the prompt)")
+                   help="tokens to generate per prompt (default: 200, or what the model's context leaves after the prompt "
+                        "and, when speculative, the drafted tokens)")
     p.add_argument("--temperature", type=float, metavar="T", default=1.0, help="sampling temperature; 0 means greedy")
     p.add_argument("--top-k", type=int, metavar="K", default=0, help="sample only among the k most likely tokens; 0 turns it off")
     p.add_argument("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling mass; 1 turns it off")
@@ -226,7 +246,11 @@ def register(sub) -> None:
     jobs.add_argument("--input", metavar="FILE", help="JSONL of {\"prompt\": ..., \"id\": ...} lines (per-line "
                       "max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop override the flags)")
     jobs.add_argument("--output", metavar="FILE", help="JSONL written one line per prompt as each finishes; rerunning "
-                      "skips the ids already there")
+                      "skips the ids already there. FILE.settings.json records the model, sampling flags, seed and "
+                      "limits, and a rerun with other ones is refused")
+    jobs.add_argument("--force-settings", action="store_true",
+                      help="continue an --output written with other settings anyway: the lines still to do use this "
+                      "run's, and FILE.settings.json records from which line on (the file is then mixed)")
     jobs.add_argument("--logprobs", action="store_true", help="add each token's log-probability to the output lines")
     jobs.add_argument("--slots", type=int, metavar="N", help="prompts decoded at once (default: 32)")
     jobs.add_argument("--max-len", type=int, metavar="N",

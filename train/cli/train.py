@@ -11,9 +11,11 @@ from flax import nnx
 
 from arjax.train import data as data_lib
 from arjax.train.checkpoint import check_data, check_text, load_model, read_meta, verify
+from arjax.model import memory
 from arjax.model.sharding import PRESET_NAMES, init_distributed, is_main_process, parse_mesh
+from arjax.train.cli import common
 from arjax.train.cli.common import Help, UsageError, add_mesh_flags
-from arjax.train.config import TrainConfig, from_dict, load_yaml, parse_yaml_value
+from arjax.train.config import TrainConfig, from_dict, load_yaml
 from arjax.train.loop import train
 from arjax.train.prepare import open_prepared
 from arjax.train.step import make_eval_step
@@ -27,35 +29,14 @@ _TRAIN_FLAGS = {
 }
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in, nested mappings key by key."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
     """``--set key=value`` (value parsed as YAML) -> nested overrides.
 
     A dotted key sets a nested key: ``scheduled_sampling.feed=argmax``,
     ``scheduled_sampling.schedule.step.c=1e-4``; ``model.KEY`` is short for ``model_overrides.KEY``.
     """
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r} is not KEY=VALUE; e.g. --set weight_decay=0.05 or --set model.dropout=0.1")
-        key, raw = item.split("=", 1)
-        path = key.split(".")
-        if path[0] == "model" and len(path) > 1:
-            path[0] = "model_overrides"
-        if not all(path):
-            raise UsageError(f"--set {item!r}: {key!r} is not a key; e.g. --set scheduled_sampling.feed=argmax")
-        nested: Any = parse_yaml_value(raw)
-        for name in reversed(path):
-            nested = {name: nested}
-        out = _merge(out, nested)
-    return out
+    return common.parse_set(items, examples="--set weight_decay=0.05 or --set model.dropout=0.1",
+                            nested_example="--set scheduled_sampling.feed=argmax", aliases={"model": "model_overrides"})
 
 
 def train_config_from_args(args) -> TrainConfig:
@@ -75,7 +56,7 @@ def train_config_from_args(args) -> TrainConfig:
         base = meta["train_config"]
     else:
         base = {}
-    merged = _merge({**base, **overrides}, parse_set(args.set or []))
+    merged = common.merge({**base, **overrides}, parse_set(args.set or []))
     where = f"{args.config}: " if args.config else ""
     try:
         return from_dict(merged)
@@ -129,6 +110,16 @@ def evaluate_run(run_dir: str, data: str | None = None, *, batch_size: int | Non
         ids = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction).val
     else:
         ids = np.asarray(tokenizer.encode(data_lib.read_text(data)), dtype=np.int32)
+    tokens = E * B * (T + 1)
+    memory.check_needs([  # before the windows are built: a huge --batch-size is one line, not an allocation failure
+        *memory.loaded_needs(nnx.state(model)),
+        memory.Need(f"the evaluation windows on the host (--iters {E} x --batch-size {B} x {T + 1} tokens)", 4 * tokens,
+                    "lower --batch-size or --iters", per_device=False),
+        memory.Need(f"the evaluation windows on the device (--iters {E} x --batch-size {B} x {T + 1} tokens)",
+                    4 * tokens, "lower --batch-size or --iters"),
+        memory.Need(f"one batch's activations (--batch-size {B} x {T} tokens x d_model={model.cfg.d_model})",
+                    memory.activation_bytes(model.cfg, B, T, layers=1), "lower --batch-size"),
+    ])
     windows = data_lib.eval_windows(ids, n_windows=E * B, seq_len=T).reshape(E, B, T + 1)
     graphdef, params = nnx.split(model)
     loss = float(make_eval_step(graphdef, pad_id=tokenizer.pad_id)(params, windows))
@@ -143,9 +134,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_checkpoints(args) -> int:
-    if not os.path.isdir(args.run):
-        raise UsageError(f"run directory {args.run!r} does not exist; pass the --out directory of `arjax train`")
-    report = verify(args.run)
+    report = verify(args.run)  # a file or a missing directory: one error naming it
     if not report:
         raise UsageError(f"{args.run!r} holds no checkpoint (looked in {args.run}/checkpoints)")
     for r in report:
