@@ -1,6 +1,7 @@
 """The `arjax` CLI: help texts, one-line errors with exit status 2, and train -> generate -> eval end to end."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -8,6 +9,8 @@ from arjax.train import cli
 from arjax.decode.stops import StopStrings
 from arjax.train.cli.train import parse_set
 from arjax.train.tokenizer import ByteTokenizer
+
+STUDY = str(pathlib.Path(__file__).resolve().parent.parent / "docs" / "studies" / "dyck-quick.yaml")
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["eval"]])
@@ -33,6 +36,8 @@ def test_every_command_is_registered():
     [
         (["train", "--set", "stepz=3"], "unknown TrainConfig keys ['stepz']"),
         (["train", "--set", "oops"], "is not KEY=VALUE"),
+        (["study", STUDY, "--set", "seedz=[0]"], "unknown study keys ['seedz']"),  # strict, like train's --set
+        (["study", STUDY, "--set", "train.stepz=3"], "unknown TrainConfig keys ['stepz']"),
         (["train", "--config", "/nonexistent.yaml"], "does not exist"),
         (["train", "--model", "gpt5"], "unknown model preset 'gpt5'"),
         (["generate", "--ckpt", "/nonexistent"], "does not exist"),

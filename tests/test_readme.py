@@ -1,59 +1,68 @@
-"""The README's Python examples run as written."""
+"""The README runs as written: every command is one the tests run (tests/_readme.py says how), its
+Python blocks run, and so does every command that reads the demo run, trained by the README's own
+first command (shrunk to a few steps), served, resumed and rebuilt by `make demo`'s recipe."""
 
+import importlib.util
+import os
 import pathlib
-import re
+import sys
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
-
-
-def _blocks():
-    """The Python blocks: the server client example, then the API examples (generate, training)."""
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+import pytest
 
 
-def test_readme_python_example_runs():
+def _load_helper():
+    """tests/_readme.py, shared with the other README tests (the suite imports test files by path)."""
+    if "_readme" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_readme", pathlib.Path(__file__).with_name("_readme.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_readme"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_readme"]
+
+
+readme = _load_helper()
+
+
+def test_every_readme_command_is_run_by_a_test():
+    """A command added to the README, or one whose text changed, fails here until tests/_readme.py runs it."""
+    written = readme.commands()
+    assert len(written) == len(set(written)), "a README command appears twice"
+    run = [r.command for r in readme.RUNS if r.readme]
+    assert sorted(written) == sorted(run), (
+        f"README commands no test runs: {sorted(set(written) - set(run))}; "
+        f"commands tests/_readme.py runs that the README no longer has: {sorted(set(run) - set(written))}"
+    )
+    assert set(readme.python_blocks()) == {"client", "api", "train"}  # the client runs against `arjax serve`
+    for module in {r.module for r in readme.RUNS}:  # each run belongs to a README test file that runs its share
+        assert "readme.run_all(readme." in pathlib.Path(__file__).with_name(module).read_text(), module
+    assert os.access(readme.ARJAX, os.X_OK), f"no installed `arjax` script at {readme.ARJAX}"
+
+
+def test_readme_api_block_runs():
     scope: dict = {}
-    exec(compile(_blocks()[1], str(README), "exec"), scope)
+    exec(compile(readme.python_blocks()["api"], str(readme.README), "exec"), scope)
     out = scope["out"]
     assert out.tokens.shape == (2, 32) and len(out.lengths) == 2
     assert set(out.stop_reason) <= {"eos", "length"}
 
 
-def test_readme_training_example_runs(tmp_path, monkeypatch):
+def test_readme_training_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # it writes runs/readme-ss relative to the working directory
-    blocks = _blocks()
-    assert len(blocks) == 3
     scope: dict = {}
-    exec(compile(blocks[2], str(README), "exec"), scope)
+    exec(compile(readme.python_blocks()["train"], str(readme.README), "exec"), scope)
     result = scope["result"]
     assert result["final_step"] == 20 and result["val_losses"][0][0] == 20
     assert 0 < result["history"]["mix_rate"][-1] < 1 and (tmp_path / "runs/readme-ss/metrics.jsonl").is_file()
 
 
-def test_readme_server_example_runs(capsys):
-    """The client example against a live server (a random tiny model named "demo" on a free port)."""
-    import pytest
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, subprocess_env):
+    root = tmp_path_factory.mktemp("readme")
+    readme.make_workspace(root)
+    return readme.run_all(readme.DEMO, root, subprocess_env)
 
-    pytest.importorskip("openai")
-    from flax import nnx
 
-    from arjax.decode.engine import Engine
-    from arjax.decode.server import Server, bind, create_app
-    from arjax.model import Transformer, get_config
-    from arjax.train.tokenizer import ByteTokenizer
-
-    model = Transformer(get_config("tiny", max_len=256), rngs=nnx.Rngs(0))
-    engine = Engine(model, slots=2, max_len=160, tokenizer=ByteTokenizer())
-    engine.start()
-    server = Server(create_app(engine, ByteTokenizer(), "demo"), bind("127.0.0.1", 0))
-    server.start()
-    try:
-        block = _blocks()[0]
-        assert "http://127.0.0.1:8000/v1" in block
-        scope: dict = {}
-        exec(compile(block.replace("http://127.0.0.1:8000", server.url), str(README), "exec"), scope)
-    finally:
-        server.stop()
-        engine.stop()
-    assert scope["r"].usage.completion_tokens <= 64 and scope["r"].choices[0].finish_reason in ("length", "stop")
-    assert capsys.readouterr().out
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [r.name for r in readme.RUNS if r.module == readme.DEMO])
+def test_readme_command(results, name):
+    readme.check(results, name)

@@ -1,4 +1,4 @@
-"""What every command of the CLI shares: the one-line user error and the help formatter."""
+"""What every command of the CLI shares: the one-line user error, the help formatter and `--set KEY=VALUE`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import logging
 import sys
 import threading
 import warnings
+from typing import Any, Mapping, Sequence
+
+from arjax.train.config import parse_yaml_value
 
 
 class UsageError(ValueError):
@@ -88,3 +91,36 @@ def add_mesh_flags(parser, default: str = "the config's, else data-parallel over
     parser.add_argument("--mesh", metavar="AXIS=N,...",
                         help=f"device mesh, e.g. data=4,model=2 (axes data, fsdp, model; -1 takes the devices left over; "
                              f"default: {default})")
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested mappings key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items: Sequence[str], *, examples: str, nested_example: str,
+              aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``--set key=value`` (the value parsed as YAML, as the config files read it) -> nested overrides.
+
+    A dotted key sets a nested key (``scheduled_sampling.feed=argmax``); ``aliases`` renames a
+    first part that has more after it (``model.dropout`` -> ``model_overrides.dropout``). The
+    config loader checks the keys, strictly. ``examples`` and ``nested_example`` go in the errors.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r} is not KEY=VALUE; e.g. {examples}")
+        key, raw = item.split("=", 1)
+        path = key.split(".")
+        if len(path) > 1 and path[0] in (aliases or {}):
+            path[0] = aliases[path[0]]
+        if not all(path):
+            raise UsageError(f"--set {item!r}: {key!r} is not a key; e.g. {nested_example}")
+        nested: Any = parse_yaml_value(raw)
+        for name in reversed(path):
+            nested = {name: nested}
+        out = merge(out, nested)
+    return out
