@@ -72,6 +72,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = dataclasses.field(default=0.0, metadata=bounds(0, 1, hi_open=True))
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype; params stay fp32
+    # The teacher-forced pass's attention (model/attention.py): auto is cuDNN flash attention on GPUs
+    # (bf16/fp16), the Pallas flash kernel on TPUs, XLA's elsewhere; a kernel that refuses falls back.
+    attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     init_std: float = dataclasses.field(default=0.02, metadata=NON_NEGATIVE)
 
     def __post_init__(self):

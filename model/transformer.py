@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arjax.model.attention import causal_attention, xla_attention
 from arjax.model.cache import KVCache, write_slots
 from arjax.model.sharding import constrain_rows
 from arjax.model.config import ModelConfig
@@ -77,8 +78,9 @@ class Attention(nnx.Module):
         self.v = _linear(cfg, cfg.d_model, nkv * hd, rngs)
         self.o = _linear(cfg, nq * hd, cfg.d_model, rngs, std=out_std)
 
-    def __call__(self, x, positions, k_pos, layer_cache=None, index=None):
-        """x: [B, T, D]; positions: [B, T]; k_pos: [B, S] positions of the keys attended to.
+    def __call__(self, x, positions, k_pos, layer_cache=None, index=None, contiguous=False):
+        """x: [B, T, D]; positions: [B, T]; k_pos: [B, S] positions of the keys attended to;
+        ``contiguous``: every row is at positions 0..T-1 (the teacher-forced pass: fused kernels apply).
 
         layer_cache: None (keys are this call's tokens, S == T) or (k, v) each [B, Hkv, S, Dh],
         into which this call's keys and values are written at slot ``index``; an int8 cache adds
@@ -96,8 +98,11 @@ class Attention(nnx.Module):
             q = rope(q, positions, cfg.rope_theta)
             k = rope(k, positions, cfg.rope_theta)
         mask = attention_mask(positions, k_pos)  # [B, 1, T, S]
-        if layer_cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, Dh]
+        if layer_cache is None and contiguous:  # cuDNN / Pallas flash attention where the backend has one
+            out = causal_attention(q, k, v, mask, implementation=cfg.attention)  # [B, T, N, Dh]
+            new_cache = None
+        elif layer_cache is None:  # padded prompts: XLA's attention under the position mask
+            out = xla_attention(q, k, v, mask)  # [B, T, N, Dh]
             new_cache = None
         elif len(layer_cache) == 4:  # int8: writes quantize; the scales are applied inside the attention
             new_cache = write_int8(layer_cache, k.swapaxes(1, 2), v.swapaxes(1, 2), index)
@@ -202,8 +207,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
 
-    def __call__(self, x, positions, k_pos, layer_cache=None, index=None, dropout_rng=None):
-        h, new_cache = self.attn(self.ln1(x), positions, k_pos, layer_cache, index)
+    def __call__(self, x, positions, k_pos, layer_cache=None, index=None, dropout_rng=None, contiguous=False):
+        h, new_cache = self.attn(self.ln1(x), positions, k_pos, layer_cache, index, contiguous)
         x = x + _dropout(self.dropout, h, dropout_rng, 0)
         x = x + _dropout(self.dropout, self.mlp(self.ln2(x)), dropout_rng, 1)
         return x, new_cache
@@ -272,7 +277,7 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layer(i)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            x, layer_cache = block(x, positions, k_pos, layer_cache, index, rng)
+            x, layer_cache = block(x, positions, k_pos, layer_cache, index, rng, contiguous and cache is None)
             x = constrain_rows(x)  # the residual stream: rows split over the batch axes, the width whole
             new_layers.append(layer_cache)
         x = self.ln_f(x)
