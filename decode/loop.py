@@ -361,18 +361,6 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
                     f" ({cap}); lower max_new_tokens or k")
             cache_len = cap
 
-    # The weights are in memory already; the cache and the per-row state come on top (split over a
-    # tensor-parallel mesh at best evenly: a lower bound per device).
-    state = nnx.state(model)
-    mesh = mesh_of(state)
-    shards = 1 if mesh is None else mesh.size
-    check_needs([
-        *loaded_needs(state, shards=shards),
-        Need(f"the KV cache ({B} prompts x {cache_len} slots)", kv_cache_bytes(cfg, B, cache_len, kv_cache_dtype) // shards,
-             "lower max_len or max_new_tokens, or decode fewer prompts at once"),
-        Need(f"the decode state ({B} prompts x vocab_size={V} logits, {num_slots} output slots)",
-             (B * V * 5 + B * num_slots * 8) // shards, "decode fewer prompts at once or lower max_new_tokens"),
-    ], None if mesh is None else list(mesh.devices.flat))
     tokens = np.full((B, P), pad_id, np.int32)
     positions = np.full((B, P), -1, np.int32)
     for i, r in enumerate(rows):
@@ -385,6 +373,18 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams (SamplingParams.make(batch, ...)) or None, got {type(sampling).__name__}")
         sampling.validate(batch=B, vocab_size=V)
+    # The weights are in memory already; the cache and the per-row state come on top (split over a
+    # tensor-parallel mesh at best evenly: a lower bound per device).
+    state = nnx.state(model) if isinstance(model, nnx.Module) else {}
+    mesh = mesh_of(state)
+    shards = 1 if mesh is None else mesh.size
+    check_needs([
+        *loaded_needs(state, shards=shards),
+        Need(f"the KV cache ({B} prompts x {cache_len} slots)", kv_cache_bytes(cfg, B, cache_len, kv_cache_dtype) // shards,
+             "lower max_len or max_new_tokens, or decode fewer prompts at once"),
+        Need(f"the decode state ({B} prompts x vocab_size={V} logits, {num_slots} output slots)",
+             (B * V * 5 + B * num_slots * 8) // shards, "decode fewer prompts at once or lower max_new_tokens"),
+    ], None if mesh is None else list(mesh.devices.flat))
     return _Plan(tokens=tokens, positions=positions, num_slots=num_slots, cache_len=cache_len, max_new_tokens=int(max_new_tokens), eos_ids=eos,
                  cache_dtype=kv_cache_dtype)
 

@@ -11,9 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
-from arjax.model import Transformer, attention, get_config
+from arjax.model import attention, get_config
 from arjax.model.transformer import attention_mask
 
 
@@ -68,24 +66,6 @@ def test_the_pallas_tpu_kernel_in_interpret_mode_equals_xla_forward_and_backward
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     for a, b in zip(got_grads, want_grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
-def test_the_model_runs_the_pallas_kernel_when_the_backend_is_a_tpu(monkeypatch):
-    """The whole teacher-forced pass with attention="pallas" as it would run on a TPU (the kernel in
-    interpret mode): the same logits as XLA's attention; a padded prefill keeps XLA's (masked) path."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    cfg = get_config("tiny", max_len=128, n_heads=4, n_kv_heads=2, d_model=128, attention="pallas")
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(1), (2, 128), 0, 256)
-    reference = Transformer(cfg.replace(attention="xla"), rngs=nnx.Rngs(0))(tokens)[0]
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    with pltpu.force_tpu_interpret_mode():
-        logits = model(tokens)[0]
-        padded = model(tokens, jnp.where(jnp.arange(128) < 5, -1, jnp.arange(128) - 5)[None].repeat(2, 0))[0]
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-4, atol=1e-4)
-    assert np.isfinite(np.asarray(padded)).all()
 
 
 def test_a_checkpointed_model_config_without_the_attention_key_still_loads_and_resumes():

@@ -299,7 +299,9 @@ def _drop_orbax_leftovers() -> None:
     sys.unraisablehook = lambda unraisable: None
     try:
         # Before any collection: a task collected with its exception unread is logged (by asyncio, not the hook).
-        futures = [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Future) and obj.get_loop().is_closed()]
+        with warnings.catch_warnings():  # isinstance on every live object wakes lazy and deprecated proxies (torch's)
+            warnings.simplefilter("ignore")
+            futures = [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Future) and obj.get_loop().is_closed()]
         loops = {id(f.get_loop()): f.get_loop() for f in futures if isinstance(f, asyncio.Task)
                  and "orbax" in getattr(getattr(f.get_coro(), "cr_code", None), "co_filename", "")}
         for loop in loops.values():
