@@ -33,20 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from arjax.decode.loop import (
-    _EOS_SLOTS,
-    DEFAULT_BUCKETS,
-    STOP_EOS,
-    STOP_LENGTH,
-    STOP_NAMES,
-    STOP_STRING,
-    RUNNING,
-    TRACE_COUNTS,
-    bucket,
-    check_prompt,
-    eos_array,
-)
+from arjax.decode.loop import DEFAULT_BUCKETS, EOS_SLOTS, TRACE_COUNTS, bucket, check_prompt, eos_array
 from arjax.decode.sampling import SamplingParams, sample
+from arjax.decode.step import RUNNING, STOP_NAMES, STOP_STRING, emit, prompt_presence
 from arjax.decode.stops import StopStrings
 from arjax.model import KVCache, Transformer, init_cache
 from arjax.model.memory import Need, check_needs, kv_cache_bytes, loaded_needs
@@ -106,7 +95,7 @@ def _empty_slots(cfg, num_slots: int, cache_len: int, cache_dtype) -> Slots:
         count=jnp.zeros((S,), jnp.int32),
         max_new=jnp.zeros((S,), jnp.int32),
         done=jnp.ones((S,), bool),
-        eos=jnp.full((S, _EOS_SLOTS), -1, jnp.int32),
+        eos=jnp.full((S, EOS_SLOTS), -1, jnp.int32),
         sampling=SamplingParams.greedy(S),
         presence=jnp.zeros((S, V), bool),
         stop_reason=jnp.full((S,), RUNNING, jnp.int32),
@@ -135,7 +124,7 @@ def _insert_impl(graphdef, params, slots: Slots, tokens, n, slot, key, max_new, 
     cache = KVCache(k=put_layers(c.k, row.k), v=put_layers(c.v, row.v), pos=put(c.pos, row.pos),
                     index=c.index.at[slot].set(n), k_scale=put_layers(c.k_scale, row.k_scale),
                     v_scale=put_layers(c.v_scale, row.v_scale))
-    seen = jnp.zeros((V,), bool).at[tokens[0]].max(real)  # the prompt's tokens (repetition penalty)
+    seen = prompt_presence(tokens, real[None], V)[0]  # the prompt's tokens (repetition penalty)
     return Slots(
         cache=cache,
         logits=slots.logits.at[slot].set(logits[0].astype(jnp.float32)),
@@ -172,35 +161,29 @@ def _chunk_impl(graphdef, chunk_steps, rows, params, all_slots: Slots, pad_id) -
 
     def body(carry):
         s, o, i = carry
-        running = ~s.done
         split = jax.vmap(jax.random.split)(s.keys)  # [S, 2]: as generate's `rng, key = split(rng)`, per row
-        token = sample(split[:, 1], s.logits, s.sampling, s.presence)  # [S]
-        token = jnp.where(running, token, pad_id).astype(jnp.int32)
-        logp = jax.nn.log_softmax(s.logits, axis=-1)  # [S, V]
-        logprob = jnp.where(running, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0)
-        top_lp, top_ids = jax.lax.top_k(logp, K)  # [S, K]
-        hit_eos = running & jnp.any(token[:, None] == s.eos, axis=-1)
-        count = s.count + running.astype(jnp.int32)
-        hit_len = running & ~hit_eos & (count >= s.max_new)
-        logits, cache = model(token[:, None], s.positions[:, None], s.cache)  # [S, 1, V]
+        drawn = sample(split[:, 1], s.logits, s.sampling, s.presence)  # [S]
+        em = emit(s.logits, drawn, done=s.done, emitted=s.count, max_steps=s.max_new, eos=s.eos, pad_id=pad_id)
+        top_lp, top_ids = jax.lax.top_k(em.logp, K)  # [S, K]
+        logits, cache = model(em.tokens[:, None], s.positions[:, None], s.cache)  # [S, 1, V]
         # Rows that were not running do not advance (they wrote one slot past their data, never read).
-        cache = cache.replace(index=jnp.where(running, cache.index, s.cache.index))
+        cache = cache.replace(index=jnp.where(em.running, cache.index, s.cache.index))
         s = s.replace(
             cache=cache,
             logits=logits[:, 0].astype(jnp.float32),
-            positions=s.positions + running.astype(jnp.int32),
-            keys=jnp.where(running, split[:, 0], s.keys),
-            count=count,
-            done=s.done | hit_eos | hit_len,
-            presence=s.presence | ((token[:, None] == jnp.arange(V)) & running[:, None]),
-            stop_reason=jnp.where(hit_eos, STOP_EOS, jnp.where(hit_len, STOP_LENGTH, s.stop_reason)),
+            positions=s.positions + em.new,
+            keys=jnp.where(em.running, split[:, 0], s.keys),
+            count=s.count + em.new,
+            done=em.done(s.done),
+            presence=em.seen(s.presence),
+            stop_reason=em.stop_reason(s.stop_reason),
         )
         o = o.replace(
-            tokens=o.tokens.at[:, i].set(token),
-            logprobs=o.logprobs.at[:, i].set(logprob),
+            tokens=o.tokens.at[:, i].set(em.tokens),
+            logprobs=o.logprobs.at[:, i].set(em.logprobs),
             top_ids=o.top_ids.at[:, i].set(top_ids.astype(jnp.int32)),
             top_logprobs=o.top_logprobs.at[:, i].set(top_lp),
-            new=o.new + running.astype(jnp.int32),
+            new=o.new + em.new,
         )
         return s, o, i + 1
 
@@ -349,7 +332,7 @@ class Engine:
         sampling = SamplingParams.make(1, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                                        min_p=request.min_p, repetition_penalty=request.repetition_penalty,
                                        vocab_size=V)
-        eos = eos_array(request.eos_ids, V, width=_EOS_SLOTS)
+        eos = eos_array(request.eos_ids, V, width=EOS_SLOTS)
         k = request.top_logprobs
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
             raise ValueError(f"top_logprobs={k!r} must be an int in [0, {TOP_LOGPROBS}]")
@@ -427,7 +410,7 @@ class Engine:
         t0 = time.perf_counter()
         slots = self._slots
         one = SamplingParams.make(1, temperature=1.0, vocab_size=self.model.cfg.vocab_size)
-        eos = self._put(np.full((_EOS_SLOTS,), -1, np.int32))
+        eos = self._put(np.full((EOS_SLOTS,), -1, np.int32))
         for P in self.buckets:
             slots = _insert(self._graphdef, self._params, slots, self._put(np.zeros((1, P), np.int32)), np.int32(1),
                             np.int32(0), seed_key(0), np.int32(1), eos, one)

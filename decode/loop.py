@@ -1,4 +1,7 @@
-"""Prefill, the pure decode step, and the jitted ``lax.while_loop`` decoder behind ``generate`` and ``stream``."""
+"""The jitted ``lax.while_loop`` decoder behind ``generate`` and ``stream``: input checks, buckets, chunks, stop strings.
+
+The step it loops over (with the decode state, prefill and the stop codes) lives in ``arjax.decode.step``.
+"""
 
 from __future__ import annotations
 
@@ -9,50 +12,33 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
-from arjax.decode.sampling import SamplingParams, sample
+from arjax.decode.sampling import SamplingParams
 from arjax.model import KVCache, Transformer, init_cache
 from arjax.model.memory import Need, check_needs, kv_cache_bytes, loaded_needs
 from arjax.model.quant import check_kv_cache_dtype
 from arjax.model.rng import check_seed, seed_key
 from arjax.model.sharding import cache_sharding, mesh_of
 from arjax.decode.speculative import DraftModel, PromptLookup, check_draft, spec_loop, spec_start
+from arjax.decode.step import (  # noqa: F401 (DecodeState, prefill and init_state are this module's API too)
+    STOP_NAMES,
+    STOP_STRING,
+    DecodeState,
+    decode_step,
+    init_state,
+    prefill,
+)
 from arjax.decode.stops import StopStrings
-
-# stop_reason codes held in DecodeState; GenerateOutput spells them out.
-RUNNING, STOP_EOS, STOP_LENGTH, STOP_STRING = 0, 1, 2, 3
-STOP_NAMES = {RUNNING: "running", STOP_EOS: "eos", STOP_LENGTH: "length", STOP_STRING: "stop"}
 
 # Prompt widths and output-buffer sizes are rounded up to one of these, so a new prompt length
 # or max_new_tokens inside a bucket reuses the compiled program.
 DEFAULT_BUCKETS = tuple(2**i for i in range(4, 21))  # 16, 32, ..., 1M
-_EOS_SLOTS = 8  # eos ids are padded (with -1) to a multiple of this: a new EOS set never recompiles
+EOS_SLOTS = 8  # eos ids are padded (with -1) to a multiple of this: a new EOS set never recompiles
 
 # Incremented when a jitted function is traced (not when it runs): tests read it to prove that
 # a new prompt length in the same bucket or new sampling values do not compile again.
 TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
-@struct.dataclass
-class DecodeState:
-    """Everything the decode loop carries; an immutable pytree, so the step is a pure function.
-
-    B rows, N output slots, V vocabulary, S cache slots.
-    """
-
-    cache: KVCache
-    logits: jax.Array  # [B, V] float32: raw model logits for the next token (from the last forward pass)
-    positions: jax.Array  # [B] int32: position of the next token in each row
-    rng: jax.Array  # PRNG key, split once per step
-    step: jax.Array  # [] int32: tokens emitted so far (the next output column)
-    max_steps: jax.Array  # [] int32: a row still running after this many tokens stops with 'length'
-    done: jax.Array  # [B] bool
-    lengths: jax.Array  # [B] int32: tokens emitted by each row, its EOS included
-    tokens: jax.Array  # [B, N] int32: emitted tokens, pad_id after a row ends
-    logprobs: jax.Array  # [B, N] float32: log p(token) under the raw model distribution, 0 after the end
-    stop_reason: jax.Array  # [B] int32: RUNNING, STOP_EOS or STOP_LENGTH
-    presence: jax.Array  # [B, V] bool: tokens seen in the prompt or output (repetition penalty)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,111 +68,6 @@ class GenerateOutput:
     acceptance_rate: float | None = None
     tokens_per_pass: float | None = None
     texts: list[str] | None = None
-
-
-def prefill(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Run the whole prompt in one parallel forward pass, filling the cache.
-
-    tokens [B, P] int, LEFT-padded; positions [B, P] int, 0.. at each row's first real token and
-    -1 on padding; cache: empty, with ``cache.index`` where the prompt goes. Returns the logits at
-    the last slot [B, V] float32 (every row's last prompt token, thanks to left padding) and the
-    filled cache. The vocabulary projection runs only on that slot.
-    """
-    h, cache = model.hidden(tokens, positions, cache)  # [B, P, D]
-    return model.logits(h[:, -1:])[:, 0], cache  # [B, V]
-
-
-def init_state(
-    logits: jax.Array,
-    cache: KVCache,
-    prompt_tokens: jax.Array,
-    prompt_positions: jax.Array,
-    *,
-    num_slots: int,
-    rng: jax.Array,
-    max_steps: int | jax.Array | None = None,
-    pad_id: int | jax.Array = 0,
-) -> DecodeState:
-    """The loop's starting state after ``prefill``.
-
-    logits [B, V] from prefill; prompt_tokens/prompt_positions [B, P] as given to prefill (they
-    seed the repetition-penalty presence, padding excluded); num_slots N (static) sizes the
-    output buffers, which start filled with ``pad_id``; max_steps (default N) is when running
-    rows stop with 'length'.
-    """
-    B, V = logits.shape
-    real = prompt_positions >= 0  # [B, P]
-    vocab = jnp.arange(V)
-    # [B, P, V] would be large for long prompts; reduce one prompt column at a time instead.
-    presence = jax.lax.fori_loop(
-        0,
-        prompt_tokens.shape[1],
-        lambda j, seen: seen | ((prompt_tokens[:, j, None] == vocab) & real[:, j, None]),
-        jnp.zeros((B, V), bool),
-    )
-    return DecodeState(
-        cache=cache,
-        logits=logits.astype(jnp.float32),
-        positions=(jnp.max(prompt_positions, axis=1) + 1).astype(jnp.int32),
-        rng=rng,
-        step=jnp.zeros((), jnp.int32),
-        max_steps=jnp.asarray(num_slots if max_steps is None else max_steps, jnp.int32),
-        done=jnp.zeros((B,), bool),
-        lengths=jnp.zeros((B,), jnp.int32),
-        tokens=jnp.full((B, num_slots), pad_id, jnp.int32),
-        logprobs=jnp.zeros((B, num_slots), jnp.float32),
-        stop_reason=jnp.full((B,), RUNNING, jnp.int32),
-        presence=presence,
-    )
-
-
-def decode_step(
-    model: Transformer,
-    state: DecodeState,
-    sampling: SamplingParams,
-    eos_ids: jax.Array | None = None,
-    *,
-    pad_id: int | jax.Array = 0,
-    forced_tokens: jax.Array | None = None,
-) -> DecodeState:
-    """Emit one token per row and run the model on it. Pure: fits ``lax.while_loop`` and ``lax.scan``.
-
-    1. draw the next token [B] from ``state.logits`` (``sample``: penalty, temperature, filters),
-       or take ``forced_tokens`` [B] when given (teacher forcing, e.g. scheduled sampling);
-    2. record it and its log-probability under ``log_softmax(state.logits)`` (differentiable
-       with respect to the model parameters), mark rows that emitted one of ``eos_ids`` [E]
-       (-1 entries are ignored) or reached ``state.max_steps``; finished rows emit ``pad_id``;
-    3. feed it to the model at each row's next position, one cache slot, giving the next logits.
-    """
-    B, V = state.logits.shape
-    rng, key = jax.random.split(state.rng)
-    token = sample(key, state.logits, sampling, state.presence) if forced_tokens is None else forced_tokens
-    token = jnp.where(state.done, pad_id, token).astype(jnp.int32)  # [B]
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
-    logprob = jnp.where(state.done, 0.0, logprob)  # [B]
-    running = ~state.done
-    if eos_ids is None:
-        hit_eos = jnp.zeros_like(running)
-    else:
-        eos_ids = jnp.asarray(eos_ids, jnp.int32).reshape(-1)  # [E]
-        hit_eos = running & jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
-    hit_len = running & ~hit_eos & (state.step + 1 >= state.max_steps)
-    col = (0, state.step)
-    logits, cache = model(token[:, None], state.positions[:, None], state.cache)  # [B, 1, V]
-    return DecodeState(
-        cache=cache,
-        logits=logits[:, 0],
-        positions=state.positions + 1,
-        rng=rng,
-        step=state.step + 1,
-        max_steps=state.max_steps,
-        done=state.done | hit_eos | hit_len,
-        lengths=state.lengths + running.astype(jnp.int32),
-        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], col),
-        logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None].astype(jnp.float32), col),
-        stop_reason=jnp.where(hit_eos, STOP_EOS, jnp.where(hit_len, STOP_LENGTH, state.stop_reason)),
-        presence=state.presence | ((token[:, None] == jnp.arange(V)) & running[:, None]),
-    )
 
 
 def _loop(model, state: DecodeState, sampling, eos_ids, pad_id, limit) -> DecodeState:
@@ -286,13 +167,13 @@ def check_prompt(prompt, vocab_size: int, what: str = "the prompt") -> np.ndarra
 
 def eos_array(eos_ids, vocab_size: int, width: int | None = None) -> np.ndarray:
     """EOS ids (an int, a sequence or None) checked and padded with -1 to ``width`` (default: a multiple of
-    _EOS_SLOTS, so a new EOS set of similar size never recompiles)."""
+    EOS_SLOTS, so a new EOS set of similar size never recompiles)."""
     eos = np.atleast_1d(np.asarray(eos_ids if eos_ids is not None else (), np.int64)).ravel()
     bad = (eos < 0) | (eos >= vocab_size)
     if bad.any():
         raise ValueError(f"eos id {eos[bad][0]} is outside [0, {vocab_size}); pass ids of the model's vocabulary")
     if width is None:
-        width = _EOS_SLOTS * max(1, -(-len(eos) // _EOS_SLOTS))
+        width = EOS_SLOTS * max(1, -(-len(eos) // EOS_SLOTS))
     elif len(eos) > width:
         raise ValueError(f"{len(eos)} eos ids; at most {width} per request")
     return np.concatenate([eos, np.full(width - len(eos), -1)]).astype(np.int32)

@@ -30,6 +30,7 @@ from flax import nnx, struct
 
 from arjax.decode.sampling import SamplingParams, filter_logits, sample
 from arjax.model import KVCache, Transformer, init_cache
+from arjax.decode.step import RUNNING, emit, prefill, prompt_presence
 from arjax.model.cache import write_slots
 
 
@@ -209,23 +210,12 @@ def spec_round(target: Transformer, draft: Transformer | None, state: SpecState,
 
     # Emitted: d1..d_n, then the extra token; cut at EOS and at max_new_tokens; nothing for done rows.
     col = jnp.arange(k + 1)
-    emitted = jnp.where(col < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])  # [B, k+1]
-    count = n_acc + 1
-    is_eos = jnp.any(emitted[..., None] == eos_ids, axis=-1) & (col < count[:, None])
-    first_eos = jnp.argmax(is_eos, axis=1)
-    any_eos = jnp.any(is_eos, axis=1)
-    count = jnp.where(any_eos, first_eos + 1, count)
-    running = ~state.done
-    count = jnp.where(running, jnp.minimum(count, state.max_steps - state.lengths), 0)  # [B]
-    hit_eos = running & any_eos & (first_eos < count)
-    hit_len = running & ~hit_eos & (state.lengths + count >= state.max_steps)
-
-    keep = col < count[:, None]  # [B, k+1]
-    out_tokens = jnp.where(keep, emitted, pad_id).astype(jnp.int32)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(raw, axis=-1), emitted[..., None], axis=-1)[..., 0]
-    out_logprobs = jnp.where(keep, logprob, 0.0).astype(jnp.float32)
-    last = jnp.take_along_axis(emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
-    before = jnp.take_along_axis(emitted, jnp.maximum(count - 2, 0)[:, None], axis=1)[:, 0]
+    proposal = jnp.where(col < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])  # [B, k+1]
+    em = emit(raw, proposal, done=state.done, emitted=state.lengths, max_steps=state.max_steps, eos=eos_ids,
+              pad_id=pad_id, proposed=n_acc + 1)
+    count, running = em.count, em.running  # [B]: tokens kept; rows that ran this round
+    last = jnp.take_along_axis(proposal, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(proposal, jnp.maximum(count - 2, 0)[:, None], axis=1)[:, 0]
     moved = count > 0
     new_index = state.cache.index + count  # the new pending's slot (the old one and the accepted drafts are valid)
     return SpecState(
@@ -234,16 +224,16 @@ def spec_round(target: Transformer, draft: Transformer | None, state: SpecState,
         pending=jnp.where(moved, last, state.pending),
         prev=jnp.where(count >= 2, before, jnp.where(moved, state.pending, state.prev)),
         positions=state.positions + count,
-        history=write_slots(state.history, out_tokens, state.history_len, axis=1),
+        history=write_slots(state.history, em.tokens, state.history_len, axis=1),
         history_len=state.history_len + count,
         rng=rng,
         max_steps=state.max_steps,
-        done=state.done | hit_eos | hit_len,
+        done=em.done(state.done),
         lengths=state.lengths + count,
-        tokens=write_slots(state.tokens, out_tokens, state.lengths, axis=1),
-        logprobs=write_slots(state.logprobs, out_logprobs, state.lengths, axis=1),
-        stop_reason=jnp.where(hit_eos, 1, jnp.where(hit_len, 2, state.stop_reason)),
-        presence=state.presence | jnp.any(jax.nn.one_hot(out_tokens, V, dtype=bool) & keep[..., None], axis=1),
+        tokens=write_slots(state.tokens, em.tokens, state.lengths, axis=1),
+        logprobs=write_slots(state.logprobs, em.logprobs, state.lengths, axis=1),
+        stop_reason=em.stop_reason(state.stop_reason),
+        presence=em.seen(state.presence),
         rounds=state.rounds + 1,
         drafted=state.drafted + jnp.where(running, k, 0),
         accepted=state.accepted + jnp.where(running, n_acc, 0),  # as verified, before any cut at EOS or the limit
@@ -254,19 +244,16 @@ def spec_start(target, draft, tokens, positions, rng, max_steps, sampling, eos_i
                cache_len: int, k: int, cache_dtype=None) -> SpecState:
     """Prefill the prompt into the target's (and the draft's) cache and emit the first token.
     ``cache_dtype``: ``init_cache``'s (None: the model's; "int8": int8 keys and values with scales)."""
-    from arjax.decode.loop import init_state, prefill  # the plain decoder's pieces
-
     B, P = tokens.shape
     logits, cache = prefill(target, tokens, positions, init_cache(target.cfg, B, cache_len, cache_dtype))
     draft_cache = None
     if draft is not None:
         _, draft_cache = prefill(draft, tokens, positions, init_cache(draft.cfg, B, cache_len, cache_dtype))
-    presence = init_state(logits, cache, tokens, positions, num_slots=1, rng=rng).presence
+    presence = prompt_presence(tokens, positions >= 0, logits.shape[-1])  # [B, V]
     rng, key = jax.random.split(rng)
-    first = sample(key, logits, sampling, presence)  # [B]
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), first[:, None], axis=-1)[:, 0]
-    hit_eos = jnp.any(first[:, None] == eos_ids, axis=-1)
-    hit_len = ~hit_eos & (max_steps <= 1)
+    em = emit(logits, sample(key, logits, sampling, presence), done=jnp.zeros((B,), bool), emitted=0,
+              max_steps=max_steps, eos=eos_ids, pad_id=pad_id)
+    first = em.tokens  # [B]
     W = num_slots + k + 1
     prompt_len = jnp.max(positions, axis=1) + 1  # [B]
     H = P + W
@@ -285,12 +272,12 @@ def spec_start(target, draft, tokens, positions, rng, max_steps, sampling, eos_i
         history_len=(prompt_len + 1).astype(jnp.int32),
         rng=rng,
         max_steps=jnp.asarray(max_steps, jnp.int32),
-        done=hit_eos | hit_len,
-        lengths=jnp.ones((B,), jnp.int32),
+        done=em.done(jnp.zeros((B,), bool)),
+        lengths=em.new,
         tokens=jnp.full((B, W), pad_id, jnp.int32).at[:, 0].set(first),
-        logprobs=jnp.zeros((B, W), jnp.float32).at[:, 0].set(logprob),
-        stop_reason=jnp.where(hit_eos, 1, jnp.where(hit_len, 2, 0)).astype(jnp.int32),
-        presence=presence | (jnp.arange(presence.shape[-1]) == first[:, None]),
+        logprobs=jnp.zeros((B, W), jnp.float32).at[:, 0].set(em.logprobs),
+        stop_reason=em.stop_reason(jnp.full((B,), RUNNING, jnp.int32)),
+        presence=em.seen(presence),
         rounds=jnp.zeros((), jnp.int32),
         drafted=jnp.zeros((B,), jnp.int32),
         accepted=jnp.zeros((B,), jnp.int32),
@@ -304,7 +291,3 @@ def spec_loop(target, draft, state: SpecState, sampling, eos_ids, pad_id, limit,
         lambda s: spec_round(target, draft, s, sampling, eos_ids, k=k, ngram=ngram, pad_id=pad_id),
         state,
     )
-
-
-def _merge(graphdef, params):
-    return None if graphdef is None else nnx.merge(graphdef, params)
