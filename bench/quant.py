@@ -34,7 +34,7 @@ from flax import nnx
 from arjax.decode import generate
 from arjax.decode.loop import bucket
 from arjax.model import Transformer, get_config, init_cache, quantize
-from arjax.model import quant
+from arjax.model import int8
 
 VARIANTS = {  # name: (int8 weights, kv cache dtype)
     "fp": (False, None),
@@ -142,7 +142,7 @@ def decode_speed(models, *, batches, prompt_len, new_tokens, repeats, variants=(
         rng = np.random.RandomState(B)
         prompts = [list(rng.randint(1, V, prompt_len)) for _ in range(B)]
         for name, (w8, kv) in variants.items():
-            quant.CONVERT_EACH_STEP = name != HOISTED
+            int8.CONVERT_EACH_STEP = name != HOISTED
             jax.clear_caches()  # the flag is read when tracing: trace again
             def run(n, model=models[w8], prompts=prompts, kv=kv):
                 return generate(model, prompts, max_new_tokens=n, kv_cache_dtype=kv)
@@ -157,7 +157,7 @@ def decode_speed(models, *, batches, prompt_len, new_tokens, repeats, variants=(
             print(f"  batch {B:>2}  {name:<22} {B * new_tokens / best:>10,.1f} tokens/s", flush=True)
             if on_row is not None:
                 on_row(rows)
-    quant.CONVERT_EACH_STEP = True
+    int8.CONVERT_EACH_STEP = True
     jax.clear_caches()
     return rows
 
@@ -165,7 +165,7 @@ def decode_speed(models, *, batches, prompt_len, new_tokens, repeats, variants=(
 def matvec(K=2048, N=8192, steps=32, repeats=10):
     """x [1, K] @ W [K, N]: fp32 vs int8 (convert + scale), alone and inside a fori_loop of `steps`."""
     W = jax.random.normal(jax.random.key(0), (K, N), jnp.float32) * 0.02
-    q, s = quant.quantize_int8(W, axis=0)
+    q, s = int8.quantize_int8(W, axis=0)
     x = jax.random.normal(jax.random.key(1), (1, K), jnp.float32)
 
     def int8(x, q, s, barrier):

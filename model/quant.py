@@ -17,19 +17,15 @@ axis, and ``q = round(x / scale)`` in [-127, 127], so ``|x - q * scale| <= scale
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from arjax.model.cache import write_slots
+from arjax.model.int8 import int8_operands, quantize_int8
+from arjax.model.params import role
+from arjax.model.transformer import Transformer
 
 QUANTIZE_MODES = ("int8",)
-
-# See int8_operands. bench/quant.py turns it off to measure what XLA's hoisting would do instead.
-CONVERT_EACH_STEP = True
-
 
 def check_quantize(mode) -> None:
     """None or 'int8'; anything else is a one-line error."""
@@ -51,33 +47,6 @@ def check_kv_cache_dtype(dtype) -> str | None:
             "or None (the model's dtype)"
         )
     return name
-
-
-@functools.partial(jax.jit, static_argnames="axis")
-def quantize_int8(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int8 with one float32 scale per slice along ``axis`` (the axis reduced away).
-
-    Returns ``(q int8 shaped like x, scale float32 shaped like x without axis)``. A slice of
-    zeros gets scale 0 and dequantizes to zeros exactly.
-    """
-    x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127.0
-    q = jnp.clip(jnp.round(x / jnp.where(scale == 0, 1.0, scale)), -127, 127).astype(jnp.int8)
-    return q, jnp.squeeze(scale, axis)
-
-
-def int8_operands(x: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(x, q)`` for a matmul with int8 weights q, with q's conversion to float tied to x.
-
-    Inside the jitted decode loop the weights are loop-invariant, so XLA hoists ``q.astype(dtype)``
-    out of the loop: a float copy of every weight for the whole call (the memory int8 is meant to
-    save), and every step reads float weights again. An optimization barrier over (x, q) makes the
-    conversion depend on each step's input, so each step reads the int8 weights and converts them
-    on the fly: fused into the matmul on a GPU; a separate, slow pass on XLA:CPU (docs/benchmarks.md).
-    """
-    if not CONVERT_EACH_STEP:
-        return x, q
-    return jax.lax.optimization_barrier((x, q))
 
 
 class QuantLinear(nnx.Module):
@@ -130,13 +99,12 @@ def quantize(model, mode: str | None = "int8"):
     """A copy of ``model`` (a ``Transformer``) for decoding with int8 weights; ``model`` is left as it is.
 
     Every linear layer (attention q/k/v/o, the MLP, an untied ``lm_head``) and the token embedding
-    are quantized (see the module docstring); norms, biases and ``pos_embed`` are shared with the
-    original as they are. The result is an ordinary ``Transformer``: ``generate``, ``stream`` and
-    ``nnx.split`` / ``nnx.merge`` take it as they take the float model. It is for inference: train,
+    are quantized (the parameters ``arjax.model.params.ROLES`` marks ``quantized``; see the module
+    docstring); norms, biases and ``pos_embed`` are shared with the original as they are. The result
+    is an ordinary ``Transformer``: ``generate``, ``stream`` and ``nnx.split`` / ``nnx.merge`` take it
+    as they take the float model. It is for inference: train,
     checkpoint and convert the float model. ``mode=None`` returns ``model`` itself.
     """
-    from arjax.model.transformer import Transformer
-
     check_quantize(mode)
     if not isinstance(model, Transformer):
         raise TypeError(f"quantize takes an arjax Transformer, got {type(model).__name__}")
@@ -144,32 +112,21 @@ def quantize(model, mode: str | None = "int8"):
         return model
     if quantized_as(model) is not None:
         raise ValueError(f"the model is already quantized ({quantized_as(model)}); quantize the float model")
-    # A new module graph over the same arrays (nothing copied); the swaps below replace modules in it only.
+    # A new module graph over the same arrays (nothing copied); the swaps below replace modules in it
+    # only. Which parameters become int8 is the table of parameter roles' (arjax.model.params.ROLES).
     out = nnx.merge(*nnx.split(model))
-    for block in out.blocks:
-        for name in ("q", "k", "v", "o"):
-            setattr(block.attn, name, QuantLinear(getattr(block.attn, name)))
-        for name in ("gate", "up", "down"):
-            if hasattr(block.mlp, name):
-                setattr(block.mlp, name, QuantLinear(getattr(block.mlp, name)))
-    if hasattr(out, "lm_head"):
-        out.lm_head = QuantLinear(out.lm_head)
-    out.embed = QuantEmbed(out.embed)
+    for path, _ in nnx.to_flat_state(nnx.state(out, nnx.Param)):
+        r = role(path)
+        if r.quantized:
+            *parents, name = path[:-1]  # the module holding the parameter, and its name in its parent
+            parent = _module_at(out, parents)
+            swap = QuantLinear if r.kind == "kernel" else QuantEmbed
+            setattr(parent, name, swap(getattr(parent, name)))
     return out
 
 
-def write_int8(layer_cache, k: jax.Array, v: jax.Array, index) -> tuple[jax.Array, ...]:
-    """Quantize this call's keys and values k, v [B, Hkv, T, Dh] into an int8 layer cache at slot ``index``.
-
-    layer_cache: (k int8 [B, Hkv, S, Dh], v int8, k_scale float [B, Hkv, S], v_scale); returns the
-    same, updated. ``index`` is one slot or one per row, as ``cache.write_slots`` takes it.
-    """
-    ck, cv, ks, vs = layer_cache
-    kq, k_scale = quantize_int8(k, axis=-1)  # [B, Hkv, T, Dh], [B, Hkv, T]
-    vq, v_scale = quantize_int8(v, axis=-1)
-    return (
-        write_slots(ck, kq, index, axis=2),
-        write_slots(cv, vq, index, axis=2),
-        write_slots(ks, k_scale.astype(ks.dtype), index, axis=2),
-        write_slots(vs, v_scale.astype(vs.dtype), index, axis=2),
-    )
+def _module_at(model, path) -> nnx.Module:
+    """The submodule of ``model`` at ``path`` (names and list indices, e.g. ``("blocks", 0, "attn")``)."""
+    for key in path:
+        model = model[key] if isinstance(key, int) else getattr(model, key)
+    return model

@@ -5,8 +5,8 @@ A mesh has three named axes, ``("data", "fsdp", "model")``: the batch is split o
 over ``model`` (heads, MLP width and vocabulary, tensor parallelism). ``mesh: {data: -1, model: 2}``
 (YAML) or ``--mesh data=-1,model=2`` (CLI): ``-1`` takes the devices left over.
 
-Every parameter has logical axis names (``logical_axes``: a table by parameter name, like the Hugging
-Face conversion table), and ONE rules table per preset maps logical names to mesh axes:
+Every parameter has logical axis names (``logical_axes``: its row of the one table of parameter roles,
+``arjax.model.params.ROLES``), and ONE rules table per preset maps logical names to mesh axes:
 
     preset    embed   heads/kv_heads/mlp/vocab   what it is
     dp        -       -                          parameters replicated, batch split
@@ -29,11 +29,15 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from arjax.model.params import role
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallelism with sharded weights
@@ -121,48 +125,11 @@ def make_mesh(spec: Mapping[str, Any] | None = None, devices=None, *, allow_fewe
 # ----------------------------------------------------------------------------- logical axes
 
 
-# (module name, parameter name) -> logical axes, for every parameter of arjax.model.Transformer.
-# "embed" is the model width d_model; "norm" axes are never split (a [d_model] vector is too small to matter
-# under tensor parallelism) except by FSDP, which splits everything it can.
-_AXES_BY_NAME: dict[tuple[str, str], tuple[str | None, ...]] = {
-    ("embed", "embedding"): ("vocab", "embed"),
-    ("pos_embed", "embedding"): (None, "embed"),
-    ("q", "kernel"): ("embed", "heads"),
-    ("q", "bias"): ("heads",),
-    ("k", "kernel"): ("embed", "kv_heads"),
-    ("k", "bias"): ("kv_heads",),
-    ("v", "kernel"): ("embed", "kv_heads"),
-    ("v", "bias"): ("kv_heads",),
-    ("o", "kernel"): ("heads", "embed"),
-    ("o", "bias"): ("embed",),
-    ("gate", "kernel"): ("embed", "mlp"),
-    ("gate", "bias"): ("mlp",),
-    ("up", "kernel"): ("embed", "mlp"),
-    ("up", "bias"): ("mlp",),
-    ("down", "kernel"): ("mlp", "embed"),
-    ("down", "bias"): ("embed",),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-    ("ln1", "scale"): ("embed",),
-    ("ln1", "bias"): ("embed",),
-    ("ln2", "scale"): ("embed",),
-    ("ln2", "bias"): ("embed",),
-    ("ln_f", "scale"): ("embed",),
-    ("ln_f", "bias"): ("embed",),
-}
-
-
-def _names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
 def logical_axes(path) -> tuple[str | None, ...]:
-    """The logical axis names of the parameter at ``path`` (e.g. ``blocks/0/attn/q/kernel``)."""
-    names = [n for n in _names(path) if n != "value"]
-    try:
-        return _AXES_BY_NAME[tuple(names[-2:])]
-    except KeyError:
-        raise ValueError(f"parameter {'/'.join(names)!r} has no logical axes in arjax.model.sharding; add it to "
-                         "_AXES_BY_NAME") from None
+    """The logical axis names of the parameter at ``path`` (e.g. ``blocks/0/attn/q/kernel``): its row
+    of the one parameter table, ``arjax.model.params.ROLES``. A norm's ``[d_model]`` vector is split
+    by FSDP only (``embed``): under tensor parallelism it is too small to matter."""
+    return role(path).axes
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -14,7 +14,7 @@ from arjax.model.attention import causal_attention, xla_attention
 from arjax.model.cache import KVCache, write_slots
 from arjax.model.sharding import constrain_rows
 from arjax.model.config import ModelConfig
-from arjax.model.quant import int8_operands, write_int8
+from arjax.model.int8 import int8_operands, write_int8
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:

@@ -29,6 +29,7 @@ from flax import nnx  # noqa: E402
 
 from arjax.decode import generate  # noqa: E402
 from arjax.model import Transformer, get_config  # noqa: E402
+from arjax.model.params import path_str  # noqa: E402
 from arjax.model.sharding import logical_axes, make_plan  # noqa: E402
 from arjax.model.rng import seed_key  # noqa: E402
 from arjax.train import checkpoint as ckpt  # noqa: E402
@@ -68,7 +69,7 @@ def fit(cfg: TrainConfig, run_dir: str, **kw):
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-    return {ckpt._path_str(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {path_str(p): np.asarray(jax.device_get(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def save(out: str, name: str, result: dict) -> None:
@@ -110,20 +111,20 @@ def check_shardings(result: dict) -> None:
                 shard = tuple(n // (sizes[a] if a else 1) for n, a in zip(x.shape, want))
                 checked += 1
                 if got != want:
-                    problems.append(f"{name} {ckpt._path_str(path)}: {got} != {want}")
+                    problems.append(f"{name} {path_str(path)}: {got} != {want}")
                 if s.shard_shape(x.shape) != shard:
-                    problems.append(f"{name} {ckpt._path_str(path)}: shard shape {s.shard_shape(x.shape)} != {shard}")
+                    problems.append(f"{name} {path_str(path)}: shard shape {s.shard_shape(x.shape)} != {shard}")
                 nbytes = x.size * x.dtype.itemsize
                 total += nbytes
                 rep += nbytes if all(a is None for a in got) else 0
             replicated[f"{name}/{'llama' if overrides is LLAMA else 'gpt'}"] = rep / total
             # Moments shard like their parameters; counters are replicated.
-            by_path = {ckpt._path_str(p): dims(s.spec, len(s.spec)) for p, s in jax.tree_util.tree_leaves_with_path(psh)}
+            by_path = {path_str(p): dims(s.spec, len(s.spec)) for p, s in jax.tree_util.tree_leaves_with_path(psh)}
             for moment in ("mu", "nu"):
                 for path, s in jax.tree_util.tree_leaves_with_path(optax.tree_utils.tree_get(osh, moment)):
                     checked += 1
-                    if dims(s.spec, len(s.spec)) != by_path[ckpt._path_str(path)]:
-                        problems.append(f"{name} {moment} {ckpt._path_str(path)}: {s.spec}")
+                    if dims(s.spec, len(s.spec)) != by_path[path_str(path)]:
+                        problems.append(f"{name} {moment} {path_str(path)}: {s.spec}")
             for x, s in zip(jax.tree.leaves(jax.eval_shape(tx.init, abstract)), jax.tree.leaves(osh)):
                 if x.ndim == 0 and not s.is_fully_replicated:
                     problems.append(f"{name}: a step count of the optimizer state is not replicated")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from arjax.train import loop
+from arjax.train import loop, runlog
 from arjax.train.cli import main
 from arjax.train.config import TrainConfig, from_dict
 
@@ -92,15 +92,15 @@ def test_the_loop_closes_its_log_progress_and_tensorboard_on_error(data_file, tm
         def close(self):
             events.append("tb closed")
 
-    class Progress(loop._Progress):
+    class Progress(runlog._Progress):
         def stop(self):
             events.append("progress stopped")
 
     def broken_save(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(loop, "_tensorboard_writer", lambda log_dir, purge_step=None: Writer())
-    monkeypatch.setattr(loop, "_Progress", Progress)
+    monkeypatch.setattr(runlog, "_tensorboard_writer", lambda log_dir, purge_step=None: Writer())
+    monkeypatch.setattr(runlog, "_Progress", Progress)
     monkeypatch.setattr(loop.ckpt, "save", broken_save)
     cfg = TrainConfig(model="tiny", model_overrides={"n_layers": 1}, tokenizer="char", data=data_file, batch_size=2,
                       seq_len=16, steps=4, warmup_steps=1, log_interval=1, ckpt_interval=2,

@@ -10,7 +10,8 @@ from flax import nnx
 
 from arjax.decode import PromptLookup, generate, loop
 from arjax.model import Transformer, get_config, init_cache, quantize
-from arjax.model.quant import QuantEmbed, QuantLinear, quantize_int8
+from arjax.model.int8 import quantize_int8
+from arjax.model.quant import QuantEmbed, QuantLinear
 from arjax.train import cli
 from arjax.train.tokenizer import ByteTokenizer
 
@@ -152,7 +153,7 @@ def test_cli_flags_reach_the_model_and_the_cache(monkeypatch, capsys):
     from arjax.train.cli import generate as cli_generate
 
     model = Transformer(CONFIGS["tiny"], rngs=nnx.Rngs(0))
-    monkeypatch.setattr(cli_generate, "_load_for_generate", lambda args: (model, ByteTokenizer()))
+    monkeypatch.setattr(cli_generate, "load_from_flags", lambda args: (model, ByteTokenizer()))
     seen = {}
 
     def spy(m, prompts, **kw):  # records what the command passes; decoding itself is tested above

@@ -9,7 +9,9 @@ them again on what it read. A checkpoint that cannot be read (a truncated or del
 missing metadata) or whose arrays differ from their fingerprints (flipped bytes) is *damaged*:
 loaders then fall back to the newest intact checkpoint, with one warning naming the damaged step,
 which stays on disk (``train --resume`` moves it aside, into ``damaged/``, so the run can save that
-step again). ``verify(run_dir)`` checks every checkpoint (``arjax checkpoints RUN``). What orbax,
+step again). ``verify(run_dir)`` checks every checkpoint (``arjax checkpoints RUN``). A training
+run is resumed behind the guards at the end of this file (``check_resume``: checkpoints exactly when
+resuming; ``check_same_run``: the same model and run config, up to ``RESUMABLE_KEYS``). What orbax,
 absl and asyncio would print about a damaged or incomplete checkpoint (tracebacks of the reads a
 failed restore abandons, "Metadata file does not exist" per read) stays off stderr: that one
 warning says it (``ARJAX_DEBUG=1`` lets the libraries speak).
@@ -39,7 +41,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from arjax.model import sharding
-from arjax.model.config import ModelConfig, from_dict as model_config_from_dict
+from arjax.model.config import ModelConfig
+from arjax.model.config import from_dict as model_config_from_dict
+from arjax.model.params import path_str
 from arjax.model.transformer import Transformer
 from arjax.train import config as train_config
 from arjax.train.tokenizer import load_tokenizer
@@ -133,17 +137,13 @@ def _fingerprint_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
     return out
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def fingerprints(tree) -> dict[str, str]:
     """``{path: fingerprint}`` for every array leaf of ``tree`` (e.g. ``blocks/0/attn/q/kernel``)."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     if not leaves:
         return {}
     sums = jax.device_get(_fingerprint_arrays([jnp.asarray(x) for _, x in leaves]))
-    return {_path_str(p): f"{int(s[0]):08x}{int(s[1]):08x}" for (p, _), s in zip(leaves, sums)}
+    return {path_str(p): f"{int(s[0]):08x}{int(s[1]):08x}" for (p, _), s in zip(leaves, sums)}
 
 
 def _check_fingerprints(item: str, restored, recorded: dict[str, str]) -> None:
@@ -553,3 +553,78 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, preset: str 
     except (TypeError, ValueError):
         cfg = None
     return model, load_tokenizer(tokenizer_dir(run_dir)), cfg
+
+
+# ----------------------------------------------------------------------------- resuming a run
+
+
+# Run-config keys a resumed run may change: they decide how far the run goes, how often it logs,
+# evaluates and saves, where its inputs now live and on which devices it runs (a checkpoint restores
+# onto any mesh), not what any step computes.
+RESUMABLE_KEYS = ("steps", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "max_to_keep", "data",
+                  "tokenizer_path", "mesh", "sharding")
+
+
+def latest_checkpoint(run_dir: str) -> int | None:
+    """The step of the newest checkpoint in ``run_dir``, or None."""
+    steps = all_steps(run_dir)
+    return steps[-1] if steps else None
+
+
+def check_resume(run_dir: str, resume: bool) -> int | None:
+    """The latest checkpoint step of ``run_dir`` (None for a new run), after the resume guards: a
+    directory (not a file, not a URL), checkpoints there exactly when ``resume``."""
+    if not run_dir:
+        raise ValueError("the run directory is empty; pass --out with a directory")
+    if "://" in run_dir:  # every host writes through the file system: a URL would be a local folder named gs:
+        raise ValueError(f"--out {run_dir!r} is a URL; arjax writes runs through the file system: mount the bucket "
+                         "(e.g. gcsfuse) or a shared NFS on every host and pass the mount's path")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run directory {run_dir!r} is a file; pass --out with a directory (new or a run to --resume)")
+    latest = latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise ValueError(f"--resume given but {run_dir!r} has no checkpoint; drop --resume to start a new run")
+    if not resume and latest is not None:
+        raise ValueError(
+            f"{run_dir!r} already holds checkpoints (latest step {latest}); pass --resume to continue it "
+            "or choose a new --out directory"
+        )
+    return latest
+
+
+def check_same_run(run_dir: str, saved: dict[str, Any], cfg: train_config.TrainConfig, model_cfg: ModelConfig) -> None:
+    """A resumed run must compute what the interrupted one would have: the same model and the same
+    run config, up to ``RESUMABLE_KEYS``; else one error naming every key that differs."""
+    start = saved["step"]
+    if "train_config" not in saved:
+        raise ValueError(
+            f"the checkpoint in {run_dir!r} holds converted weights only (no optimizer state, no run config); it "
+            "cannot be resumed. Start a new run in another --out directory"
+        )
+    check_compatible(run_dir, saved["model_config"], model_cfg)
+    before, now = saved["train_config"], cfg.to_dict()
+    diff = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE_KEYS and before.get(k) != now.get(k)]
+    if diff:
+        parts = "; ".join(f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"the run in {run_dir!r} was trained with other settings ({parts}); a resumed run may change only "
+            f"{', '.join(RESUMABLE_KEYS)}. Resume with the run's own settings (omit --config) or start a new --out"
+        )
+    if cfg.steps < start:
+        raise ValueError(f"steps={cfg.steps} is below the checkpoint's step {start} in {run_dir!r}; pass --steps {start} "
+                         "or more")
+
+
+def training_meta(step: int, cfg: train_config.TrainConfig, model_cfg: ModelConfig,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a training run stores beside its arrays after ``step`` updates (``save`` adds the
+    format, step and fingerprints): what ``check_same_run`` compares on resume, plus ``extra``."""
+    return {
+        "seed": cfg.seed,
+        # Batches are a pure function of (seed, step), so the step is the data position;
+        # stored explicitly so that other samplers could resume from it.
+        "data_position": {"step": step, "windows_consumed": step * cfg.accum_steps * cfg.batch_size},
+        "model_config": model_cfg.to_dict(),
+        "train_config": cfg.to_dict(),
+        **(extra or {}),
+    }

@@ -1,12 +1,14 @@
-"""Training data: a text file or the bundled default corpus, tokenized once and split; batch sources sampled as a pure function of (seed, step)."""
+"""Training data: a corpus tokenized and split, batch sources pure in (seed, step), batches placed on devices."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
+import jax
 import numpy as np
 
+from arjax.model import sharding
 from arjax.model.rng import numpy_rng
 
 # The default corpus needs nothing downloaded: CPython ships the prose of its own language
@@ -141,3 +143,37 @@ class Rows:
         batch): a pure function of (seed, step)."""
         idx = numpy_rng(seed, step).integers(0, len(self.rows), size=batch_size)
         return self.rows[idx if rows is None else idx[rows]]
+
+
+# ----------------------------------------------------------------------------- placement on the devices
+
+
+def batch_feeder(source, plan: sharding.Plan, *, accum_steps: int, batch_size: int, seed: int):
+    """``feed(step) -> [A, B, T+1]`` global array of step ``step``'s batch, split over the data axes.
+
+    The global batch is ``source.batch(batch_size=A*B, seed=seed, step=step)`` (row a*B + b is
+    micro-batch a's row b): a pure function of (seed, step), whatever the mesh or host count. Each
+    process reads only the rows its own devices hold (``rows=``) and JAX assembles the global array
+    from every process's part, so a run resumed on other hosts sees the same batches.
+    """
+    A, B, T = accum_steps, batch_size, source.seq_len
+    batch_sharding = plan.batch_sharding(3, 1)
+    shape = (A, B, T + 1)
+    mine = sharding.host_rows(batch_sharding, shape, axis=1)
+    rows = (np.arange(A)[:, None] * B + mine[None, :]).reshape(-1)
+
+    def feed(step: int) -> jax.Array:
+        windows = source.batch(batch_size=A * B, seed=seed, step=step, rows=rows)
+        return sharding.global_array(batch_sharding, shape, np.asarray(windows, np.int32).reshape(A, len(mine), T + 1))
+
+    return feed
+
+
+def place_eval_windows(windows: np.ndarray, plan: sharding.Plan) -> jax.Array:
+    """Validation windows [E, B, T+1] as a global array: rows split over the data axes like a
+    training batch, or whole on every device when B does not split (e.g. a study's test set)."""
+    where = plan.batch_sharding(3, 1)
+    if windows.shape[1] % plan.data_size:
+        where = plan.replicated
+    rows = sharding.host_rows(where, windows.shape, axis=1)
+    return sharding.global_array(where, windows.shape, np.asarray(windows[:, rows], np.int32))

@@ -7,36 +7,21 @@ import functools
 import jax
 import optax
 
-# Parameters that are not matrices of a linear map get no weight decay: shrinking a norm's
-# scale or a bias toward zero is not regularisation, it changes what the layer computes
-# (nanoGPT decays only tensors with ndim >= 2; we go by name so embeddings can be opted in or out).
-_NORM_NAMES = ("ln1", "ln2", "ln_f")
-_EMBED_NAMES = ("embed", "pos_embed")
-
-
-def _path_names(path) -> list[str]:
-    names = []
-    for k in path:
-        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-        names.append(str(key))
-    return names
+from arjax.model.params import role
 
 
 def decay_mask(params, *, decay_embeddings: bool = False):
     """A pytree of bools shaped like ``params``: True where weight decay applies.
 
-    False for norm scales/biases, every bias, and (unless ``decay_embeddings``) the token and
-    position embeddings. With tied embeddings the embedding is also the output head; nanoGPT
-    decays it, so ``decay_embeddings=True`` reproduces nanoGPT.
+    Each parameter's row of the one table of parameter roles (``arjax.model.params.ROLES``) decides:
+    kernels decay; norm scales and biases and every bias do not; the token and position embeddings
+    only with ``decay_embeddings``. With tied embeddings the embedding is also the output head;
+    nanoGPT decays it, so ``decay_embeddings=True`` reproduces nanoGPT.
     """
 
     def decays(path, _leaf) -> bool:
-        names = _path_names(path)
-        if any(n in _NORM_NAMES for n in names) or "bias" in names:
-            return False
-        if any(n in _EMBED_NAMES for n in names):
-            return decay_embeddings
-        return True
+        flag = role(path).decays
+        return decay_embeddings if flag is None else flag
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -27,7 +27,7 @@ import numpy as np
 from arjax.model.config import ANY_INT, NON_NEGATIVE, POSITIVE, ModelConfig, bounds, check_field_types, strict_from_dict
 from arjax.model.rng import numpy_rng
 from arjax.train import loop
-from arjax.train.checkpoint import load_model
+from arjax.train.checkpoint import latest_checkpoint, load_model
 from arjax.train.config import TrainConfig, load_yaml
 from arjax.train.config import from_dict as train_config_from_dict
 from arjax.train.data import Rows, read_text, tokenize_and_split
@@ -286,7 +286,7 @@ def run_one(cfg: StudyConfig, method: MethodSpec, seed: int, oracle, train_token
     ev = cfg.eval
     t0 = time.time()
     val = np.asarray(test_tokens[: min(len(test_tokens), 256)], np.int32)[None]  # [1, n, L+1]
-    resume = loop.latest_checkpoint(run_dir) is not None  # killed mid-training: continue from its checkpoint
+    resume = latest_checkpoint(run_dir) is not None  # killed mid-training: continue from its checkpoint
     out = loop.fit(tcfg, run_dir, model_cfg=model_cfg, source=Rows(np.asarray(train_tokens, np.int32)), val_windows=val,
                    resume=resume, quiet=quiet, label=f"{method.name} s{seed}")
     history = _history(run_dir, tcfg.log_interval, tcfg.steps)
@@ -368,12 +368,3 @@ def run_study(cfg: StudyConfig, out_dir: str, *, resume: bool = False, quiet: bo
     write_report(cfg, results, out_dir)
     log(f"wrote {out_dir}/report.md, results.json and plots in {time.time() - t0:.0f}s")
     return results
-
-
-def rerender(out_dir: str) -> None:
-    """Recompute the summary, plots and report.md from an existing ``results.json`` (no training)."""
-    with open(os.path.join(out_dir, "results.json")) as f:
-        results = json.load(f)
-    cfg = study_from_dict(results["config"])
-    results["summary"] = summarise(cfg, results["runs"])
-    write_report(cfg, results, out_dir)
