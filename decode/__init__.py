@@ -1,6 +1,10 @@
 """arjax.decode: prefill, the jitted while_loop decoder, and samplers.
 
-    sampling.py   SamplingParams (per-row traced values), filter_logits (HF's pipeline), sample
+    sampling.py   SAMPLING_FIELDS: the one spec of per-request sampling fields (type, bounds, default,
+                  help, HTTP name) that SamplingParams, the engine's Request, the CLI flags, batch
+                  lines and the HTTP body derive from; check_sampling_field (the one check, a
+                  FieldError naming the field); SamplingParams (per-row traced values),
+                  filter_logits (HF's pipeline), sample
     loop.py       DecodeState, the pure decode_step, prefill, and generate / stream / stream_text
                   (one jitted prefill + lax.while_loop, bucketed shapes)
     speculative.py  DraftModel, PromptLookup: speculative decoding in the same jitted loop
@@ -9,7 +13,6 @@
     server.py     the OpenAI-compatible HTTP server over the engine (FastAPI; the "serve" extra)
 """
 
-from arjax.decode.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
 from arjax.decode.loop import (
     DEFAULT_BUCKETS,
     DecodeState,
@@ -22,10 +25,24 @@ from arjax.decode.loop import (
     stream,
     stream_text,
 )
+from arjax.decode.sampling import (
+    SAMPLING_FIELDS,
+    FieldError,
+    SamplingField,
+    SamplingParams,
+    apply_repetition_penalty,
+    check_sampling_field,
+    filter_logits,
+    sample,
+)
 from arjax.decode.speculative import DraftModel, PromptLookup
 
 __all__ = [
+    "SAMPLING_FIELDS",
+    "FieldError",
+    "SamplingField",
     "SamplingParams",
+    "check_sampling_field",
     "apply_repetition_penalty",
     "filter_logits",
     "sample",

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx, struct
 
 from arjax.decode.loop import DEFAULT_BUCKETS, EOS_SLOTS, TRACE_COUNTS, bucket, check_prompt, eos_array
-from arjax.decode.sampling import SamplingParams, sample
+from arjax.decode.sampling import FieldError, SamplingParams, SamplingValues, request_sampling, sample, sampling_values
 from arjax.decode.step import RUNNING, STOP_NAMES, STOP_STRING, emit, prompt_presence
 from arjax.decode.stops import StopStrings
 from arjax.model import KVCache, Transformer, init_cache
@@ -205,18 +205,14 @@ _release = jax.jit(_release_impl, donate_argnums=(0,))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Request:
-    """One generation request. ``prompt``: token ids. Sampling values as in ``SamplingParams``
-    (temperature 0 is greedy). ``top_logprobs``: how many alternatives (0..5) to report per token.
-    ``stop``: strings that end the request (the engine needs a tokenizer for them)."""
+class Request(SamplingValues):
+    """One generation request. ``prompt``: token ids. The sampling values (temperature, top_k, top_p,
+    min_p, repetition_penalty) are ``SAMPLING_FIELDS``, inherited from ``SamplingValues`` with their
+    defaults (temperature 0 is greedy). ``top_logprobs``: how many alternatives (0..5) to report per
+    token. ``stop``: strings that end the request (the engine needs a tokenizer for them)."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
     seed: int = 0
     eos_ids: Sequence[int] = ()
     stop: Sequence[str] = ()
@@ -315,28 +311,41 @@ class Engine:
 
     # ---- the API edge: every check happens here, in the caller's thread ----
     def check(self, request: Request) -> tuple[np.ndarray, SamplingParams, np.ndarray, StopStrings]:
-        """The request's prompt, sampling values, EOS ids and stop strings, checked (ValueError naming the bad value)."""
+        """The request's prompt, sampling values, EOS ids and stop strings, checked: a FieldError (a
+        ValueError) naming the bad field and value."""
         V = self.model.cfg.vocab_size
-        prompt = check_prompt(request.prompt, V)
+        try:
+            prompt = check_prompt(request.prompt, V)
+        except ValueError as e:
+            raise FieldError("prompt", str(e)) from None
         m = request.max_new_tokens
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise ValueError(f"max_new_tokens={m!r} must be an int >= 1")
+            raise FieldError("max_new_tokens", f"max_new_tokens={m!r} must be an int >= 1")
         if prompt.size + m > self.max_len:
             room = self.max_len - prompt.size
-            raise ValueError(
-                f"prompt ({prompt.size} tokens) + max_new_tokens ({m}) = {prompt.size + m} exceeds the "
-                f"{self.max_len} tokens a slot holds; "
-                + (f"lower max_new_tokens to <= {room} or shorten the prompt" if room >= 1
-                   else f"shorten the prompt to at most {self.max_len - 1} tokens"))
-        check_seed(request.seed)
-        sampling = SamplingParams.make(1, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                                       min_p=request.min_p, repetition_penalty=request.repetition_penalty,
-                                       vocab_size=V)
-        eos = eos_array(request.eos_ids, V, width=EOS_SLOTS)
+            if room >= 1:
+                raise FieldError("max_new_tokens", f"prompt ({prompt.size} tokens) + max_new_tokens ({m}) = "
+                                 f"{prompt.size + m} exceeds the {self.max_len} tokens a slot holds; lower "
+                                 f"max_new_tokens to <= {room} or shorten the prompt")
+            raise FieldError("prompt", f"prompt ({prompt.size} tokens) + max_new_tokens ({m}) = {prompt.size + m} "
+                             f"exceeds the {self.max_len} tokens a slot holds; shorten the prompt to at most "
+                             f"{self.max_len - 1} tokens")
+        try:
+            check_seed(request.seed)
+        except ValueError as e:
+            raise FieldError("seed", str(e)) from None
+        sampling = request_sampling(vocab_size=V, **sampling_values(request))
+        try:
+            eos = eos_array(request.eos_ids, V, width=EOS_SLOTS)
+        except ValueError as e:
+            raise FieldError("eos_ids", str(e)) from None
         k = request.top_logprobs
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs={k!r} must be an int in [0, {TOP_LOGPROBS}]")
-        stops = StopStrings(self.tokenizer, [request.stop] if isinstance(request.stop, str) else list(request.stop), 1)
+            raise FieldError("top_logprobs", f"top_logprobs={k!r} must be an int in [0, {TOP_LOGPROBS}]")
+        try:
+            stops = StopStrings(self.tokenizer, [request.stop] if isinstance(request.stop, str) else list(request.stop), 1)
+        except ValueError as e:
+            raise FieldError("stop", str(e)) from None
         return prompt, sampling, eos, stops
 
     def submit(self, request: Request, on_update: Callable[[Update], None]) -> Handle:

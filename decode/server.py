@@ -4,70 +4,93 @@ The engine's thread owns the device; request handlers only submit requests and w
 asyncio queue that the engine's callback fills (``call_soon_threadsafe``), so nothing on the
 network ever blocks the decode loop. Errors use OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad request (naming the field and
-its range), 404 for another model name, 429 when the queue is full.
+its range: a sampling field's refusal is ``check_sampling_field``'s line, as from Python, a flag or a
+batch line), 404 for another model name, 429 when the queue is full.
+
+``create_app`` wires the module-level handlers to an engine (``app.state``); ``bind`` takes the
+socket (before the model loads, so a taken port fails at once); ``serve`` runs it all until a signal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import secrets
+import signal
 import socket
 import threading
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import APIRouter, FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from arjax.decode.engine import TOP_LOGPROBS, Engine, QueueFull, Request, Update
+from arjax.decode.sampling import SAMPLING_FIELDS, FieldError, SamplingField, check_sampling_field
 
 MAX_BODY = 16 << 20  # bytes of one request body: far beyond any prompt a slot can hold
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled", "error": "error"}
+# Our field names -> the body's (OpenAI's), where they differ: what a 400's ``param`` names.
+HTTP_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs", **{f.name: f.http for f in SAMPLING_FIELDS}}
 
 
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``: OpenAI's fields we honour, plus top_k, min_p, repetition_penalty.
+def _sampling_field(f: SamplingField):
+    """A body field for one sampling field: checked by ``check_sampling_field`` itself, so a value is refused
+    with the same line as from Python, a flag or a batch line (types included)."""
+    return Annotated[Any, AfterValidator(lambda value: check_sampling_field(f.name, value)),
+                     Field(description=f.help)], f.default
 
-    Unknown fields are refused (a misspelt ``temprature`` must not be ignored silently); numbers are
-    strict (no ``"0.5"`` strings).
-    """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str
-    prompt: str | Annotated[list[str], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1, lt=2**31)] = 16
-    temperature: Annotated[float, Field(ge=0, le=1e4)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0, lt=2**31)] = 0
-    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=1e4)] = 1.0
-    n: Annotated[int, Field(ge=1, le=64)] = 1
-    stream: bool = False
-    stream_options: dict | None = None
-    logprobs: Annotated[int, Field(ge=0, le=TOP_LOGPROBS)] | None = None
-    echo: bool = False
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: int | None = None
-    user: str | None = None
+CompletionRequest = create_model(
+    "CompletionRequest",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="The body of ``POST /v1/completions``: OpenAI's fields we honour, plus top_k, min_p and "
+            "repetition_penalty. Unknown fields are refused (a misspelt ``temprature`` must not be ignored "
+            "silently); numbers are strict (no ``\"0.5\"`` strings).",
+    __module__=__name__,
+    model=(str, ...),
+    prompt=(str | Annotated[list[str], Field(min_length=1)], ...),
+    max_tokens=(Annotated[int, Field(ge=1, lt=2**31)], 16),
+    **{f.http: _sampling_field(f) for f in SAMPLING_FIELDS},
+    n=(Annotated[int, Field(ge=1, le=64)], 1),
+    stream=(bool, False),
+    stream_options=(dict | None, None),
+    logprobs=(Annotated[int, Field(ge=0, le=TOP_LOGPROBS)] | None, None),
+    echo=(bool, False),
+    stop=(str | Annotated[list[str], Field(max_length=16)] | None, None),
+    seed=(int | None, None),
+    user=(str | None, None),
     # OpenAI fields we do not implement: accepted only at their neutral values.
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
-    best_of: Literal[1] | None = None
-    logit_bias: Annotated[dict, Field(max_length=0)] | None = None
-    suffix: Literal[""] | None = None
+    presence_penalty=(Literal[0, 0.0], 0.0),
+    frequency_penalty=(Literal[0, 0.0], 0.0),
+    best_of=(Literal[1] | None, None),
+    logit_bias=(Annotated[dict, Field(max_length=0)] | None, None),
+    suffix=(Literal[""] | None, None),
+)
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
-                                                               "code": None}})
+class ApiError(Exception):
+    """An error answered in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: the handlers'
+    helpers raise it; the app's handler (``_api_error``) turns it into the response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
 
 
 _UNION_FIELDS = {"prompt": "a string or a non-empty list of strings",
@@ -83,6 +106,9 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if not first.get("loc"):
         return "the request body must be a JSON object, e.g. {\"model\": ..., \"prompt\": \"...\"}", None
     field = str(first["loc"][0])
+    refusal = (first.get("ctx") or {}).get("error")
+    if isinstance(refusal, FieldError):  # a sampling field: check_sampling_field's own line
+        return str(refusal), field
     if kind == "extra_forbidden":
         return f"unknown field {field!r}; /v1/completions takes {', '.join(CompletionRequest.model_fields)}", field
     if kind == "literal_error" and field in ("presence_penalty", "frequency_penalty", "best_of", "suffix"):
@@ -109,109 +135,138 @@ def _got(err: dict) -> str:
 
 
 def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
-    """The FastAPI app serving ``engine`` (already warmed up and started) under the name ``model_id``."""
+    """The FastAPI app serving ``engine`` (already warmed up and started) under the name ``model_id``.
+    The handlers are this module's functions; they find the engine, tokenizer and name in ``app.state``."""
     app = FastAPI(title="arjax", docs_url=None, redoc_url=None)
-    created = int(time.time())
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):  # unknown route, wrong method: OpenAI's error shape
-        return _error(exc.status_code, f"{exc.detail}; this server has POST /v1/completions, GET /v1/models, "
-                      "GET /health", None, "not_found_error" if exc.status_code == 404 else "invalid_request_error")
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(_, exc: RequestValidationError):
-        message, param = _validation_message(exc.errors())
-        return _error(400, message, param)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok" if not engine.broken else f"broken: {engine.broken}", "model": model_id, "slots": engine.num_slots, "active": engine.active,
-                "waiting": engine.waiting, "max_len": engine.max_len}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "arjax"}]}
-
-    @app.post("/v1/completions")
-    async def completions(http: HTTPRequest):
-        # The body is JSON whatever the Content-Type says (curl -d sends a form type).
-        size = http.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY:
-            return _error(413, f"the request body has {int(size):,} bytes; the limit is {MAX_BODY:,}", None)
-        try:
-            raw = await http.body()
-        except ClientDisconnect:  # the client hung up before its body arrived: nobody to answer, nothing to log
-            return Response(status_code=499)
-        if len(raw) > MAX_BODY:
-            return _error(413, f"the request body has {len(raw):,} bytes; the limit is {MAX_BODY:,}", None)
-        try:
-            body = CompletionRequest.model_validate_json(raw)
-        except ValidationError as e:
-            message, param = _validation_message(e.errors())
-            return _error(400, message, param)
-        if body.model != model_id:
-            return _error(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model",
-                          "not_found_error")
-        if body.echo and body.logprobs is not None:
-            return _error(400, "echo with logprobs (the prompt's log-probabilities) is not supported; drop one", "echo")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        for s in stops:
-            if not s:
-                return _error(400, "stop: an empty stop string; give non-empty strings", "stop")
-        seed = secrets.randbits(32) if body.seed is None else body.seed
-        eos = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        choices, submissions = [], []
-        for p_index, text in enumerate(prompts):
-            where = "prompt" if isinstance(body.prompt, str) else f"prompt[{p_index}]"
-            try:
-                ids = tokenizer.encode(text) if text else []
-            except ValueError as e:  # text the tokenizer cannot encode (a character-level vocabulary)
-                return _error(400, f"{where}: {e}", "prompt")
-            if not ids:
-                return _error(400, f"{where} is empty; give some text to continue", "prompt")
-            for _ in range(body.n):
-                index = len(choices)  # choice i samples with seed + i
-                choices.append({"prompt": text, "ids": ids})
-                req = Request(prompt=ids, max_new_tokens=body.max_tokens, temperature=body.temperature,
-                              top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                              repetition_penalty=body.repetition_penalty, seed=seed + index, eos_ids=eos, stop=stops,
-                              top_logprobs=body.logprobs or 0)
-
-                def on_update(update: Update, index=index):
-                    try:
-                        loop.call_soon_threadsafe(queue.put_nowait, (index, update))
-                    except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                        pass
-
-                submissions.append((req, on_update, where))
-        try:
-            handles = engine.submit_all([(req, cb) for req, cb, _ in submissions])
-        except ValueError as e:
-            message = str(e).replace("max_new_tokens", "max_tokens")
-            param = next((f for f in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                                      "seed") if f in message), "prompt")
-            if "shorten the prompt" in message and "lower max_tokens" not in message:
-                param = "prompt"
-            return _error(400, message, param)
-        except QueueFull as e:
-            if e.never:  # more completions than the server can ever hold at once
-                return _error(400, f"{e}; lower n or send fewer prompts per request", "n")
-            return JSONResponse(status_code=429 if not e.closing else 503, headers={"Retry-After": "1"},
-                                content={"error": {"message": f"the server cannot take requests now: {e}",
-                                                   "type": "rate_limit_error" if not e.closing else "server_error",
-                                                   "param": None, "code": None}})
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id}
-        if body.stream:
-            return StreamingResponse(_sse(queue, handles, choices, body, base, tokenizer),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _collect(queue, handles, choices, body, base, tokenizer, http)
-
+    app.state.engine, app.state.tokenizer, app.state.model_id = engine, tokenizer, model_id
+    app.state.created = int(time.time())
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    app.add_exception_handler(ApiError, _api_error)
+    app.include_router(router)
     return app
+
+
+async def _http_error(_, exc: StarletteHTTPException):
+    """An unknown route or a wrong method: OpenAI's error shape."""
+    return _error(exc.status_code, f"{exc.detail}; this server has POST /v1/completions, GET /v1/models, GET /health",
+                  None, "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+
+
+async def _bad_request(_, exc: RequestValidationError):
+    message, param = _validation_message(exc.errors())
+    return _error(400, message, param)
+
+
+async def _api_error(_, exc: ApiError):
+    return _error(exc.status, exc.message, exc.param, exc.kind, exc.headers)
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(http: HTTPRequest):
+    state = http.app.state
+    engine = state.engine
+    return {"status": "ok" if not engine.broken else f"broken: {engine.broken}", "model": state.model_id,
+            "slots": engine.num_slots, "active": engine.active, "waiting": engine.waiting, "max_len": engine.max_len}
+
+
+@router.get("/v1/models")
+async def models(http: HTTPRequest):
+    state = http.app.state
+    return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": state.created,
+                                        "owned_by": "arjax"}]}
+
+
+@router.post("/v1/completions")
+async def completions(http: HTTPRequest):
+    state = http.app.state
+    body = await _read_body(http)
+    if body is None:  # the client hung up before its body arrived: nobody to answer, nothing to log
+        return Response(status_code=499)
+    if body.model != state.model_id:
+        raise ApiError(404, f"model {body.model!r} is not served here; this server serves {state.model_id!r}", "model",
+                       "not_found_error")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo with logprobs (the prompt's log-probabilities) is not supported; drop one", "echo")
+    queue: asyncio.Queue = asyncio.Queue()
+    choices, requests = _choices(body, state.tokenizer, asyncio.get_running_loop(), queue)
+    handles = _submit(state.engine, requests)
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.model_id}
+    if body.stream:
+        return StreamingResponse(_sse(queue, handles, choices, body, base, state.tokenizer),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _collect(queue, handles, choices, body, base, state.tokenizer, http)
+
+
+async def _read_body(http: HTTPRequest):
+    """The body as a CompletionRequest (JSON whatever the Content-Type says: curl -d sends a form type), None
+    when the client hung up first; an ApiError for a body too large or not a valid request."""
+    size = http.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY:
+        raise ApiError(413, f"the request body has {int(size):,} bytes; the limit is {MAX_BODY:,}")
+    try:
+        raw = await http.body()
+    except ClientDisconnect:
+        return None
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"the request body has {len(raw):,} bytes; the limit is {MAX_BODY:,}")
+    try:
+        return CompletionRequest.model_validate_json(raw)
+    except ValidationError as e:
+        raise ApiError(400, *_validation_message(e.errors())) from None
+
+
+def _choices(body, tokenizer, loop, queue) -> tuple[list[dict], list[tuple[Request, Any]]]:
+    """One engine request per choice (prompts x n, in order; choice i samples with seed + i), each with the
+    callback that puts its updates on ``queue`` from the engine's thread."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    for s in stops:
+        if not s:
+            raise ApiError(400, "stop: an empty stop string; give non-empty strings", "stop")
+    seed = secrets.randbits(32) if body.seed is None else body.seed
+    eos = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
+    sampling = {f.name: getattr(body, f.http) for f in SAMPLING_FIELDS}
+    choices, requests = [], []
+    for p_index, text in enumerate(prompts):
+        where = "prompt" if isinstance(body.prompt, str) else f"prompt[{p_index}]"
+        try:
+            ids = tokenizer.encode(text) if text else []
+        except ValueError as e:  # text the tokenizer cannot encode (a character-level vocabulary)
+            raise ApiError(400, f"{where}: {e}", "prompt") from None
+        if not ids:
+            raise ApiError(400, f"{where} is empty; give some text to continue", "prompt")
+        for _ in range(body.n):
+            index = len(choices)
+            choices.append({"prompt": text, "ids": ids})
+            req = Request(prompt=ids, max_new_tokens=body.max_tokens, **sampling, seed=seed + index, eos_ids=eos,
+                          stop=stops, top_logprobs=body.logprobs or 0)
+
+            def on_update(update: Update, index=index):
+                with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, update))
+
+            requests.append((req, on_update))
+    return choices, requests
+
+
+def _submit(engine: Engine, requests) -> list:
+    """Queue every choice, all or none: the handles, or an ApiError (400 bad request, 429 queue full, 503 closing)."""
+    try:
+        return engine.submit_all(requests)
+    except FieldError as e:  # the engine's check names the field (top_k beyond the vocabulary, a prompt too long)
+        raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens"), HTTP_NAMES.get(e.field, e.field)) from None
+    except ValueError as e:  # any other refusal of the request: still the client's, without a param
+        raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens"), None) from None
+    except QueueFull as e:
+        if e.never:  # more completions than the server can ever hold at once
+            raise ApiError(400, f"{e}; lower n or send fewer prompts per request", "n") from None
+        raise ApiError(429 if not e.closing else 503, f"the server cannot take requests now: {e}", None,
+                       "rate_limit_error" if not e.closing else "server_error", {"Retry-After": "1"}) from None
 
 
 def _cancel(handles) -> None:
@@ -304,15 +359,19 @@ async def _sse(queue, handles, choices, body, base, tokenizer):
     try:
         if body.echo:
             for i, c in enumerate(choices):
-                yield event({**base, "choices": [{"index": i, "text": c["prompt"], "logprobs": None, "finish_reason": None}]})
+                choice = {"index": i, "text": c["prompt"], "logprobs": None, "finish_reason": None}
+                yield event({**base, "choices": [choice]})
         while remaining:
             index, update = await queue.get()
             usage[index] = update.completion_tokens
             finish = FINISH[update.finish_reason] if update.finish_reason else None
             if not update.text and finish is None and not (body.logprobs is not None and update.tokens):
                 continue
-            lp = _logprobs_block(update, tokenizer, ids[index], 0) if body.logprobs is not None and update.tokens else None
-            chunk = {**base, "choices": [{"index": index, "text": update.text, "logprobs": lp, "finish_reason": finish}]}
+            lp = None
+            if body.logprobs is not None and update.tokens:
+                lp = _logprobs_block(update, tokenizer, ids[index], 0)
+            chunk = {**base, "choices": [{"index": index, "text": update.text, "logprobs": lp,
+                                          "finish_reason": finish}]}
             if finish is not None:
                 remaining -= 1
                 if not remaining:
@@ -383,3 +442,27 @@ class Server:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(engine: Engine, tokenizer, model_id: str, sock: socket.socket, *, on_ready=None) -> None:
+    """Serve ``engine`` (warmed up) as ``model_id`` on ``sock`` (``bind``) until SIGINT or SIGTERM; in the main
+    thread. Starts the engine's thread, calls ``on_ready(server)`` (its ``url``), runs uvicorn, and stops the
+    engine on the way out, however it ends. A signal returns normally."""
+    server = Server(create_app(engine, tokenizer, model_id), sock, on_exit=engine.close)
+    engine.start()
+    if on_ready is not None:
+        on_ready(server)
+    # uvicorn stops on SIGINT and SIGTERM, then raises the signal again under the handler it found:
+    # this one, so that SIGTERM also ends here (engine stopped, the caller's summary printed, exit 0).
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.stop()

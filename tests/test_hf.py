@@ -216,8 +216,7 @@ def _write_bpe(directory, vocab_size):
 
 
 def test_convert_from_hf_and_back_through_a_run_directory(tmp_path):
-    from arjax.train import checkpoint
-    from arjax.train.cli import convert
+    from arjax.train import checkpoint, convert
 
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -244,18 +243,19 @@ def test_convert_from_hf_and_back_through_a_run_directory(tmp_path):
 
 
 def test_generate_from_hf_dir_refuses_a_tokenizer_larger_than_the_model(tmp_path):
-    from arjax.train.cli import convert
+    from arjax.train import convert, load
 
     _gpt2().save_pretrained(str(tmp_path))  # vocab 96
     _write_bpe(tmp_path, 300)
     with pytest.raises(ValueError, match=r"tokenizer has 2\d\d tokens but the model's vocab_size is 96"):
-        convert.load_hf_for_generate(str(tmp_path))
+        load.load_hf(str(tmp_path))
     with pytest.raises(ValueError, match="tokenizer has 256 tokens but the model's vocab_size is 96"):
         convert.convert_from_hf(str(tmp_path), str(tmp_path / "run"), tokenizer="byte")
 
 
 def test_convert_refuses_missing_or_foreign_tokenizers_and_replaces_out_dirs_whole(tmp_path, capsys):
-    from arjax.train.cli import convert, main
+    from arjax.train import convert
+    from arjax.train.cli import main
 
     hf_dir = tmp_path / "hf"
     _gpt2(vocab_size=1000).save_pretrained(str(hf_dir))  # no tokenizer files
@@ -289,7 +289,7 @@ def test_convert_refuses_missing_or_foreign_tokenizers_and_replaces_out_dirs_who
 
 
 def test_malformed_hf_files_are_errors_naming_the_file(tmp_path):
-    from arjax.train.cli import convert
+    from arjax.train import load
 
     good = tmp_path / "good"
     _gpt2().save_pretrained(str(good))
@@ -315,7 +315,7 @@ def test_malformed_hf_files_are_errors_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="n_embd"):
         hf.from_hf_dir(str(tmp_path / "no-embd"))
     with pytest.raises(ValueError, match="n_layer='two'; it should be an integer"):
-        convert.load_hf_for_generate(str(tmp_path / "str-layers"))
+        load.load_hf(str(tmp_path / "str-layers"))
 
 
 def test_cli_commands_parse_and_train_a_tokenizer(tmp_path):

@@ -12,8 +12,8 @@ from arjax.train import checkpoint as ckpt
 from arjax.train import data as data_lib
 from arjax.train import prepare as prep
 from arjax.train.cli import main
-from arjax.train.cli.train import evaluate_run
 from arjax.train.config import TrainConfig
+from arjax.train.evaluate import evaluate_run
 from arjax.train.loop import train
 from arjax.train.tokenizer import KINDS, ByteTokenizer, CharTokenizer, load_tokenizer
 

@@ -234,16 +234,17 @@ def test_bad_drafts_are_one_line_errors(models):
 def test_the_cli_refuses_a_draft_with_another_tokenizer(models, monkeypatch):
     import argparse
 
+    from arjax.train import load as load_lib
     from arjax.train.cli import generate as cli_generate
     from arjax.train.tokenizer import ByteTokenizer, CharTokenizer
 
     target, _ = models
     byte, char = ByteTokenizer(), CharTokenizer(["a", "b", "c"])
-    monkeypatch.setattr(cli_generate, "load_model", lambda run: (target, char, None))
+    monkeypatch.setattr(load_lib, "load_model", lambda run: (target, char, None))
     args = argparse.Namespace(draft_ckpt="runs/draft", prompt_lookup=False, draft_k=2, ngram=3)
     with pytest.raises(ValueError, match=r"the draft in 'runs/draft' uses another tokenizer than the target"):
         cli_generate._draft_for(args, target, byte)
-    monkeypatch.setattr(cli_generate, "load_model", lambda run: (target, ByteTokenizer(), None))
+    monkeypatch.setattr(load_lib, "load_model", lambda run: (target, ByteTokenizer(), None))
     assert isinstance(cli_generate._draft_for(args, target, byte), DraftModel)
 
 

@@ -1,14 +1,20 @@
-"""The `arjax` command: one module per command group.
+"""The `arjax` command: one module per command group. Commands parse their flags and call the library.
 
-    train.py      arjax train, arjax eval
-    generate.py   arjax generate (streamed); batch.py: its --input/--output batch jobs
-    serve.py      arjax serve (OpenAI-compatible HTTP server over arjax.decode.engine)
-    convert.py    arjax convert (Hugging Face in and out), arjax tokenizer train
+    train.py      arjax train, arjax eval (arjax.train.evaluate), arjax checkpoints
+    generate.py   arjax generate, streamed (arjax.decode.stream_text)
+    batch.py      arjax generate --input/--output: a file of prompts through the engine, resumable
+    serve.py      arjax serve (arjax.decode.server over arjax.decode.engine)
+    convert.py    arjax convert (arjax.train.convert: Hugging Face in and out), arjax tokenizer train
     study.py      arjax study (exposure-bias studies)
     data.py       arjax data prepare (token shards + manifest), arjax data verify
-    common.py     UsageError (one line on stderr, exit status 2) and the help formatter
+    common.py     what they share: UsageError (one line on stderr, exit status 2), the help formatter,
+                  --set, the flag groups (model, quantization, mesh, sampling from
+                  arjax.decode.sampling.SAMPLING_FIELDS), the model and engine those flags give
+                  (arjax.train.load), and the one out-of-memory message
 
 Each module's ``register(subparsers)`` adds its commands; each command sets ``func(args) -> int``.
+Command modules import only ``common`` and library modules, never each other; this dispatcher hands
+`generate` its batch-job runner (``batch.cmd_batch``).
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ import contextlib
 import os
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
-from arjax.train.cli import convert, data, generate, serve, study, train
 from arjax.train.checkpoint import CheckpointWarning
+from arjax.train.cli import batch, convert, data, generate, serve, study, train
 from arjax.train.cli.common import Parser, UsageError, os_error_message, quiet_libraries
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -34,7 +40,9 @@ def build_parser() -> Parser:
         "`arjax generate --ckpt runs/demo --prompt \"The \"`.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, generate, serve, convert, study, data):
+    train.register(sub)
+    generate.register(sub, batch_job=batch.cmd_batch)
+    for module in (serve, convert, study, data):
         module.register(sub)
     return parser
 
@@ -43,10 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings(), (contextlib.nullcontext() if os.environ.get("ARJAX_DEBUG") else quiet_libraries()):
+        quiet = contextlib.nullcontext() if os.environ.get("ARJAX_DEBUG") else quiet_libraries()
+        with warnings.catch_warnings(), quiet:
             # Our warnings (a damaged checkpoint skipped, a schedule that never mixes), every time, one line each.
             warnings.simplefilter("always", CheckpointWarning)
-            warnings.showwarning = lambda message, *_, **__: print(f"arjax {args.command}: warning: {message}", file=sys.stderr)
+            warnings.showwarning = lambda message, *_, **__: print(f"arjax {args.command}: warning: {message}",
+                                                                   file=sys.stderr)
             return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("ARJAX_DEBUG"):

@@ -1,8 +1,9 @@
 """`arjax generate --input prompts.jsonl --output out.jsonl`: a file of prompts through the engine, resumable.
 
 Input: one JSON object per line, ``{"prompt": "..."}`` plus optional ``id`` (a string or int; default:
-the line number), ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
-``repetition_penalty``, ``seed`` and ``stop`` (a string or a list) overriding the flags for that line.
+the line number), ``max_new_tokens``, the sampling fields (``temperature``, ``top_k``, ``top_p``, ``min_p``,
+``repetition_penalty``: arjax.decode.sampling.SAMPLING_FIELDS, checked as the flags are), ``seed`` and
+``stop`` (a string or a list) overriding the flags for that line.
 Output: one line per input as each finishes (so not in input order): ``id``, ``prompt``, ``text``,
 ``tokens`` (count), ``stop_reason`` and, with ``--logprobs``, ``logprobs``. Every line is flushed
 when written; a rerun reads the output back (dropping a line cut short by a kill), skips the ids
@@ -34,21 +35,65 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from arjax.decode.engine import Request
-from arjax.train.cli.common import UsageError
+from arjax.decode.sampling import SAMPLING_FIELDS, SAMPLING_NAMES, check_sampling
+from arjax.model import quantize
+from arjax.train.cli.common import (
+    UsageError,
+    engine_from_flags,
+    eos_and_pad,
+    load_from_flags,
+    out_of_memory,
+    sampling_flags,
+    stop_strings,
+)
+from arjax.train.load import weights_digest
 
-_LINE_KEYS = {"id", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-              "seed", "stop"}
+_LINE_KEYS = {"id", "prompt", "max_new_tokens", *SAMPLING_NAMES, "seed", "stop"}
 SETTINGS_SUFFIX = ".settings.json"
 SETTINGS_FORMAT = 1
 # What a line's text depends on, in the order a refusal looks for the first difference ("model", the
 # path the weights came from, is shown but not compared: a run directory may move).
-_COMPARED = ("weights", "quantize", "kv_cache_dtype", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "seed", "max_new_tokens", "max_len", "eos", "stop", "logprobs")
+_COMPARED = ("weights", "quantize", "kv_cache_dtype", *SAMPLING_NAMES, "seed", "max_new_tokens", "max_len", "eos",
+             "stop", "logprobs")
+# A sampling field missing from an older settings file was not there to set: its lines were written with its
+# default (the value that turns it off).
+_DEFAULTS = {f.name: f.default for f in SAMPLING_FIELDS}
+
+
+def cmd_batch(args) -> int:
+    """``arjax generate --input FILE --output O``: the model the flags name, an engine sized for the job, every line."""
+    if args.prompt:
+        raise UsageError("pass prompts with --prompt or in --input FILE, not both")
+    if args.draft_ckpt or args.prompt_lookup or args.mesh:
+        raise UsageError("--input runs on the serving engine, which has no speculative decoding or --mesh; drop those "
+                         "flags")
+    sampling_flags(args)  # refused before anything loads
+    model, tokenizer = load_from_flags(args)
+    weights = weights_digest(model, tokenizer)  # as loaded: --quantize is recorded apart
+    if args.quantize:
+        model = quantize(model, args.quantize)  # int8 weights, per output channel (arjax.model.quant)
+    args.slots = 32 if args.slots is None else args.slots
+    eos, _ = eos_and_pad(args, tokenizer)
+    if args.max_len is not None and not 2 <= args.max_len <= model.cfg.max_len:
+        raise UsageError(f"--max-len {args.max_len} is out of range; give 2 to the model's context "
+                         f"({model.cfg.max_len})")
+
+    def make_engine(max_len):
+        args.max_len = max_len
+        with out_of_memory(f"{args.slots} slots of {max_len} tokens",  # allocating the slots' cache: too big fails here
+                           "lower --slots (or --max-len, or the longest prompt + max_new_tokens)"):
+            return engine_from_flags(args, model, tokenizer, max_queue=0)
+
+    source = f"--ckpt {os.path.abspath(args.ckpt)}" if args.ckpt else f"--hf {os.path.abspath(args.hf)}"
+    return run_batch(args, make_engine, tokenizer, eos=eos, stops=stop_strings(args), context=model.cfg.max_len,
+                     vocab_size=model.cfg.vocab_size,
+                     model={"model": source, "weights": weights, "dtype": model.cfg.dtype})
 
 
 def _read_input(path: str) -> list[dict]:
     if not os.path.isfile(path):
-        raise UsageError(f"--input {path!r} does not exist or is not a file; give a JSONL file of {{\"prompt\": ...}} lines")
+        raise UsageError(f"--input {path!r} does not exist or is not a file; give a JSONL file of "
+                         "{\"prompt\": ...} lines")
     items, seen = [], {}
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
@@ -62,7 +107,8 @@ def _read_input(path: str) -> list[dict]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{where} is not JSON ({e.msg}); each line must be an object like {{\"prompt\": \"...\"}}") from None
+            raise UsageError(f"{where} is not JSON ({e.msg}); each line must be an object like "
+                             "{\"prompt\": \"...\"}") from None
         if not isinstance(item, dict):
             raise UsageError(f"{where} is a JSON {type(item).__name__}, not an object; write {{\"prompt\": \"...\"}}")
         unknown = sorted(set(item) - _LINE_KEYS)
@@ -74,7 +120,8 @@ def _read_input(path: str) -> list[dict]:
         if isinstance(item["id"], bool) or not isinstance(item["id"], (str, int)):
             raise UsageError(f"{where}: \"id\" must be a string or an integer, got {item['id']!r}")
         if item["id"] in seen:
-            raise UsageError(f"{where} repeats id {item['id']!r} (first on line {seen[item['id']]}); ids must be unique")
+            first = seen[item["id"]]
+            raise UsageError(f"{where} repeats id {item['id']!r} (first on line {first}); ids must be unique")
         seen[item["id"]] = number
         item["_line"] = number
         item["_index"] = len(items)
@@ -121,9 +168,8 @@ def _read_done(path: str, prompts: dict) -> set:
 def job_settings(args, *, model: dict[str, Any], eos: list[int], stops: list[str]) -> dict[str, Any]:
     """What this job's lines are written with (``model``: ``model``, ``weights`` and ``dtype`` from the caller)."""
     settings = {"model": model["model"], "weights": model["weights"], "quantize": args.quantize,
-                "kv_cache_dtype": args.kv_cache_dtype or model["dtype"], "temperature": args.temperature,
-                "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-                "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+                "kv_cache_dtype": args.kv_cache_dtype or model["dtype"],
+                **{name: getattr(args, name) for name in SAMPLING_NAMES}, "seed": args.seed,
                 "max_new_tokens": args.max_new_tokens, "eos": list(eos), "stop": list(stops),
                 "logprobs": bool(args.logprobs)}
     if args.max_new_tokens is None:  # then --max-len bounds each line's default budget (not otherwise)
@@ -187,7 +233,7 @@ def _check_settings(out_path: str, settings: dict[str, Any], *, lines: int, forc
                          f"with ({os.path.basename(_settings_path(out_path))}; an older arjax wrote none): pass "
                          "--force-settings to continue with this run's settings (recorded from here on), or give a "
                          "new --output")
-    differs = [k for k in _COMPARED if (last or {}).get(k) != settings.get(k)]
+    differs = [k for k in _COMPARED if (last or {}).get(k, _DEFAULTS.get(k)) != settings.get(k)]
     if not differs:
         return None if written_with == recorded else written_with
     if not force:
@@ -197,7 +243,8 @@ def _check_settings(out_path: str, settings: dict[str, Any], *, lines: int, forc
                     f"{str(last['weights'])[:12]}) than this run's ({settings['model']}, digest "
                     f"{settings['weights'][:12]}): rerun with that model")
         else:
-            what = (f"was written with {_shown(key, last.get(key))}; this run has {_shown(key, settings.get(key))}: "
+            what = (f"was written with {_shown(key, last.get(key, _DEFAULTS.get(key)))}; this run has "
+                    f"{_shown(key, settings.get(key))}: "
                     "rerun with the same flags")
         raise UsageError(f"--output {out_path!r} {what}, pass --force-settings to continue anyway (mixing settings), "
                          "or give a new --output")
@@ -233,14 +280,15 @@ class _Rate(ProgressColumn):
         return Text(f"{self.counter['tokens'] / elapsed:,.0f} tok/s" if elapsed > 0 else "", style="cyan")
 
 
-def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str], context: int,
+def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str], context: int, vocab_size: int,
               model: dict[str, Any]) -> int:
     """Every line of ``args.input`` not yet in ``args.output``, through an engine; one output line each.
 
     ``make_engine(max_len)`` builds the engine once the lines are read: its slots hold the longest
     prompt + max_new_tokens of this job (``--max-len`` overrides), not the model's whole ``context``.
     A line without max_new_tokens (and no --max-new-tokens) gets up to 200, as many as the context
-    leaves after its prompt. ``model`` identifies the weights for the settings file (``job_settings``):
+    leaves after its prompt. A line's sampling values are checked against ``vocab_size`` as the flags
+    are. ``model`` identifies the weights for the settings file (``job_settings``):
     an output written with other settings is refused unless ``args.force_settings``."""
     if not args.output:
         raise UsageError("--input needs --output FILE (the JSONL the results go to)")
@@ -269,12 +317,10 @@ def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str],
             stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
             if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
                 raise ValueError(f'"stop" must be a string or a list of strings, got {it["stop"]!r}')
-            req = Request(prompt=ids, max_new_tokens=max_new, temperature=it.get("temperature", args.temperature),
-                          top_k=it.get("top_k", args.top_k), top_p=it.get("top_p", args.top_p),
-                          min_p=it.get("min_p", args.min_p),
-                          repetition_penalty=it.get("repetition_penalty", args.repetition_penalty),
-                          seed=it.get("seed", args.seed + it["_index"]), eos_ids=eos, stop=stop,
-                          top_logprobs=0)
+            sampling = check_sampling({name: it.get(name, getattr(args, name)) for name in SAMPLING_NAMES},
+                                      vocab_size=vocab_size)
+            req = Request(prompt=ids, max_new_tokens=max_new, **sampling, seed=it.get("seed", args.seed + it["_index"]),
+                          eos_ids=eos, stop=stop, top_logprobs=0)
         except (ValueError, TypeError) as e:
             raise UsageError(f"{where}: {e}") from None
         requests.append((it, req, where))

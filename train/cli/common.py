@@ -1,4 +1,6 @@
-"""What every command of the CLI shares: the one-line user error, the help formatter and `--set KEY=VALUE`."""
+"""What the commands of the CLI share: the one-line user error, the help formatter, `--set KEY=VALUE`, the flag
+groups of the decoding commands (model, quantization, mesh, sampling) and what they turn into (a loaded model,
+an engine, sampling values), and the one out-of-memory message."""
 
 from __future__ import annotations
 
@@ -7,12 +9,18 @@ import contextlib
 import errno
 import gc
 import logging
+import re
 import sys
 import threading
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from arjax.decode.engine import Engine
+from arjax.decode.sampling import SAMPLING_FIELDS, check_sampling, sampling_values
+from arjax.model.sharding import parse_mesh
 from arjax.train.config import parse_yaml_value
+from arjax.train.load import load_for_decoding
 
 
 class UsageError(ValueError):
@@ -89,8 +97,82 @@ class Help(argparse.HelpFormatter):
 def add_mesh_flags(parser, default: str = "the config's, else data-parallel over every device") -> None:
     """``--mesh AXIS=SIZE,...``: the devices a command runs on (arjax.model.sharding)."""
     parser.add_argument("--mesh", metavar="AXIS=N,...",
-                        help=f"device mesh, e.g. data=4,model=2 (axes data, fsdp, model; -1 takes the devices left over; "
-                             f"default: {default})")
+                        help="device mesh, e.g. data=4,model=2 (axes data, fsdp, model; -1 takes the devices left "
+                             f"over; default: {default})")
+
+
+def add_model_flags(p) -> None:
+    """Where the model comes from: `generate` and `serve`."""
+    p.add_argument("--ckpt", metavar="DIR", help="run directory written by `arjax train --out DIR`")
+    p.add_argument("--hf", metavar="DIR",
+                   help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
+
+
+def add_quant_flags(p) -> None:
+    """int8 weights and the KV cache's dtype: `generate` and `serve`."""
+    p.add_argument("--quantize", choices=["int8"], help="decode with int8 weights (a scale per output channel)")
+    p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
+                   help="KV cache dtype; int8 keeps a scale per token and head (default: the model's dtype)")
+
+
+def add_sampling_flags(p) -> None:
+    """One flag per sampling field (arjax.decode.sampling.SAMPLING_FIELDS: name, type, default, help)."""
+    for f in SAMPLING_FIELDS:
+        p.add_argument(f.flag, type=f.kind, metavar=f.metavar, default=f.default, help=f.help)
+
+
+def sampling_flags(args, *, vocab_size: int | None = None) -> dict[str, int | float]:
+    """The sampling flags' values, each checked as every entry point checks it (a FieldError, one line)."""
+    return check_sampling(sampling_values(args), vocab_size=vocab_size)
+
+
+def load_from_flags(args):
+    """``(model, tokenizer)`` from ``--ckpt DIR`` or ``--hf DIR`` (and ``--mesh``, runs only): float weights."""
+    if bool(args.ckpt) == bool(args.hf):
+        raise UsageError("pass exactly one of --ckpt DIR (an arjax run) or --hf DIR (a Hugging Face checkpoint)")
+    if args.hf and args.mesh:
+        raise UsageError("--mesh works with --ckpt; convert the Hugging Face checkpoint first (arjax convert "
+                         "--from-hf)")
+    return load_for_decoding(ckpt=args.ckpt or None, hf_dir=args.hf or None,
+                             mesh=parse_mesh(args.mesh) if args.mesh else None)
+
+
+def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
+    """The serving engine ``--slots``, ``--max-len``, ``--chunk-steps`` and ``--kv-cache-dtype`` ask for."""
+    pad = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else 0
+    for flag, value in (("--slots", args.slots), ("--chunk-steps", args.chunk_steps)):
+        if not 1 <= value <= 65536:
+            raise UsageError(f"{flag} {value} is out of range; give 1 to 65536")
+    if args.max_len is not None and not 2 <= args.max_len < 2**31:
+        raise UsageError(f"--max-len {args.max_len} is out of range; give at least 2 (prompt + new tokens per request)")
+    return Engine(model, slots=args.slots, max_len=args.max_len, chunk_steps=args.chunk_steps, tokenizer=tokenizer,
+                  pad_id=pad, max_queue=max_queue, kv_cache_dtype=args.kv_cache_dtype)
+
+
+@contextlib.contextmanager
+def out_of_memory(what: str, fix: str, *, detail: str = ""):
+    """The device running out of memory inside (XLA reports it as a runtime error) becomes one line:
+    ``{what} do not fit in the device's memory{detail}; {fix}``. Anything else passes through."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (XLA's memory exhaustion has no exception type of its own)
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise
+        raise UsageError(f"{what} do not fit in the device's memory{detail}; {fix}") from None
+
+
+def stop_strings(args) -> list[str]:
+    """``--stop`` texts with ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` read as escapes (a shell passes them literally)."""
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    return [re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], text) for text in args.stop or []]
+
+
+def eos_and_pad(args, tokenizer) -> tuple[list[int], int]:
+    """The EOS ids (``--eos``, else the tokenizer's, if any) and the padding id (the tokenizer's, else 0)."""
+    eos = list(args.eos or [])
+    if not eos and tokenizer.eos_id is not None:
+        eos = [tokenizer.eos_id]
+    return eos, tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
