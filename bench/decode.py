@@ -69,8 +69,15 @@ def hf_generate(ref, prompts, new_tokens):
     ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        out = ref.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, use_cache=True, pad_token_id=0)
+        out = ref.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
     return out[:, P:].numpy()
 
 
@@ -92,12 +99,23 @@ def roofline_bytes(model, batch: int, cache_len: int) -> tuple[int, int]:
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     if cfg.pos == "learned":  # a step reads one row of the position table, not all of it
         weight_bytes -= cfg.max_len * cfg.d_model * 4
-    kv_bytes = 2 * cfg.n_layers * batch * cache_len * cfg.num_kv_heads * cfg.dim_per_head * jnp.dtype(cfg.dtype).itemsize
+    kv_bytes = (
+        2 * cfg.n_layers * batch * cache_len * cfg.num_kv_heads * cfg.dim_per_head * jnp.dtype(cfg.dtype).itemsize
+    )
     return weight_bytes, kv_bytes
 
 
-def run(name: str, batch: int, *, prompt_len: int, new_tokens: int, check_tokens: int, repeats: int,
-        bandwidths: list, models: dict) -> dict:
+def run(
+    name: str,
+    batch: int,
+    *,
+    prompt_len: int,
+    new_tokens: int,
+    check_tokens: int,
+    repeats: int,
+    bandwidths: list,
+    models: dict,
+) -> dict:
     if name not in models:
         models[name] = build(name)
     ref, ours = models[name]
@@ -126,9 +144,19 @@ def run(name: str, batch: int, *, prompt_len: int, new_tokens: int, check_tokens
     cache_len = min(ours.cfg.max_len, bucket(prompt_len) + bucket(new_tokens))  # what generate allocates
     w_bytes, kv_bytes = roofline_bytes(ours, batch, cache_len)
     ours_tps, hf_tps = batch * new_tokens / t_ours, batch * new_tokens / t_hf
-    return dict(model=name, batch=batch, same_greedy=same, agree=agree, ours_tps=ours_tps, hf_tps=hf_tps,
-                speedup=ours_tps / hf_tps, step_bytes=w_bytes + kv_bytes,
-                weight_mb=w_bytes / 1e6, kv_mb=kv_bytes / 1e6, cache_len=cache_len)
+    return dict(
+        model=name,
+        batch=batch,
+        same_greedy=same,
+        agree=agree,
+        ours_tps=ours_tps,
+        hf_tps=hf_tps,
+        speedup=ours_tps / hf_tps,
+        step_bytes=w_bytes + kv_bytes,
+        weight_mb=w_bytes / 1e6,
+        kv_mb=kv_bytes / 1e6,
+        cache_len=cache_len,
+    )
 
 
 def add_roofline(r: dict, bandwidth: float) -> None:
@@ -153,33 +181,50 @@ def main(argv=None) -> int:
     import torch
 
     bandwidths = [measure_bandwidth()]
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; prompt {args.prompt_len}, "
-          f"{new_tokens} new tokens, best of {repeats}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; prompt {args.prompt_len}, "
+        f"{new_tokens} new tokens, best of {repeats}"
+    )
     rows, models = [], {}
     for name in args.models:
         for b in batches:
-            r = run(name, b, prompt_len=args.prompt_len, new_tokens=new_tokens, check_tokens=check_tokens,
-                    repeats=repeats, bandwidths=bandwidths, models=models)
+            r = run(
+                name,
+                b,
+                prompt_len=args.prompt_len,
+                new_tokens=new_tokens,
+                check_tokens=check_tokens,
+                repeats=repeats,
+                bandwidths=bandwidths,
+                models=models,
+            )
             add_roofline(r, max(bandwidths))
             rows.append(r)
-            print(f"  {name} batch {b}: greedy tokens identical={r['same_greedy']}, arjax {r['ours_tps']:.1f} tok/s, "
-                  f"HF {r['hf_tps']:.1f} tok/s, roofline {r['roof_tps']:.1f} tok/s", flush=True)
+            print(
+                f"  {name} batch {b}: greedy tokens identical={r['same_greedy']}, arjax {r['ours_tps']:.1f} tok/s, "
+                f"HF {r['hf_tps']:.1f} tok/s, roofline {r['roof_tps']:.1f} tok/s",
+                flush=True,
+            )
         models.pop(name, None)
 
     bandwidth = max(bandwidths)
     for r in rows:
         add_roofline(r, bandwidth)
-    print(f"\nread bandwidth: best {bandwidth / 1e9:.1f} GB/s of {len(bandwidths)} samples "
-          f"({', '.join(f'{b / 1e9:.1f}' for b in bandwidths)} GB/s); the roofline below uses the best")
+    print(
+        f"\nread bandwidth: best {bandwidth / 1e9:.1f} GB/s of {len(bandwidths)} samples "
+        f"({', '.join(f'{b / 1e9:.1f}' for b in bandwidths)} GB/s); the roofline below uses the best"
+    )
     head = f"| {'model':<16} | batch | same greedy ({check_tokens}) | arjax tok/s | HF tok/s | arjax/HF | roofline tok/s | arjax/roofline | weights MB | KV MB |"
     print()
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         same = "yes" if r["same_greedy"] else f"NO ({r['agree']:.0%} agree)"
-        print(f"| {r['model']:<16} | {r['batch']:>5} | {same:>17} | {r['ours_tps']:>11.1f} | {r['hf_tps']:>8.1f} | "
-              f"{r['speedup']:>7.2f}x | {r['roof_tps']:>14.1f} | {r['roof_frac']:>13.0%} | {r['weight_mb']:>10.1f} | {r['kv_mb']:>5.1f} |")
+        print(
+            f"| {r['model']:<16} | {r['batch']:>5} | {same:>17} | {r['ours_tps']:>11.1f} | {r['hf_tps']:>8.1f} | "
+            f"{r['speedup']:>7.2f}x | {r['roof_tps']:>14.1f} | {r['roof_frac']:>13.0%} | {r['weight_mb']:>10.1f} | {r['kv_mb']:>5.1f} |"
+        )
     return 0 if all(r["same_greedy"] for r in rows) else 1
 
 

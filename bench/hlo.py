@@ -24,8 +24,10 @@ from arjax.decode import DraftModel, PromptLookup, SamplingParams, generate, str
 from arjax.decode.engine import Engine, Request
 from arjax.model import Transformer, get_config
 
-PROGRAMS = {loop_mod: ("_start", "_resume", "_spec_start", "_spec_resume"),
-            engine_mod: ("_insert", "_chunk", "_release")}
+PROGRAMS = {
+    loop_mod: ("_start", "_resume", "_spec_start", "_spec_resume"),
+    engine_mod: ("_insert", "_chunk", "_release"),
+}
 
 
 def _wrap(module, name: str, out: Path, seen: dict) -> None:
@@ -47,8 +49,9 @@ def scenario(tag: str, *, bias: bool) -> None:
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     draft = Transformer(get_config("tiny", vocab_size=97, max_len=128, n_layers=1, use_bias=bias), rngs=nnx.Rngs(1))
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14]]
-    sampling = SamplingParams.make(3, temperature=[0.0, 0.8, 1.0], top_k=[0, 5, 0], top_p=[1.0, 0.9, 1.0],
-                                   repetition_penalty=[1.0, 1.2, 1.0])
+    sampling = SamplingParams.make(
+        3, temperature=[0.0, 0.8, 1.0], top_k=[0, 5, 0], top_p=[1.0, 0.9, 1.0], repetition_penalty=[1.0, 1.2, 1.0]
+    )
     generate(model, prompts, max_new_tokens=12, sampling=sampling, eos_ids=[3], seed=1)
     for _ in stream(model, prompts, max_new_tokens=12, sampling=sampling, chunk_steps=4, kv_cache_dtype="int8"):
         pass
@@ -57,8 +60,9 @@ def scenario(tag: str, *, bias: bool) -> None:
     eng = Engine(model, slots=4, max_len=64, chunk_steps=4, buckets=(16, 32, 64))
     outs = []
     for i, p in enumerate(prompts):
-        eng.submit(Request(prompt=p, max_new_tokens=6, temperature=0.7 * i, top_k=3, seed=i, top_logprobs=2),
-                   outs.append)
+        eng.submit(
+            Request(prompt=p, max_new_tokens=6, temperature=0.7 * i, top_k=3, seed=i, top_logprobs=2), outs.append
+        )
     eng.run_until_done()
     print(f"{tag}: {len(outs)} engine updates")
 
@@ -71,7 +75,7 @@ def main(out_dir: str) -> None:
         sub.mkdir(exist_ok=True)
         seen: dict = {}
         originals = {(m, n): getattr(m, n) for m, names in PROGRAMS.items() for n in names}
-        for (m, n) in originals:
+        for m, n in originals:
             _wrap(m, n, sub, seen)
         try:
             scenario(sub.name, bias=bias)

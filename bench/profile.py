@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arjax.model import Transformer, get_config
+from arjax.model import Transformer
 from arjax.model.rng import seed_key
 from arjax.train import step as step_lib
 from arjax.train.config import from_dict, load_yaml
@@ -54,8 +54,11 @@ def classify(name: str) -> str:
 def device_events(trace: dict) -> list[dict]:
     """Complete events ('X') on device timelines: the pids whose process name says GPU/TPU/device,
     else (CPU) the XLA executor threads' ops."""
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in trace["traceEvents"]
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in trace["traceEvents"]
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     device = {pid for pid, n in names.items() if any(k in n for k in ("/device:GPU", "/device:TPU", "GPU:", "TPU:"))}
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
     if device:
@@ -125,7 +128,9 @@ def main(argv=None) -> int:
     overrides = dict(base.get("model_overrides") or {})
     for item in args.set:
         key, value = item.split("=", 1)
-        overrides[key.removeprefix("model.")] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+        overrides[key.removeprefix("model.")] = (
+            json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+        )
     base["model_overrides"] = overrides
     cfg = from_dict(base)
     model_cfg = cfg.model_config(vocab_size=None)
@@ -143,10 +148,21 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     compiled = step_fn.lower(graphdef, tx, params, opt_state, batch(), jnp.int32(0), key, objective).compile()
     stats = compiled.memory_analysis()
-    memory = None if stats is None else (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                                         - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-    print(f"compiled in {time.perf_counter() - t0:.1f} s; step memory "
-          f"{'not reported' if memory is None else f'{memory / 2**30:.2f} GiB'}", flush=True)
+    memory = (
+        None
+        if stats is None
+        else (
+            stats.argument_size_in_bytes
+            + stats.output_size_in_bytes
+            - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes
+        )
+    )
+    print(
+        f"compiled in {time.perf_counter() - t0:.1f} s; step memory "
+        f"{'not reported' if memory is None else f'{memory / 2**30:.2f} GiB'}",
+        flush=True,
+    )
     for i in range(args.warmup):
         params, opt_state, metrics = compiled(params, opt_state, batch(), jnp.int32(i), key, objective)
     jax.block_until_ready(metrics)
@@ -161,12 +177,23 @@ def main(argv=None) -> int:
         jax.block_until_ready(metrics)
     wall = (time.perf_counter() - t0) / args.steps
     r = summarise(out, args.steps)
-    r.update(wall_ms_per_step=wall * 1e3, step_memory_bytes=memory, tokens_per_step=A * B * T,
-             tokens_per_s=A * B * T / wall, model=cfg.model, dtype=model_cfg.dtype, attention=model_cfg.attention)
-    print(f"\n{cfg.model} ({model_cfg.dtype}, attention {model_cfg.attention}), {A} x {B} x {T} tokens: "
-          f"{wall * 1e3:.1f} ms/step wall, {r['tokens_per_s']:,.0f} tokens/s")
-    print(f"device busy {r['busy_ms_per_step']:.1f} ms of a {r['window_ms_per_step']:.1f} ms window per step "
-          f"(idle {r['idle_fraction']:.1%}: gaps between kernels and between steps)")
+    r.update(
+        wall_ms_per_step=wall * 1e3,
+        step_memory_bytes=memory,
+        tokens_per_step=A * B * T,
+        tokens_per_s=A * B * T / wall,
+        model=cfg.model,
+        dtype=model_cfg.dtype,
+        attention=model_cfg.attention,
+    )
+    print(
+        f"\n{cfg.model} ({model_cfg.dtype}, attention {model_cfg.attention}), {A} x {B} x {T} tokens: "
+        f"{wall * 1e3:.1f} ms/step wall, {r['tokens_per_s']:,.0f} tokens/s"
+    )
+    print(
+        f"device busy {r['busy_ms_per_step']:.1f} ms of a {r['window_ms_per_step']:.1f} ms window per step "
+        f"(idle {r['idle_fraction']:.1%}: gaps between kernels and between steps)"
+    )
     print("time by class: " + ", ".join(f"{k} {v:.1%}" for k, v in r["classes"].items()))
     print(f"\n{'ms/step':>9} {'share':>6}  top kernels / fusions")
     for name, ms, share in r["top"]:

@@ -33,8 +33,7 @@ from flax import nnx
 
 from arjax.decode import generate
 from arjax.decode.loop import bucket
-from arjax.model import Transformer, get_config, init_cache, quantize
-from arjax.model import int8
+from arjax.model import Transformer, get_config, init_cache, int8, quantize
 
 VARIANTS = {  # name: (int8 weights, kv cache dtype)
     "fp": (False, None),
@@ -95,8 +94,10 @@ def quality(models, windows, *, batch, prompts, new_tokens):
     out = {}
     x, y = jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:])
     for name, (w8, kv) in VARIANTS.items():
-        losses = [float(cross_entropy(window_logits(models[w8], x[i : i + batch], kv), y[i : i + batch]))
-                  for i in range(0, len(x), batch)]
+        losses = [
+            float(cross_entropy(window_logits(models[w8], x[i : i + batch], kv), y[i : i + batch]))
+            for i in range(0, len(x), batch)
+        ]
         out[name] = {"val_loss": float(np.mean(losses))}
     base = out["fp"]["val_loss"]
     for name in VARIANTS:
@@ -108,15 +109,20 @@ def quality(models, windows, *, batch, prompts, new_tokens):
         w8, kv = VARIANTS[name]
         one = window_logits(models[w8], x[:4], kv or "float32")
         step = stepwise_logits(models[w8], x[:4], kv or "float32")
-        out[name]["stepwise_max_abs_logprob_diff"] = float(jnp.abs(jax.nn.log_softmax(one) - jax.nn.log_softmax(step)).max())
+        out[name]["stepwise_max_abs_logprob_diff"] = float(
+            jnp.abs(jax.nn.log_softmax(one) - jax.nn.log_softmax(step)).max()
+        )
 
     ref = generate(models[False], prompts, max_new_tokens=new_tokens).tokens
     for name, (w8, kv) in VARIANTS.items():
         got = generate(models[w8], prompts, max_new_tokens=new_tokens, kv_cache_dtype=kv).tokens
         same = got == ref
         prefix = [int(np.argmin(r)) if not r.all() else len(r) for r in same]
-        out[name].update(greedy_agree=float(same.mean()), greedy_prefix=float(np.mean(prefix)),
-                         rows_identical=int(sum(r.all() for r in same)))
+        out[name].update(
+            greedy_agree=float(same.mean()),
+            greedy_prefix=float(np.mean(prefix)),
+            rows_identical=int(sum(r.all() for r in same)),
+        )
     return out
 
 
@@ -126,8 +132,14 @@ def sizes(models, cfg, batch, cache_len):
     for dtype in (None, "int8"):
         c = init_cache(cfg, batch, cache_len, dtype)
         kv[dtype] = nbytes((c.k, c.v, c.k_scale, c.v_scale))
-    return {"weights_fp": w[False], "weights_int8": w[True], "cache_fp": kv[None], "cache_int8": kv["int8"],
-            "cache_batch": batch, "cache_len": cache_len}
+    return {
+        "weights_fp": w[False],
+        "weights_int8": w[True],
+        "cache_fp": kv[None],
+        "cache_int8": kv["int8"],
+        "cache_batch": batch,
+        "cache_len": cache_len,
+    }
 
 
 HOISTED = "int8 weights, hoisted"  # int8 weights with XLA's default: the conversion hoisted out of the loop
@@ -144,6 +156,7 @@ def decode_speed(models, *, batches, prompt_len, new_tokens, repeats, variants=(
         for name, (w8, kv) in variants.items():
             int8.CONVERT_EACH_STEP = name != HOISTED
             jax.clear_caches()  # the flag is read when tracing: trace again
+
             def run(n, model=models[w8], prompts=prompts, kv=kv):
                 return generate(model, prompts, max_new_tokens=n, kv_cache_dtype=kv)
 
@@ -168,21 +181,24 @@ def matvec(K=2048, N=8192, steps=32, repeats=10):
     q, s = int8.quantize_int8(W, axis=0)
     x = jax.random.normal(jax.random.key(1), (1, K), jnp.float32)
 
-    def int8(x, q, s, barrier):
+    def int8_matvec(x, q, s, barrier):
         if barrier:
             x, q = jax.lax.optimization_barrier((x, q))
         return (x @ q.astype(jnp.float32)) * s
 
     def looped(body):
-        return jax.jit(lambda x, *w: jax.lax.fori_loop(0, steps, lambda i, y: y + body(x + y[:, :K] * 1e-9, *w)[:, :K],
-                                                       jnp.zeros((1, K))))
+        return jax.jit(
+            lambda x, *w: jax.lax.fori_loop(
+                0, steps, lambda i, y: y + body(x + y[:, :K] * 1e-9, *w)[:, :K], jnp.zeros((1, K))
+            )
+        )
 
     fns = {
         "fp32, one call": (jax.jit(lambda x, W: x @ W), (x, W), 1),
-        "int8, one call": (jax.jit(lambda x, q, s: int8(x, q, s, False)), (x, q, s), 1),
+        "int8, one call": (jax.jit(lambda x, q, s: int8_matvec(x, q, s, False)), (x, q, s), 1),
         "fp32, per step of a loop": (looped(lambda x, W: x @ W), (x, W), steps),
-        "int8, per step, convert hoisted": (looped(lambda x, q, s: int8(x, q, s, False)), (x, q, s), steps),
-        "int8, per step, convert each step": (looped(lambda x, q, s: int8(x, q, s, True)), (x, q, s), steps),
+        "int8, per step, convert hoisted": (looped(lambda x, q, s: int8_matvec(x, q, s, False)), (x, q, s), steps),
+        "int8, per step, convert each step": (looped(lambda x, q, s: int8_matvec(x, q, s, True)), (x, q, s), steps),
     }
     out = {}
     for name, (fn, args, n) in fns.items():
@@ -203,16 +219,28 @@ def main(argv=None) -> int:
     p.add_argument("--speed-only", action="store_true", help="decode speed only, on random weights of --preset")
     p.add_argument("--matvec-only", action="store_true", help="the matrix-vector product only")
     p.add_argument("--preset", default="gpt2-small", help="model preset for --speed-only")
-    p.add_argument("--dtype", default="float32", help="--speed-only: compute dtype, and the float weights are stored in it")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=INT", help="--speed-only: preset override, e.g. n_layers=16")
+    p.add_argument(
+        "--dtype", default="float32", help="--speed-only: compute dtype, and the float weights are stored in it"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=INT", help="--speed-only: preset override, e.g. n_layers=16"
+    )
     p.add_argument("--windows", type=int, default=256, help="validation windows for the val loss")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256, help="greedy tokens per prompt (agreement and speed)")
-    p.add_argument("--speed-tokens", type=int, default=None, help="new tokens for the speed runs (default --new-tokens)")
+    p.add_argument(
+        "--speed-tokens", type=int, default=None, help="new tokens for the speed runs (default --new-tokens)"
+    )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", nargs="+", default=[*VARIANTS, HOISTED], choices=[*VARIANTS, HOISTED], metavar="NAME",
-                   help=f"speed variants (default: all): {', '.join(repr(v) for v in [*VARIANTS, HOISTED])}")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=[*VARIANTS, HOISTED],
+        choices=[*VARIANTS, HOISTED],
+        metavar="NAME",
+        help=f"speed variants (default: all): {', '.join(repr(v) for v in [*VARIANTS, HOISTED])}",
+    )
     p.add_argument("--json", metavar="FILE", help="write every figure here")
     args = p.parse_args(argv)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)
@@ -236,12 +264,23 @@ def main(argv=None) -> int:
         nnx.update(model, jax.tree.map(lambda x: x.astype(args.dtype), nnx.state(model, nnx.Param)))
         models = {False: model, True: quantize(model)}
         n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        print(f"{args.preset} {overrides or ''} ({n / 1e6:.0f}M params, {args.dtype}), random weights: decode, prompt "
-              f"{args.prompt_len}, {args.speed_tokens or args.new_tokens} new tokens", flush=True)
-        result["bytes"] = sizes(models, cfg, max(args.batches), bucket(args.prompt_len) + bucket(args.speed_tokens or args.new_tokens))
-        result["speed"] = decode_speed(models, batches=args.batches, prompt_len=args.prompt_len,
-                                       new_tokens=args.speed_tokens or args.new_tokens, repeats=args.repeats,
-                                       variants=args.variants, on_row=save)
+        print(
+            f"{args.preset} {overrides or ''} ({n / 1e6:.0f}M params, {args.dtype}), random weights: decode, prompt "
+            f"{args.prompt_len}, {args.speed_tokens or args.new_tokens} new tokens",
+            flush=True,
+        )
+        result["bytes"] = sizes(
+            models, cfg, max(args.batches), bucket(args.prompt_len) + bucket(args.speed_tokens or args.new_tokens)
+        )
+        result["speed"] = decode_speed(
+            models,
+            batches=args.batches,
+            prompt_len=args.prompt_len,
+            new_tokens=args.speed_tokens or args.new_tokens,
+            repeats=args.repeats,
+            variants=args.variants,
+            on_row=save,
+        )
     else:
         if not args.ckpt:
             p.error("pass --ckpt RUN, or --speed-only / --matvec-only")
@@ -258,28 +297,44 @@ def main(argv=None) -> int:
         prompts = [list(w[: args.prompt_len]) for w in windows[:: max(1, len(windows) // 8)][:8]]
         if args.prompt_len + args.new_tokens > cfg.max_len:
             p.error(f"--prompt-len + --new-tokens exceeds the model's max_len {cfg.max_len}")
-        print(f"{args.ckpt}: {sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))):,} params, context {T}; "
-              f"{args.windows} val windows ({args.windows * T:,} tokens)", flush=True)
+        print(
+            f"{args.ckpt}: {sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))):,} params, context {T}; "
+            f"{args.windows} val windows ({args.windows * T:,} tokens)",
+            flush=True,
+        )
         q = quality(models, windows, batch=16, prompts=prompts, new_tokens=args.new_tokens)
         result["quality"] = q
         for name, r in q.items():
-            print(f"  {name:<18} val loss {r['val_loss']:.4f} ({r['val_loss_rel']:+.3%})  greedy: {r['greedy_agree']:.1%} "
-                  f"of 8 x {args.new_tokens} tokens equal to fp, common prefix {r['greedy_prefix']:.0f}, "
-                  f"{r['rows_identical']}/8 rows identical", flush=True)
-        print(f"  through the cache in one pass vs token by token, max |logprob diff|: fp32 cache "
-              f"{q['fp']['stepwise_max_abs_logprob_diff']:.2e}, int8 weights + KV "
-              f"{q['int8 weights + KV']['stepwise_max_abs_logprob_diff']:.2e}")
+            print(
+                f"  {name:<18} val loss {r['val_loss']:.4f} ({r['val_loss_rel']:+.3%})  greedy: {r['greedy_agree']:.1%} "
+                f"of 8 x {args.new_tokens} tokens equal to fp, common prefix {r['greedy_prefix']:.0f}, "
+                f"{r['rows_identical']}/8 rows identical",
+                flush=True,
+            )
+        print(
+            f"  through the cache in one pass vs token by token, max |logprob diff|: fp32 cache "
+            f"{q['fp']['stepwise_max_abs_logprob_diff']:.2e}, int8 weights + KV "
+            f"{q['int8 weights + KV']['stepwise_max_abs_logprob_diff']:.2e}"
+        )
         cache_len = bucket(args.prompt_len) + bucket(args.new_tokens)
         result["bytes"] = sizes(models, cfg, 8, min(cache_len, cfg.max_len))
         print("decode speed (generate, compile excluded):", flush=True)
-        result["speed"] = decode_speed(models, batches=args.batches, prompt_len=args.prompt_len,
-                                       new_tokens=args.speed_tokens or args.new_tokens, repeats=args.repeats,
-                                       variants=args.variants, on_row=save)
+        result["speed"] = decode_speed(
+            models,
+            batches=args.batches,
+            prompt_len=args.prompt_len,
+            new_tokens=args.speed_tokens or args.new_tokens,
+            repeats=args.repeats,
+            variants=args.variants,
+            on_row=save,
+        )
     if "bytes" in result:
         b = result["bytes"]
-        print(f"bytes: weights {b['weights_fp'] / 1e6:.2f} MB -> {b['weights_int8'] / 1e6:.2f} MB "
-              f"({b['weights_int8'] / b['weights_fp']:.2f}x); KV cache (batch {b['cache_batch']}, {b['cache_len']} slots) "
-              f"{b['cache_fp'] / 1e6:.2f} MB -> {b['cache_int8'] / 1e6:.2f} MB ({b['cache_int8'] / b['cache_fp']:.2f}x)")
+        print(
+            f"bytes: weights {b['weights_fp'] / 1e6:.2f} MB -> {b['weights_int8'] / 1e6:.2f} MB "
+            f"({b['weights_int8'] / b['weights_fp']:.2f}x); KV cache (batch {b['cache_batch']}, {b['cache_len']} slots) "
+            f"{b['cache_fp'] / 1e6:.2f} MB -> {b['cache_int8'] / 1e6:.2f} MB ({b['cache_int8'] / b['cache_fp']:.2f}x)"
+        )
     save()
     return 0
 

@@ -53,12 +53,16 @@ def main(argv=None) -> int:
 
     cfg = get_config(args.model)
     if args.seq_len > cfg.max_len:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the {args.model} context {cfg.max_len}; pass --seq-len <= {cfg.max_len}")
+        raise ValueError(
+            f"--seq-len {args.seq_len} exceeds the {args.model} context {cfg.max_len}; pass --seq-len <= {cfg.max_len}"
+        )
     graphdef, params0 = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     tx, _ = make_optimizer(lr=1e-3, warmup_steps=100, decay_steps=2000, min_lr=1e-4, weight_decay=0.1)
     # Random tokens: the step's cost does not depend on which characters they are.
     batches = jax.random.randint(jax.random.key(1), (1, args.batch, args.seq_len + 1), 0, cfg.vocab_size)
-    schedule = make_schedule("linear", k=1.0, c=1e-3, eps_min=0.5)  # gold probability falls to 0.5: half the inputs are the model's
+    schedule = make_schedule(
+        "linear", k=1.0, c=1e-3, eps_min=0.5
+    )  # gold probability falls to 0.5: half the inputs are the model's
 
     steps = {"teacher forcing": make_train_step(graphdef, tx, TeacherForcing())}
     for name, ss in VARIANTS.items():
@@ -93,8 +97,10 @@ def main(argv=None) -> int:
     tf = best["teacher forcing"]
     cpu = {name: float(np.median(v)) for name, v in cpu.items()}
     tf_cpu = cpu["teacher forcing"]
-    print(f"\njax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; model {args.model}, "
-          f"batch {args.batch} x {args.seq_len} tokens; {args.reps} rounds x {args.steps} steps")
+    print(
+        f"\njax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; model {args.model}, "
+        f"batch {args.batch} x {args.seq_len} tokens; {args.reps} rounds x {args.steps} steps"
+    )
     print(f"{'step':<44} {'wall ms':>8} {'x TF':>6} {'cpu ms':>8} {'x TF':>6}  {'mix':>5} {'differ':>6}")
     for name, sec in best.items():
         m = last[name]
@@ -102,7 +108,9 @@ def main(argv=None) -> int:
         print(f"{name:<44} {sec * 1e3:8.1f} {sec / tf:6.2f} {cpu[name] * 1e3:8.1f} {cpu[name] / tf_cpu:6.2f}  {mix}")
     key = "two-pass sample (grad off)"
     ratio = max(best[key] / tf, cpu[key] / tf_cpu)  # the less favourable of the two clocks
-    print(f"\ntwo-pass SS / teacher forcing = {ratio:.2f}x (worse of wall and CPU; target <= 2.2x)  {'PASS' if ratio <= 2.2 else 'MISS'}")
+    print(
+        f"\ntwo-pass SS / teacher forcing = {ratio:.2f}x (worse of wall and CPU; target <= 2.2x)  {'PASS' if ratio <= 2.2 else 'MISS'}"
+    )
     return 0
 
 

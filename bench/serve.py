@@ -55,8 +55,12 @@ def write_run(path: str, size: str, seed: int = 0) -> Transformer:
     tok = ByteTokenizer()
     tok.save(ckpt.tokenizer_dir(path))
     manager = ckpt.make_manager(path)
-    ckpt.save(manager, 0, params=nnx.state(model, nnx.Param),
-              meta={"model_config": cfg.to_dict(), "tokenizer": "byte", "tokenizer_sha256": ckpt.tokenizer_digest(path)})
+    ckpt.save(
+        manager,
+        0,
+        params=nnx.state(model, nnx.Param),
+        meta={"model_config": cfg.to_dict(), "tokenizer": "byte", "tokenizer_sha256": ckpt.tokenizer_digest(path)},
+    )
     manager.wait_until_finished()
     manager.close()
     return model
@@ -77,9 +81,29 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def start_server(run: str, slots: int, max_len: int, chunk_steps: int):
-    proc = subprocess.Popen([sys.executable, "-m", "arjax.train.cli", "serve", "--ckpt", run, "--port", "0",
-                             "--slots", str(slots), "--max-len", str(max_len), "--chunk-steps", str(chunk_steps),
-                             "--max-queue", "1024"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "arjax.train.cli",
+            "serve",
+            "--ckpt",
+            run,
+            "--port",
+            "0",
+            "--slots",
+            str(slots),
+            "--max-len",
+            str(max_len),
+            "--chunk-steps",
+            str(chunk_steps),
+            "--max-queue",
+            "1024",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     if " on http://" not in line:
         proc.kill()
@@ -161,9 +185,15 @@ def summarize(results: list[dict]) -> dict:
     wall = max(r["end"] for r in results) - min(r["send"] for r in results)
     ttft = np.array([r["first"] - r["send"] for r in results]) * 1e3
     tpot = np.array([(r["end"] - r["first"]) / max(r["tokens"] - 1, 1) for r in results]) * 1e3
-    return {"requests": len(results), "tokens": tokens, "tokens_per_s": tokens / wall,
-            "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p99_ms": float(np.percentile(ttft, 99)),
-            "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p99_ms": float(np.percentile(tpot, 99))}
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": float(np.percentile(ttft, 50)),
+        "ttft_p99_ms": float(np.percentile(ttft, 99)),
+        "tpot_p50_ms": float(np.percentile(tpot, 50)),
+        "tpot_p99_ms": float(np.percentile(tpot, 99)),
+    }
 
 
 def static_generate(model, prompts, max_tokens: int, max_len: int, repeats: int = 3) -> float:
@@ -212,7 +242,9 @@ def main() -> None:
         run = os.path.join(tmp, "run")
         model = write_run(run, args.size)
         static = static_generate(model, prompts, max_tokens, max_len)
-        print(f"{args.size}: static-batch generate, {n} prompts x {max_tokens} tokens: {static:,.0f} tokens/s", flush=True)
+        print(
+            f"{args.size}: static-batch generate, {n} prompts x {max_tokens} tokens: {static:,.0f} tokens/s", flush=True
+        )
         alone = engine_alone(model, prompts, max_tokens, max_len, args.slots, args.chunk_steps)
         proc, addr = start_server(run, args.slots, max_len, args.chunk_steps)
         try:
@@ -220,7 +252,7 @@ def main() -> None:
             rows = {}
             for c, reqs in ((1, prompts[:4] if args.quick else prompts), (8, prompts), (32, prompts)):
                 rows[f"concurrency {c}"] = summarize(closed_loop(addr, reqs, max_tokens, c))
-            for rate in ((4.0,) if args.quick else (2.0, 8.0, 32.0)):
+            for rate in (4.0,) if args.quick else (2.0, 8.0, 32.0):
                 rows[f"poisson {rate:g}/s"] = summarize(poisson(addr, prompts, max_tokens, rate))
         finally:
             proc.send_signal(signal.SIGINT)
@@ -230,11 +262,15 @@ def main() -> None:
     print(f"| static-batch generate | {n} | {static:,.0f} | 1.00 | | |")
     print(f"| engine alone, no HTTP ({n} at once) | {n} | {alone:,.0f} | {alone / static:.2f} | | |")
     for name, r in rows.items():
-        print(f"| {name} | {r['requests']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / static:.2f} | "
-              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} |")
+        print(
+            f"| {name} | {r['requests']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / static:.2f} | "
+            f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} |"
+        )
     c32, c1 = rows["concurrency 32"]["tokens_per_s"], rows["concurrency 1"]["tokens_per_s"]
-    print(f"\nconcurrency 32: {c32 / static:.0%} of static-batch generate (target >= 80%), "
-          f"{c32 / c1:.1f}x one at a time (target >= 5x)")
+    print(
+        f"\nconcurrency 32: {c32 / static:.0%} of static-batch generate (target >= 80%), "
+        f"{c32 / c1:.1f}x one at a time (target >= 5x)"
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ class RandomTokens:
 
     def batch(self, *, batch_size: int, seed: int, step: int, rows=None, **_) -> np.ndarray:
         """[batch_size, seq_len + 1] int32; with ``rows`` (indices into them) only those rows, as a host of several reads."""
-        windows = numpy_rng(seed, step).integers(0, self.vocab_size, size=(batch_size, self.seq_len + 1), dtype=np.int32)
+        windows = numpy_rng(seed, step).integers(
+            0, self.vocab_size, size=(batch_size, self.seq_len + 1), dtype=np.int32
+        )
         return windows if rows is None else windows[rows]
 
 
@@ -65,8 +67,10 @@ def parse_mesh(text: str) -> dict[str, int]:
                 raise ValueError
             mesh[name] = int(size)
         except ValueError:
-            raise UsageError(f"--mesh {text!r}: {item!r} is not AXIS=SIZE with a new axis and a whole size; "
-                             f"e.g. --mesh data=4,model=2 or --mesh data=-1 (axes: {', '.join(AXES)})") from None
+            raise UsageError(
+                f"--mesh {text!r}: {item!r} is not AXIS=SIZE with a new axis and a whole size; "
+                f"e.g. --mesh data=4,model=2 or --mesh data=-1 (axes: {', '.join(AXES)})"
+            ) from None
     return mesh
 
 
@@ -91,7 +95,9 @@ def train_synthetic(cfg, run_dir: str, quiet: bool) -> dict[str, Any]:
     T = cfg.context_len(model_cfg)
     source = RandomTokens(model_cfg.vocab_size, T)
     # Stream 2**32: no training step draws from it (steps are 32-bit), so val windows are not train windows.
-    val = numpy_rng(cfg.seed, 2**32).integers(0, model_cfg.vocab_size, size=(cfg.eval_iters, cfg.batch_size, T + 1), dtype=np.int32)
+    val = numpy_rng(cfg.seed, 2**32).integers(
+        0, model_cfg.vocab_size, size=(cfg.eval_iters, cfg.batch_size, T + 1), dtype=np.int32
+    )
     return fit(cfg, run_dir, model_cfg=model_cfg, source=source, val_windows=val, quiet=quiet)
 
 
@@ -101,15 +107,38 @@ def _rate(flops: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", action="append", help="run config, repeatable (default: tpu_configs/shakespeare-char-cpu.yaml)")
-    p.add_argument("--data", default=os.path.join(ROOT, "../shared/data/tinyshakespeare.txt"), help="text file (default: %(default)s)")
-    p.add_argument("--synthetic", action="store_true", help="train on random token ids of the model's vocabulary (no data, no tokenizer)")
+    p.add_argument(
+        "--config", action="append", help="run config, repeatable (default: tpu_configs/shakespeare-char-cpu.yaml)"
+    )
+    p.add_argument(
+        "--data",
+        default=os.path.join(ROOT, "../shared/data/tinyshakespeare.txt"),
+        help="text file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="train on random token ids of the model's vocabulary (no data, no tokenizer)",
+    )
     p.add_argument("--steps", type=int, help="override the config's steps (default: the config's)")
-    p.add_argument("--mesh", help=f"device mesh for the trainer, e.g. data=4,model=2 or data=-1 (axes: {', '.join(AXES)}; -1: the devices left over)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="override a config key (YAML value), repeatable: --set accum_steps=1 --set model.dtype=float32")
+    p.add_argument(
+        "--mesh",
+        help=f"device mesh for the trainer, e.g. data=4,model=2 or data=-1 (axes: {', '.join(AXES)}; -1: the devices left over)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="override a config key (YAML value), repeatable: --set accum_steps=1 --set model.dtype=float32",
+    )
     p.add_argument("--json", metavar="FILE", help="also write each run's figures to FILE (a JSON list), for scripts")
-    p.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul that measures a CPU's peak (default: %(default)s)")
+    p.add_argument(
+        "--matmul-n",
+        type=int,
+        default=2048,
+        help="side of the square matmul that measures a CPU's peak (default: %(default)s)",
+    )
     args = p.parse_args(argv)
 
     configs = args.config or [os.path.join(ROOT, "tpu_configs/shakespeare-char-cpu.yaml")]
@@ -134,11 +163,15 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
     memory = device_memory_bytes(device)
-    print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), {jax.device_count()} device(s), "
-          f"{os.cpu_count()} CPUs visible" + (f", {memory / 2**30:.1f} GiB per device" if memory else ""))
+    print(
+        f"jax {jax.__version__} on {device.platform} ({device.device_kind}), {jax.device_count()} device(s), "
+        f"{os.cpu_count()} CPUs visible" + (f", {memory / 2**30:.1f} GiB per device" if memory else "")
+    )
     dtypes = [c.model_config(vocab_size=None).dtype for c in cfgs]
     # On CPU the peak is measured, before and after every run: a busy neighbour lowers some samples, not all.
-    samples: dict[str, list[float]] = {dt: [matmul_peak_flops(args.matmul_n, dt, budget_s=math.inf)] for dt in dtypes} if on_cpu else {}
+    samples: dict[str, list[float]] = (
+        {dt: [matmul_peak_flops(args.matmul_n, dt, budget_s=math.inf)] for dt in dtypes} if on_cpu else {}
+    )
     results = []
     for cfg, dt in zip(cfgs, dtypes):
         with tempfile.TemporaryDirectory() as out:
@@ -152,8 +185,11 @@ def main(argv=None) -> int:
             samples[dt].append(matmul_peak_flops(args.matmul_n, dt, budget_s=math.inf))
 
     for dt, xs in samples.items():
-        print(f"matmul peak     {max(xs) / 1e9:.1f} GFLOP/s {dt} ({args.matmul_n}^2 jitted matmul; samples "
-              + ", ".join(f"{x / 1e9:.1f}" for x in xs) + ")")
+        print(
+            f"matmul peak     {max(xs) / 1e9:.1f} GFLOP/s {dt} ({args.matmul_n}^2 jitted matmul; samples "
+            + ", ".join(f"{x / 1e9:.1f}" for x in xs)
+            + ")"
+        )
     records = []
     for path, cfg, dt, result in zip(configs, cfgs, dtypes, results):
         T = result["seq_len"]
@@ -168,36 +204,64 @@ def main(argv=None) -> int:
         val = result["val_losses"][-1][1]
         ms = cfg.accum_steps * cfg.batch_size * T / result["tokens_per_s"] * 1e3
         objective = "teacher forcing" if cfg.scheduled_sampling is None else cfg.scheduled_sampling.describe()
-        print(f"\nconfig          {os.path.relpath(path, ROOT)} ({result['final_step']} steps, {result['n_params'] / 1e6:.2f}M params, "
-              f"context {T}, {cfg.batch_size} x {cfg.accum_steps} windows per step, {dt})")
+        print(
+            f"\nconfig          {os.path.relpath(path, ROOT)} ({result['final_step']} steps, {result['n_params'] / 1e6:.2f}M params, "
+            f"context {T}, {cfg.batch_size} x {cfg.accum_steps} windows per step, {dt})"
+        )
         print(f"objective       {objective}")
         if args.synthetic:
-            print(f"data            synthetic: uniform random token ids < {result['model_config'].vocab_size} "
-                  f"(loss floor ln V = {math.log(result['model_config'].vocab_size):.2f})")
+            print(
+                f"data            synthetic: uniform random token ids < {result['model_config'].vocab_size} "
+                f"(loss floor ln V = {math.log(result['model_config'].vocab_size):.2f})"
+            )
         if cfg.mesh is not None:
             print(f"mesh            {cfg.mesh} -> {n_dev} device(s)")
         if "mix_rate" in result["history"]:
             h = result["history"]
-            print(f"mixing          gold probability {h['gold_prob'][-1]:.3f}, realised mixing rate {h['mix_rate'][-1]:.3f}, "
-                  f"differ rate {h['differ_rate'][-1]:.3f} (last step)")
+            print(
+                f"mixing          gold probability {h['gold_prob'][-1]:.3f}, realised mixing rate {h['mix_rate'][-1]:.3f}, "
+                f"differ rate {h['differ_rate'][-1]:.3f} (last step)"
+            )
         if args.synthetic:
             print(f"final val loss  {val:.4f}")
         else:
             print(f"final val loss  {val:.4f}   (target <= 1.89, nanoGPT ~1.88)  {'PASS' if val <= 1.89 else 'MISS'}")
         print(f"train loss      {result['losses'][-1]:.4f}")
-        print(f"throughput      {result['tokens_per_s']:,.0f} tokens/s, {ms:.1f} ms/step (compile excluded); wall {result['wall_s']:.0f} s")
+        print(
+            f"throughput      {result['tokens_per_s']:,.0f} tokens/s, {ms:.1f} ms/step (compile excluded); wall {result['wall_s']:.0f} s"
+        )
         print(f"per device      {per_device:,.0f} tokens/s ({n_dev} device(s))")
         print(f"model FLOPs     {fpt / 1e6:.2f} MFLOP/token (teacher-forced count) -> {_rate(achieved)} per device")
         if result["peak_bytes"] is not None:
-            print(f"device memory   {result['peak_bytes'] / 2**30:.1f} GiB peak in use" + (f" of {memory / 2**30:.1f} GiB" if memory else ""))
+            print(
+                f"device memory   {result['peak_bytes'] / 2**30:.1f} GiB peak in use"
+                + (f" of {memory / 2**30:.1f} GiB" if memory else "")
+            )
         m = None if peak is None else mfu(per_device, fpt, peak)
-        records.append({
-            "config": os.path.relpath(path, ROOT), "device_kind": device.device_kind, "platform": device.platform,
-            "n_devices": n_dev, "mesh": cfg.mesh, "dtype": dt, "steps": result["final_step"], "batch_size": cfg.batch_size,
-            "accum_steps": cfg.accum_steps, "seq_len": T, "n_params": result["n_params"], "tokens_per_s": result["tokens_per_s"],
-            "tokens_per_s_per_device": per_device, "flops_per_token": fpt, "peak_flops": peak, "peak_source": source,
-            "mfu": m, "val_loss": val, "train_loss": result["losses"][-1], "peak_bytes_in_use": result["peak_bytes"],
-        })
+        records.append(
+            {
+                "config": os.path.relpath(path, ROOT),
+                "device_kind": device.device_kind,
+                "platform": device.platform,
+                "n_devices": n_dev,
+                "mesh": cfg.mesh,
+                "dtype": dt,
+                "steps": result["final_step"],
+                "batch_size": cfg.batch_size,
+                "accum_steps": cfg.accum_steps,
+                "seq_len": T,
+                "n_params": result["n_params"],
+                "tokens_per_s": result["tokens_per_s"],
+                "tokens_per_s_per_device": per_device,
+                "flops_per_token": fpt,
+                "peak_flops": peak,
+                "peak_source": source,
+                "mfu": m,
+                "val_loss": val,
+                "train_loss": result["losses"][-1],
+                "peak_bytes_in_use": result["peak_bytes"],
+            }
+        )
         if m is None:
             print(f"MFU             unknown: no peak FLOP/s for {device.device_kind!r} in arjax.train.perf")
             continue

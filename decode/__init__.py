@@ -1,16 +1,16 @@
 """arjax.decode: prefill, the jitted while_loop decoder, and samplers.
 
-    sampling.py   SAMPLING_FIELDS: the one spec of per-request sampling fields (type, bounds, default,
-                  help, HTTP name) that SamplingParams, the engine's Request, the CLI flags, batch
-                  lines and the HTTP body derive from; check_sampling_field (the one check, a
-                  FieldError naming the field); SamplingParams (per-row traced values),
-                  filter_logits (HF's pipeline), sample
-    loop.py       DecodeState, the pure decode_step, prefill, and generate / stream / stream_text
-                  (one jitted prefill + lax.while_loop, bucketed shapes)
-    speculative.py  DraftModel, PromptLookup: speculative decoding in the same jitted loop
-    stops.py      stop strings, checked on the decoded text between chunks
-    engine.py     Engine: continuous batching over a fixed set of slots (requests join between chunks)
-    server.py     the OpenAI-compatible HTTP server over the engine (FastAPI; the "serve" extra)
+sampling.py   SAMPLING_FIELDS: the one spec of per-request sampling fields (type, bounds, default,
+              help, HTTP name) that SamplingParams, the engine's Request, the CLI flags, batch
+              lines and the HTTP body derive from; check_sampling_field (the one check, a
+              FieldError naming the field); SamplingParams (per-row traced values),
+              filter_logits (HF's pipeline), sample
+loop.py       DecodeState, the pure decode_step, prefill, and generate / stream / stream_text
+              (one jitted prefill + lax.while_loop, bucketed shapes)
+speculative.py  DraftModel, PromptLookup: speculative decoding in the same jitted loop
+stops.py      stop strings, checked on the decoded text between chunks
+engine.py     Engine: continuous batching over a fixed set of slots (requests join between chunks)
+server.py     the OpenAI-compatible HTTP server over the engine (FastAPI; the "serve" extra)
 """
 
 from arjax.decode.loop import (

@@ -121,9 +121,14 @@ def _insert_impl(graphdef, params, slots: Slots, tokens, n, slot, key, max_new, 
         return None if big is None else tuple(put(b, s) for b, s in zip(big, small))
 
     c = slots.cache
-    cache = KVCache(k=put_layers(c.k, row.k), v=put_layers(c.v, row.v), pos=put(c.pos, row.pos),
-                    index=c.index.at[slot].set(n), k_scale=put_layers(c.k_scale, row.k_scale),
-                    v_scale=put_layers(c.v_scale, row.v_scale))
+    cache = KVCache(
+        k=put_layers(c.k, row.k),
+        v=put_layers(c.v, row.v),
+        pos=put(c.pos, row.pos),
+        index=c.index.at[slot].set(n),
+        k_scale=put_layers(c.k_scale, row.k_scale),
+        v_scale=put_layers(c.v_scale, row.v_scale),
+    )
     seen = prompt_presence(tokens, real[None], V)[0]  # the prompt's tokens (repetition penalty)
     return Slots(
         cache=cache,
@@ -149,11 +154,13 @@ def _chunk_impl(graphdef, chunk_steps, rows, params, all_slots: Slots, pad_id) -
     slots = all_slots if rows == all_slots.logits.shape[0] else jax.tree.map(lambda x: x[:rows], all_slots)
     S, V = slots.logits.shape
     K = min(TOP_LOGPROBS, V)
-    out = ChunkOut(tokens=jnp.full((S, chunk_steps), pad_id, jnp.int32),
-                   logprobs=jnp.zeros((S, chunk_steps), jnp.float32),
-                   top_ids=jnp.zeros((S, chunk_steps, K), jnp.int32),
-                   top_logprobs=jnp.zeros((S, chunk_steps, K), jnp.float32),
-                   new=jnp.zeros((S,), jnp.int32))
+    out = ChunkOut(
+        tokens=jnp.full((S, chunk_steps), pad_id, jnp.int32),
+        logprobs=jnp.zeros((S, chunk_steps), jnp.float32),
+        top_ids=jnp.zeros((S, chunk_steps, K), jnp.int32),
+        top_logprobs=jnp.zeros((S, chunk_steps, K), jnp.float32),
+        new=jnp.zeros((S,), jnp.int32),
+    )
 
     def cond(carry):
         s, _, i = carry
@@ -272,9 +279,19 @@ class Engine:
     no prompt length up to ``max_len`` and no sampling value compiles anything (``TRACE_COUNTS``).
     """
 
-    def __init__(self, model: Transformer, *, slots: int = 16, max_len: int | None = None, chunk_steps: int = 8,
-                 tokenizer=None, pad_id: int = 0, max_queue: int = 256, kv_cache_dtype: str | None = None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS):
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        slots: int = 16,
+        max_len: int | None = None,
+        chunk_steps: int = 8,
+        tokenizer=None,
+        pad_id: int = 0,
+        max_queue: int = 256,
+        kv_cache_dtype: str | None = None,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+    ):
         cfg = model.cfg
         for name, value, lo in (("slots", slots, 1), ("chunk_steps", chunk_steps, 1), ("max_queue", max_queue, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value < 2**31:
@@ -283,8 +300,10 @@ class Engine:
         if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
             raise ValueError(f"max_len={max_len!r} must be an int >= 2 (cache slots per request: prompt + new tokens)")
         if cfg.pos == "learned" and max_len > cfg.max_len:
-            raise ValueError(f"max_len={max_len} exceeds the model's max_len={cfg.max_len} (learned positions end "
-                             f"there); use max_len <= {cfg.max_len}")
+            raise ValueError(
+                f"max_len={max_len} exceeds the model's max_len={cfg.max_len} (learned positions end "
+                f"there); use max_len <= {cfg.max_len}"
+            )
         if not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < cfg.vocab_size:
             raise ValueError(f"pad_id={pad_id!r} must be a token id in [0, {cfg.vocab_size})")
         self.model, self.tokenizer = model, tokenizer
@@ -324,12 +343,18 @@ class Engine:
         if prompt.size + m > self.max_len:
             room = self.max_len - prompt.size
             if room >= 1:
-                raise FieldError("max_new_tokens", f"prompt ({prompt.size} tokens) + max_new_tokens ({m}) = "
-                                 f"{prompt.size + m} exceeds the {self.max_len} tokens a slot holds; lower "
-                                 f"max_new_tokens to <= {room} or shorten the prompt")
-            raise FieldError("prompt", f"prompt ({prompt.size} tokens) + max_new_tokens ({m}) = {prompt.size + m} "
-                             f"exceeds the {self.max_len} tokens a slot holds; shorten the prompt to at most "
-                             f"{self.max_len - 1} tokens")
+                raise FieldError(
+                    "max_new_tokens",
+                    f"prompt ({prompt.size} tokens) + max_new_tokens ({m}) = "
+                    f"{prompt.size + m} exceeds the {self.max_len} tokens a slot holds; lower "
+                    f"max_new_tokens to <= {room} or shorten the prompt",
+                )
+            raise FieldError(
+                "prompt",
+                f"prompt ({prompt.size} tokens) + max_new_tokens ({m}) = {prompt.size + m} "
+                f"exceeds the {self.max_len} tokens a slot holds; shorten the prompt to at most "
+                f"{self.max_len - 1} tokens",
+            )
         try:
             check_seed(request.seed)
         except ValueError as e:
@@ -343,7 +368,9 @@ class Engine:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
             raise FieldError("top_logprobs", f"top_logprobs={k!r} must be an int in [0, {TOP_LOGPROBS}]")
         try:
-            stops = StopStrings(self.tokenizer, [request.stop] if isinstance(request.stop, str) else list(request.stop), 1)
+            stops = StopStrings(
+                self.tokenizer, [request.stop] if isinstance(request.stop, str) else list(request.stop), 1
+            )
         except ValueError as e:
             raise FieldError("stop", str(e)) from None
         return prompt, sampling, eos, stops
@@ -366,16 +393,23 @@ class Engine:
             if self._closing:
                 raise QueueFull("it is shutting down", closing=True)
             if len(requests) > self.num_slots + self.max_queue:
-                raise QueueFull(f"{len(requests)} completions in one request, but the engine decodes {self.num_slots} "
-                                f"at once and queues {self.max_queue}", never=True)
+                raise QueueFull(
+                    f"{len(requests)} completions in one request, but the engine decodes {self.num_slots} "
+                    f"at once and queues {self.max_queue}",
+                    never=True,
+                )
             free = sum(a is None for a in self._by_slot)
             waiting = len(self._queue) + len(requests) - free
             if waiting > self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are waiting for {self.num_slots} slots (the queue holds "
-                                f"{self.max_queue}); retry later")
+                raise QueueFull(
+                    f"{len(self._queue)} requests are waiting for {self.num_slots} slots (the queue holds "
+                    f"{self.max_queue}); retry later"
+                )
             now = time.perf_counter()
-            actives = [_Active(request=r, tokens=tokens, sampling=sampling, eos=eos, on_update=cb, stops=stops,
-                               submitted=now) for (tokens, sampling, eos, stops), r, cb in checked]
+            actives = [
+                _Active(request=r, tokens=tokens, sampling=sampling, eos=eos, on_update=cb, stops=stops, submitted=now)
+                for (tokens, sampling, eos, stops), r, cb in checked
+            ]
             self._queue.extend(actives)
             self._lock.notify()
         return [Handle(a, self) for a in actives]
@@ -421,13 +455,33 @@ class Engine:
         one = SamplingParams.make(1, temperature=1.0, vocab_size=self.model.cfg.vocab_size)
         eos = self._put(np.full((EOS_SLOTS,), -1, np.int32))
         for P in self.buckets:
-            slots = _insert(self._graphdef, self._params, slots, self._put(np.zeros((1, P), np.int32)), np.int32(1),
-                            np.int32(0), seed_key(0), np.int32(1), eos, one)
+            slots = _insert(
+                self._graphdef,
+                self._params,
+                slots,
+                self._put(np.zeros((1, P), np.int32)),
+                np.int32(1),
+                np.int32(0),
+                seed_key(0),
+                np.int32(1),
+                eos,
+                one,
+            )
         # Every slot busy with a one-token request, then each row count's chunk in turn: each runs its
         # loop body on real work once (a first execution costs more than the next), none is left busy.
         for slot in range(1, self.num_slots):
-            slots = _insert(self._graphdef, self._params, slots, self._put(np.zeros((1, self.buckets[0]), np.int32)),
-                            np.int32(1), np.int32(slot), seed_key(0), np.int32(1), eos, one)
+            slots = _insert(
+                self._graphdef,
+                self._params,
+                slots,
+                self._put(np.zeros((1, self.buckets[0]), np.int32)),
+                np.int32(1),
+                np.int32(slot),
+                seed_key(0),
+                np.int32(1),
+                eos,
+                one,
+            )
         for rows in self.row_buckets:
             slots, out = _chunk(self._graphdef, self.chunk_steps, rows, self._params, slots, np.int32(self.pad_id))
         slots = _release(slots, self._put(np.ones((self.num_slots,), bool)))
@@ -454,9 +508,18 @@ class Engine:
             padded[0, :n] = active.tokens
             req = active.request
             # numpy in, device_put: jnp.asarray would compile a small staging program per new shape.
-            self._slots = _insert(self._graphdef, self._params, self._slots, self._put(padded), np.int32(n),
-                                  np.int32(slot), seed_key(req.seed), np.int32(req.max_new_tokens),
-                                  self._put(active.eos), active.sampling)
+            self._slots = _insert(
+                self._graphdef,
+                self._params,
+                self._slots,
+                self._put(padded),
+                np.int32(n),
+                np.int32(slot),
+                seed_key(req.seed),
+                np.int32(req.max_new_tokens),
+                self._put(active.eos),
+                active.sampling,
+            )
 
     def _rows(self) -> int:
         """The smallest row bucket holding every slot in use (requests take the lowest free slot)."""
@@ -464,8 +527,17 @@ class Engine:
         return next(r for r in self.row_buckets if r > last)
 
     def _finish_quiet(self, active: _Active) -> None:
-        active.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="cancelled",
-                                prompt_tokens=int(active.tokens.size), completion_tokens=len(active.out)))
+        active.on_update(
+            Update(
+                tokens=[],
+                logprobs=[],
+                top_logprobs=None,
+                text="",
+                finish_reason="cancelled",
+                prompt_tokens=int(active.tokens.size),
+                completion_tokens=len(active.out),
+            )
+        )
 
     def step(self, wait: float = 0.0) -> bool:
         """One round: admit waiting requests, run one chunk, deliver its tokens, release finished slots.
@@ -487,8 +559,9 @@ class Engine:
                     self._lock.wait(wait)
             return False
         rows = self._rows()
-        self._slots, out = _chunk(self._graphdef, self.chunk_steps, rows, self._params, self._slots,
-                                  np.int32(self.pad_id))
+        self._slots, out = _chunk(
+            self._graphdef, self.chunk_steps, rows, self._params, self._slots, np.int32(self.pad_id)
+        )
         out, done, reason = jax.device_get((out, self._slots.done, self._slots.stop_reason))
         self.stats["chunks"] += 1
         release[:] = False
@@ -510,20 +583,38 @@ class Engine:
                         release[i] = not done[i]
                     text = a.stops.delta(0, ids[:keep], final=finished)
             except Exception as e:  # noqa: BLE001 (the tokenizer failed on this request: it alone ends)
-                print(f"arjax engine: decoding a request's text failed ({type(e).__name__}: {e}); it ends with an error",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"arjax engine: decoding a request's text failed ({type(e).__name__}: {e}); it ends with an error",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 finished, reason_name, release[i] = True, "error", not done[i]
             del a.out[keep:]
             n_new = max(0, keep - start)
             top = None
             if a.request.top_logprobs:
-                top = [[(int(t), float(lp)) for t, lp in zip(out.top_ids[i, j, :a.request.top_logprobs],
-                                                             out.top_logprobs[i, j, :a.request.top_logprobs])]
-                       for j in range(n_new)]
+                top = [
+                    [
+                        (int(t), float(lp))
+                        for t, lp in zip(
+                            out.top_ids[i, j, : a.request.top_logprobs],
+                            out.top_logprobs[i, j, : a.request.top_logprobs],
+                        )
+                    ]
+                    for j in range(n_new)
+                ]
             self.stats["tokens"] += n_new
-            a.on_update(Update(tokens=a.out[start:keep], logprobs=[float(x) for x in out.logprobs[i, :n_new]],
-                               top_logprobs=top, text=text, finish_reason=reason_name,
-                               prompt_tokens=int(a.tokens.size), completion_tokens=keep))
+            a.on_update(
+                Update(
+                    tokens=a.out[start:keep],
+                    logprobs=[float(x) for x in out.logprobs[i, :n_new]],
+                    top_logprobs=top,
+                    text=text,
+                    finish_reason=reason_name,
+                    prompt_tokens=int(a.tokens.size),
+                    completion_tokens=keep,
+                )
+            )
             if finished:
                 self._by_slot[i] = None
                 self.stats["finished"] += 1
@@ -535,16 +626,29 @@ class Engine:
         """After a failed round: every request in flight or waiting ends with finish_reason 'error', and
         the slots start empty (the device state may be gone, e.g. donated to the call that failed).
         If even that fails (no memory for fresh slots), the engine is ``broken``: it refuses requests."""
-        print(f"arjax engine: a decoding round failed ({type(error).__name__}: {error}); "
-              "the requests in flight end with an error", file=sys.stderr, flush=True)
+        print(
+            f"arjax engine: a decoding round failed ({type(error).__name__}: {error}); "
+            "the requests in flight end with an error",
+            file=sys.stderr,
+            flush=True,
+        )
         with self._lock:
             victims = [a for a in self._by_slot if a is not None] + list(self._queue)
             self._queue.clear()
         self._by_slot = [None] * self.num_slots
         for a in victims:  # first: whatever happens next, nobody waits forever
             try:
-                a.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="error",
-                                   prompt_tokens=int(a.tokens.size), completion_tokens=len(a.out)))
+                a.on_update(
+                    Update(
+                        tokens=[],
+                        logprobs=[],
+                        top_logprobs=None,
+                        text="",
+                        finish_reason="error",
+                        prompt_tokens=int(a.tokens.size),
+                        completion_tokens=len(a.out),
+                    )
+                )
             except Exception:  # noqa: BLE001 (a callback that fails too has nobody left to tell)
                 pass
         self._slots = None  # let the old buffers go before making new ones
@@ -552,8 +656,11 @@ class Engine:
             self._slots = self._fresh_slots()
         except Exception as e:  # noqa: BLE001
             self.broken = f"{type(e).__name__}: {e}"
-            print(f"arjax engine: cannot start over ({self.broken}); refusing requests from now on", file=sys.stderr,
-                  flush=True)
+            print(
+                f"arjax engine: cannot start over ({self.broken}); refusing requests from now on",
+                file=sys.stderr,
+                flush=True,
+            )
             self.close()
 
     def _check_memory(self) -> None:
@@ -561,13 +668,22 @@ class Engine:
         cfg, S, L = self.model.cfg, self.num_slots, self.max_len
         mesh = mesh_of(self._params)
         shards = 1 if mesh is None else mesh.size  # weights and cache split over a mesh, at best evenly
-        check_needs([
-            *loaded_needs(self._params, shards=shards),
-            Need(f"the KV cache of slots={S} x max_len={L}", kv_cache_bytes(cfg, S, L, self._cache_dtype) // shards,
-                 "lower slots (--slots) or max_len (--max-len)"),
-            Need(f"the slots' logits and token sets (slots={S} x vocab_size={cfg.vocab_size})", S * cfg.vocab_size * 5,
-                 "lower slots (--slots)"),
-        ], None if mesh is None else list(mesh.devices.flat))
+        check_needs(
+            [
+                *loaded_needs(self._params, shards=shards),
+                Need(
+                    f"the KV cache of slots={S} x max_len={L}",
+                    kv_cache_bytes(cfg, S, L, self._cache_dtype) // shards,
+                    "lower slots (--slots) or max_len (--max-len)",
+                ),
+                Need(
+                    f"the slots' logits and token sets (slots={S} x vocab_size={cfg.vocab_size})",
+                    S * cfg.vocab_size * 5,
+                    "lower slots (--slots)",
+                ),
+            ],
+            None if mesh is None else list(mesh.devices.flat),
+        )
 
     def _fresh_slots(self) -> Slots:
         """Empty slots where the weights are (committed: the programs compiled by ``warmup`` take them
@@ -579,8 +695,9 @@ class Engine:
         mesh = mesh_of(self._params)
         if mesh is not None:
             kv = cache_sharding(mesh, self.num_slots, cfg.num_kv_heads)
-            shardings = shardings.replace(cache=shardings.cache.replace(
-                k=tuple(kv for _ in slots.cache.k), v=tuple(kv for _ in slots.cache.v)))
+            shardings = shardings.replace(
+                cache=shardings.cache.replace(k=tuple(kv for _ in slots.cache.k), v=tuple(kv for _ in slots.cache.v))
+            )
         return jax.device_put(slots, shardings)
 
     def _put(self, x):
@@ -593,8 +710,17 @@ class Engine:
             victims = list(self._queue)
             self._queue.clear()
         for a in victims:
-            a.on_update(Update(tokens=[], logprobs=[], top_logprobs=None, text="", finish_reason="error",
-                               prompt_tokens=int(a.tokens.size), completion_tokens=0))
+            a.on_update(
+                Update(
+                    tokens=[],
+                    logprobs=[],
+                    top_logprobs=None,
+                    text="",
+                    finish_reason="error",
+                    prompt_tokens=int(a.tokens.size),
+                    completion_tokens=0,
+                )
+            )
         time.sleep(0.05)
 
     def run_until_done(self) -> None:

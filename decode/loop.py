@@ -15,11 +15,6 @@ import numpy as np
 from flax import nnx
 
 from arjax.decode.sampling import SamplingParams
-from arjax.model import KVCache, Transformer, init_cache
-from arjax.model.memory import Need, check_needs, kv_cache_bytes, loaded_needs
-from arjax.model.quant import check_kv_cache_dtype
-from arjax.model.rng import check_seed, seed_key
-from arjax.model.sharding import cache_sharding, mesh_of
 from arjax.decode.speculative import DraftModel, PromptLookup, check_draft, spec_loop, spec_start
 from arjax.decode.step import (  # noqa: F401 (DecodeState, prefill and init_state are this module's API too)
     STOP_NAMES,
@@ -30,6 +25,11 @@ from arjax.decode.step import (  # noqa: F401 (DecodeState, prefill and init_sta
     prefill,
 )
 from arjax.decode.stops import StopStrings
+from arjax.model import Transformer, init_cache
+from arjax.model.memory import Need, check_needs, kv_cache_bytes, loaded_needs
+from arjax.model.quant import check_kv_cache_dtype
+from arjax.model.rng import check_seed, seed_key
+from arjax.model.sharding import cache_sharding, mesh_of
 
 # Prompt widths and output-buffer sizes are rounded up to one of these, so a new prompt length
 # or max_new_tokens inside a bucket reuses the compiled program.
@@ -82,8 +82,22 @@ def _loop(model, state: DecodeState, sampling, eos_ids, pad_id, limit) -> Decode
     return jax.lax.while_loop(cond, body, state)
 
 
-def _start_impl(graphdef, num_slots, cache_len, cache_sharding, params, tokens, positions, rng, max_steps, sampling,
-                eos_ids, pad_id, limit, cache_dtype=None):
+def _start_impl(
+    graphdef,
+    num_slots,
+    cache_len,
+    cache_sharding,
+    params,
+    tokens,
+    positions,
+    rng,
+    max_steps,
+    sampling,
+    eos_ids,
+    pad_id,
+    limit,
+    cache_dtype=None,
+):
     """Prefill + the first chunk of the loop, one program (generate's single jitted call).
 
     ``cache_sharding`` (static; None on one device): where the cache's keys and values live when
@@ -98,7 +112,9 @@ def _start_impl(graphdef, num_slots, cache_len, cache_sharding, params, tokens, 
         constrain = lambda kv: tuple(jax.lax.with_sharding_constraint(x, cache_sharding) for x in kv)  # noqa: E731
         cache = cache.replace(k=constrain(cache.k), v=constrain(cache.v))
     logits, cache = prefill(model, tokens, positions, cache)
-    state = init_state(logits, cache, tokens, positions, num_slots=num_slots, rng=rng, max_steps=max_steps, pad_id=pad_id)
+    state = init_state(
+        logits, cache, tokens, positions, num_slots=num_slots, rng=rng, max_steps=max_steps, pad_id=pad_id
+    )
     return _loop(model, state, sampling, eos_ids, pad_id, limit)
 
 
@@ -112,18 +128,50 @@ _start = jax.jit(_start_impl, static_argnums=(0, 1, 2, 3), static_argnames=("cac
 _resume = jax.jit(_resume_impl, static_argnums=(0,), donate_argnums=(2,))
 
 
-def _spec_start_impl(graphdef, draft_graphdef, num_slots, cache_len, k, ngram, params, draft_params, tokens, positions,
-                     rng, max_steps, sampling, eos_ids, pad_id, limit, cache_dtype=None):
+def _spec_start_impl(
+    graphdef,
+    draft_graphdef,
+    num_slots,
+    cache_len,
+    k,
+    ngram,
+    params,
+    draft_params,
+    tokens,
+    positions,
+    rng,
+    max_steps,
+    sampling,
+    eos_ids,
+    pad_id,
+    limit,
+    cache_dtype=None,
+):
     """Speculative decoding's prefill, first token and first chunk of rounds, one program."""
     TRACE_COUNTS["spec_start"] += 1
     target = nnx.merge(graphdef, params)
     draft = None if draft_graphdef is None else nnx.merge(draft_graphdef, draft_params)
-    state = spec_start(target, draft, tokens, positions, rng, max_steps, sampling, eos_ids, pad_id,
-                       num_slots=num_slots, cache_len=cache_len, k=k, cache_dtype=cache_dtype)
+    state = spec_start(
+        target,
+        draft,
+        tokens,
+        positions,
+        rng,
+        max_steps,
+        sampling,
+        eos_ids,
+        pad_id,
+        num_slots=num_slots,
+        cache_len=cache_len,
+        k=k,
+        cache_dtype=cache_dtype,
+    )
     return spec_loop(target, draft, state, sampling, eos_ids, pad_id, limit, k=k, ngram=ngram)
 
 
-def _spec_resume_impl(graphdef, draft_graphdef, k, ngram, params, draft_params, state, sampling, eos_ids, pad_id, limit):
+def _spec_resume_impl(
+    graphdef, draft_graphdef, k, ngram, params, draft_params, state, sampling, eos_ids, pad_id, limit
+):
     TRACE_COUNTS["spec_resume"] += 1
     target = nnx.merge(graphdef, params)
     draft = None if draft_graphdef is None else nnx.merge(draft_graphdef, draft_params)
@@ -156,12 +204,16 @@ def check_prompt(prompt, vocab_size: int, what: str = "the prompt") -> np.ndarra
     """A prompt (token ids) as an int32 array, or a ValueError naming ``what`` is wrong with it."""
     a, V = np.asarray(prompt), vocab_size
     if a.ndim != 1 or a.size == 0:
-        raise ValueError(f"{what} is {'empty' if a.size == 0 else f'shaped {a.shape}'}; every prompt needs at least one token id (e.g. the BOS id)")
+        raise ValueError(
+            f"{what} is {'empty' if a.size == 0 else f'shaped {a.shape}'}; every prompt needs at least one token id (e.g. the BOS id)"
+        )
     if not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"{what} holds {a.dtype} values; token ids must be ints")
     bad = (a < 0) | (a >= V)
     if bad.any():
-        raise ValueError(f"{what} has token id {a[bad][0]} outside [0, {V}); the model's vocabulary has {V} ids (check the tokenizer matches the model)")
+        raise ValueError(
+            f"{what} has token id {a[bad][0]} outside [0, {V}); the model's vocabulary has {V} ids (check the tokenizer matches the model)"
+        )
     return a.astype(np.int32)
 
 
@@ -179,9 +231,21 @@ def eos_array(eos_ids, vocab_size: int, width: int | None = None) -> np.ndarray:
     return np.concatenate([eos, np.full(width - len(eos), -1)]).astype(np.int32)
 
 
-def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len, buckets, seed=0, extra_slots=0,
-          spec_cap=None,
-          kv_cache_dtype=None) -> _Plan:
+def _plan(
+    model,
+    prompts,
+    *,
+    max_new_tokens,
+    sampling,
+    eos_ids,
+    pad_id,
+    max_len,
+    buckets,
+    seed=0,
+    extra_slots=0,
+    spec_cap=None,
+    kv_cache_dtype=None,
+) -> _Plan:
     """Every check of user input happens here, before anything is traced."""
     kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)  # its name, hashable: a static argument
     cfg = model.cfg
@@ -189,7 +253,9 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
     if hasattr(prompts, "shape") and len(prompts.shape) == 2:  # a [B, P] array of equal-length prompts
         prompts = list(np.asarray(prompts))
     if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} {prompts!r:.60}")
+        raise ValueError(
+            f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__} {prompts!r:.60}"
+        )
     check_seed(seed)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
@@ -206,7 +272,9 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         if not isinstance(max_len, (int, np.integer)) or max_len < 2:
             raise ValueError(f"max_len={max_len!r} must be an int >= 2 (the cache length)")
         if cfg.pos == "learned" and max_len > cfg.max_len:
-            raise ValueError(f"max_len={max_len} exceeds the model's max_len={cfg.max_len} (learned positions end there); use max_len <= {cfg.max_len}")
+            raise ValueError(
+                f"max_len={max_len} exceeds the model's max_len={cfg.max_len} (learned positions end there); use max_len <= {cfg.max_len}"
+            )
         cache_len = int(max_len)
     else:
         # Each decode step attends over the whole static cache, so size it to what this call
@@ -214,8 +282,11 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         cache_len = min(cfg.max_len, bucket(longest, buckets) + bucket(max_new_tokens, buckets))
     if longest + max_new_tokens > cache_len:
         where = "the given max_len" if max_len is not None else "the model's max_len"
-        fix = (f"lower max_new_tokens to <= {cache_len - longest}, shorten the prompt" if cache_len > longest
-               else f"the prompt alone fills the cache: shorten it below {cache_len} tokens")
+        fix = (
+            f"lower max_new_tokens to <= {cache_len - longest}, shorten the prompt"
+            if cache_len > longest
+            else f"the prompt alone fills the cache: shorten it below {cache_len} tokens"
+        )
         raise ValueError(
             f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
             f"exceeds the cache length {cache_len} ({where}); {fix}"
@@ -234,12 +305,13 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
         cache_len = P + num_slots + extra_slots
         if cap is not None and cache_len > cap:
             P = min(P, cap - max_new_tokens - extra_slots)  # a narrower prompt width first
-            if P < longest:
+            if longest > P:
                 raise ValueError(
                     f"speculative decoding needs the longest prompt ({longest} tokens) + max_new_tokens "
                     f"({max_new_tokens}) + k ({extra_slots}) = {longest + max_new_tokens + extra_slots} cache slots, over "
                     f"{'the given max_len' if cap == max_len else 'the context of a learned-position model (target or draft)'}"
-                    f" ({cap}); lower max_new_tokens or k")
+                    f" ({cap}); lower max_new_tokens or k"
+                )
             cache_len = cap
 
     tokens = np.full((B, P), pad_id, np.int32)
@@ -252,22 +324,40 @@ def _plan(model, prompts, *, max_new_tokens, sampling, eos_ids, pad_id, max_len,
 
     if sampling is not None:
         if not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling must be a SamplingParams (SamplingParams.make(batch, ...)) or None, got {type(sampling).__name__}")
+            raise ValueError(
+                f"sampling must be a SamplingParams (SamplingParams.make(batch, ...)) or None, got {type(sampling).__name__}"
+            )
         sampling.validate(batch=B, vocab_size=V)
     # The weights are in memory already; the cache and the per-row state come on top (split over a
     # tensor-parallel mesh at best evenly: a lower bound per device).
     state = nnx.state(model) if isinstance(model, nnx.Module) else {}
     mesh = mesh_of(state)
     shards = 1 if mesh is None else mesh.size
-    check_needs([
-        *loaded_needs(state, shards=shards),
-        Need(f"the KV cache ({B} prompts x {cache_len} slots)", kv_cache_bytes(cfg, B, cache_len, kv_cache_dtype) // shards,
-             "lower max_len or max_new_tokens, or decode fewer prompts at once"),
-        Need(f"the decode state ({B} prompts x vocab_size={V} logits, {num_slots} output slots)",
-             (B * V * 5 + B * num_slots * 8) // shards, "decode fewer prompts at once or lower max_new_tokens"),
-    ], None if mesh is None else list(mesh.devices.flat))
-    return _Plan(tokens=tokens, positions=positions, num_slots=num_slots, cache_len=cache_len, max_new_tokens=int(max_new_tokens), eos_ids=eos,
-                 cache_dtype=kv_cache_dtype)
+    check_needs(
+        [
+            *loaded_needs(state, shards=shards),
+            Need(
+                f"the KV cache ({B} prompts x {cache_len} slots)",
+                kv_cache_bytes(cfg, B, cache_len, kv_cache_dtype) // shards,
+                "lower max_len or max_new_tokens, or decode fewer prompts at once",
+            ),
+            Need(
+                f"the decode state ({B} prompts x vocab_size={V} logits, {num_slots} output slots)",
+                (B * V * 5 + B * num_slots * 8) // shards,
+                "decode fewer prompts at once or lower max_new_tokens",
+            ),
+        ],
+        None if mesh is None else list(mesh.devices.flat),
+    )
+    return _Plan(
+        tokens=tokens,
+        positions=positions,
+        num_slots=num_slots,
+        cache_len=cache_len,
+        max_new_tokens=int(max_new_tokens),
+        eos_ids=eos,
+        cache_dtype=kv_cache_dtype,
+    )
 
 
 def stream(
@@ -303,10 +393,20 @@ def stream(
         raise ValueError(f"chunk_steps={chunk_steps!r} must be an int >= 1 (or None for one chunk)")
     if draft is not None:
         check_draft(draft, model)
-    plan = _plan(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, pad_id=pad_id,
-                 max_len=max_len, buckets=buckets, seed=seed, extra_slots=0 if draft is None else int(draft.k),
-                 spec_cap=None if draft is None else _learned_context(model, draft),
-                 kv_cache_dtype=kv_cache_dtype)
+    plan = _plan(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        max_len=max_len,
+        buckets=buckets,
+        seed=seed,
+        extra_slots=0 if draft is None else int(draft.k),
+        spec_cap=None if draft is None else _learned_context(model, draft),
+        kv_cache_dtype=kv_cache_dtype,
+    )
     # Validation above runs at call time; the decoding below runs as the caller iterates.
     stops = StopStrings(tokenizer, stop, plan.tokens.shape[0])
     return _run(model, plan, sampling, seed, pad_id, chunk_steps, draft, stops, text=_text)
@@ -318,15 +418,26 @@ def _learned_context(model, draft) -> int | None:
     return min((m.cfg.max_len for m in models if m.cfg.pos == "learned"), default=None)
 
 
-def stream_text(model: Transformer, prompts, *, tokenizer, chunk_steps: int | None = 8, **kwargs) -> Iterator[list[str]]:
+def stream_text(
+    model: Transformer, prompts, *, tokenizer, chunk_steps: int | None = 8, **kwargs
+) -> Iterator[list[str]]:
     """``stream``, yielding each row's new text instead of its tokens: never text after a stop string
     (a tail that could still become one is held back until it cannot), nor half a UTF-8 character.
     Takes ``stream``'s arguments; its return value is the ``GenerateOutput`` (``texts`` with stop strings)."""
     return stream(model, prompts, tokenizer=tokenizer, chunk_steps=chunk_steps, _text=True, **kwargs)
 
 
-def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None, stops: StopStrings | None = None,
-         text: bool = False) -> Iterator[list]:
+def _run(
+    model,
+    plan: _Plan,
+    sampling,
+    seed,
+    pad_id,
+    chunk_steps,
+    draft=None,
+    stops: StopStrings | None = None,
+    text: bool = False,
+) -> Iterator[list]:
     """The one decoding loop behind stream, stream_text and generate, plain or speculative.
 
     Between chunks, rows whose text holds a stop string (``stops``) are marked done on the device and
@@ -347,18 +458,59 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None, st
     if draft is None:
         mesh = mesh_of(params)  # tensor-parallel weights: the cache is sharded to match
         kv_sharding = None if mesh is None else cache_sharding(mesh, B, model.cfg.num_kv_heads)
-        state = _start(graphdef, plan.num_slots, plan.cache_len, kv_sharding, params, tokens, positions,
-                       seed_key(seed), i32(N), sampling, eos, pad, i32(limit), cache_dtype=plan.cache_dtype)
+        state = _start(
+            graphdef,
+            plan.num_slots,
+            plan.cache_len,
+            kv_sharding,
+            params,
+            tokens,
+            positions,
+            seed_key(seed),
+            i32(N),
+            sampling,
+            eos,
+            pad,
+            i32(limit),
+            cache_dtype=plan.cache_dtype,
+        )
         resume = lambda state, limit: _resume(graphdef, params, state, sampling, eos, pad, i32(limit))  # noqa: E731
         steps_of = lambda state: state.step  # noqa: E731
     else:
         draft_graphdef, draft_params = nnx.split(draft.model) if isinstance(draft, DraftModel) else (None, None)
         k, ngram = int(draft.k), int(getattr(draft, "ngram", 0))
-        state = _spec_start(graphdef, draft_graphdef, plan.num_slots, plan.cache_len, k, ngram, params, draft_params,
-                            tokens, positions, seed_key(seed), i32(N), sampling, eos, pad, i32(limit),
-                            cache_dtype=plan.cache_dtype)
-        resume = lambda state, limit: _spec_resume(graphdef, draft_graphdef, k, ngram, params, draft_params, state,  # noqa: E731
-                                                   sampling, eos, pad, i32(limit))
+        state = _spec_start(
+            graphdef,
+            draft_graphdef,
+            plan.num_slots,
+            plan.cache_len,
+            k,
+            ngram,
+            params,
+            draft_params,
+            tokens,
+            positions,
+            seed_key(seed),
+            i32(N),
+            sampling,
+            eos,
+            pad,
+            i32(limit),
+            cache_dtype=plan.cache_dtype,
+        )
+        resume = lambda state, limit: _spec_resume(
+            graphdef,
+            draft_graphdef,
+            k,
+            ngram,
+            params,
+            draft_params,
+            state,  # noqa: E731
+            sampling,
+            eos,
+            pad,
+            i32(limit),
+        )
         steps_of = lambda state: state.rounds  # noqa: E731
     emitted = np.zeros(B, np.int64)
     stops = stops or StopStrings(None, (), B)
@@ -366,12 +518,12 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None, st
     while True:
         out, lengths, done, step = jax.device_get((state.tokens, state.lengths, state.done, steps_of(state)))
         # Every row, finished ones too: a stop string may precede an EOS or the length limit in this chunk.
-        hit = np.array([stops.check(i, out[i, :lengths[i]]) for i in range(B)], bool)
+        hit = np.array([stops.check(i, out[i, : lengths[i]]) for i in range(B)], bool)
         if stops.stops:
             cut = np.array([r.cut if r.cut is not None else cut[i] for i, r in enumerate(stops.rows)])
             lengths = np.minimum(lengths, cut)
         if text:
-            yield [stops.delta(i, out[i, :lengths[i]], final=bool(done[i] or hit[i])) for i in range(B)]
+            yield [stops.delta(i, out[i, : lengths[i]], final=bool(done[i] or hit[i])) for i in range(B)]
         else:
             yield [out[i, emitted[i] : lengths[i]] for i in range(B)]
         emitted = lengths.astype(np.int64)
@@ -381,8 +533,9 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None, st
             state = state.replace(done=state.done | jnp.asarray(hit))
         limit = min(int(step) + chunk, N)
         state = resume(state, limit)
-    out, lengths, logprobs, reason, step = jax.device_get((state.tokens, state.lengths, state.logprobs, state.stop_reason,
-                                                           steps_of(state)))
+    out, lengths, logprobs, reason, step = jax.device_get(
+        (state.tokens, state.lengths, state.logprobs, state.stop_reason, steps_of(state))
+    )
     stopped = cut < np.iinfo(np.int64).max
     if stopped.any():  # cut at the token that completed the stop string
         lengths = np.where(stopped, np.minimum(lengths, cut), lengths).astype(np.int32)
@@ -392,9 +545,11 @@ def _run(model, plan: _Plan, sampling, seed, pad_id, chunk_steps, draft=None, st
     stats = {}
     if draft is not None:
         drafted, accepted = jax.device_get((state.drafted, state.accepted))
-        stats = {"acceptance_rate": float(accepted.sum() / max(drafted.sum(), 1)),
-                 "tokens_per_pass": float(lengths.sum() / max(B * (int(step) + 1), 1))}
-    texts = [stops.visible(i, out[i, :lengths[i]], final=True) for i in range(B)] if stops.stops else None
+        stats = {
+            "acceptance_rate": float(accepted.sum() / max(drafted.sum(), 1)),
+            "tokens_per_pass": float(lengths.sum() / max(B * (int(step) + 1), 1)),
+        }
+    texts = [stops.visible(i, out[i, : lengths[i]], final=True) for i in range(B)] if stops.stops else None
     return GenerateOutput(
         tokens=np.asarray(out[:, :N]),
         lengths=np.asarray(lengths),
@@ -437,9 +592,20 @@ def generate(
     one; the loop runs in chunks of 16 steps so that such rows stop early.
     """
     it = stream(
-        model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, seed=seed,
-        pad_id=pad_id, max_len=max_len, buckets=buckets, chunk_steps=16 if stop else None, draft=draft,
-        kv_cache_dtype=kv_cache_dtype, stop=stop, tokenizer=tokenizer,
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_ids=eos_ids,
+        seed=seed,
+        pad_id=pad_id,
+        max_len=max_len,
+        buckets=buckets,
+        chunk_steps=16 if stop else None,
+        draft=draft,
+        kv_cache_dtype=kv_cache_dtype,
+        stop=stop,
+        tokenizer=tokenizer,
     )
     while True:
         try:

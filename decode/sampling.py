@@ -66,17 +66,52 @@ class SamplingField:
 # line keys and the HTTP request body are all derived from it. A new filter adds its field here, its
 # array to SamplingParams, and its math to filter_logits.
 SAMPLING_FIELDS: tuple[SamplingField, ...] = (
-    SamplingField(name="temperature", kind=float, default=1.0, bounds=Bounds(0), note="0 means greedy",
-                  help="sampling temperature; 0 means greedy", metavar="T"),
-    SamplingField(name="top_k", kind=int, default=0, bounds=Bounds(0), note="0 turns top-k off",
-                  help="sample only among the k most likely tokens; 0 turns it off", metavar="K", vocab_bound=True),
-    SamplingField(name="top_p", kind=float, default=1.0, bounds=Bounds(0, 1, lo_open=True), note="1 turns top-p off",
-                  help="nucleus sampling mass; 1 turns it off", metavar="P"),
-    SamplingField(name="min_p", kind=float, default=0.0, bounds=Bounds(0, 1), note="0 turns min-p off",
-                  help="drop tokens below min_p times the top probability; 0 turns it off", metavar="P"),
-    SamplingField(name="repetition_penalty", kind=float, default=1.0, bounds=Bounds(0, lo_open=True),
-                  note="1 turns it off; > 1 discourages repeats", help="penalise tokens already seen; 1 turns it off",
-                  metavar="R"),
+    SamplingField(
+        name="temperature",
+        kind=float,
+        default=1.0,
+        bounds=Bounds(0),
+        note="0 means greedy",
+        help="sampling temperature; 0 means greedy",
+        metavar="T",
+    ),
+    SamplingField(
+        name="top_k",
+        kind=int,
+        default=0,
+        bounds=Bounds(0),
+        note="0 turns top-k off",
+        help="sample only among the k most likely tokens; 0 turns it off",
+        metavar="K",
+        vocab_bound=True,
+    ),
+    SamplingField(
+        name="top_p",
+        kind=float,
+        default=1.0,
+        bounds=Bounds(0, 1, lo_open=True),
+        note="1 turns top-p off",
+        help="nucleus sampling mass; 1 turns it off",
+        metavar="P",
+    ),
+    SamplingField(
+        name="min_p",
+        kind=float,
+        default=0.0,
+        bounds=Bounds(0, 1),
+        note="0 turns min-p off",
+        help="drop tokens below min_p times the top probability; 0 turns it off",
+        metavar="P",
+    ),
+    SamplingField(
+        name="repetition_penalty",
+        kind=float,
+        default=1.0,
+        bounds=Bounds(0, lo_open=True),
+        note="1 turns it off; > 1 discourages repeats",
+        help="penalise tokens already seen; 1 turns it off",
+        metavar="R",
+    ),
 )
 SAMPLING_NAMES: tuple[str, ...] = tuple(f.name for f in SAMPLING_FIELDS)
 _BY_NAME = {f.name: f for f in SAMPLING_FIELDS}
@@ -84,8 +119,11 @@ _BY_NAME = {f.name: f for f in SAMPLING_FIELDS}
 # One request's sampling values as plain Python numbers, with the spec's defaults: the engine's Request
 # inherits its sampling fields from it.
 SamplingValues = dataclasses.make_dataclass(
-    "SamplingValues", [(f.name, f.kind, dataclasses.field(default=f.default)) for f in SAMPLING_FIELDS],
-    frozen=True, kw_only=True)
+    "SamplingValues",
+    [(f.name, f.kind, dataclasses.field(default=f.default)) for f in SAMPLING_FIELDS],
+    frozen=True,
+    kw_only=True,
+)
 SamplingValues.__module__ = __name__
 SamplingValues.__doc__ = "One request's sampling values (SAMPLING_FIELDS, with their defaults); unchecked."
 
@@ -113,15 +151,19 @@ def check_sampling_field(
         raise FieldError(name, f"{name}={value!r} must be a whole number")
     limit = int(np.iinfo(np.int32).max) if f.kind is int else float(np.finfo(np.float32).max)
     if abs(value) > limit:  # 4294967301 would wrap to 5 as an int32, 1e39 become inf as a float32
-        raise FieldError(name, f"{name}={value!r} does not fit a {np.dtype(f.dtype).name}; use a value of "
-                               f"magnitude <= {limit:,}")
+        raise FieldError(
+            name, f"{name}={value!r} does not fit a {np.dtype(f.dtype).name}; use a value of magnitude <= {limit:,}"
+        )
     value = f.kind(value)
     where = "" if row is None else f" (row {row})"
     if value not in f.bounds:
         raise FieldError(name, f"{name}={value!r}{where} must be {f.describe()} ({f.note})")
     if f.vocab_bound and vocab_size is not None and value > vocab_size:
-        raise FieldError(name, f"{name}={value!r}{where} exceeds the vocabulary size {vocab_size}; use "
-                               f"0 < {name} <= {vocab_size} or 0 for off")
+        raise FieldError(
+            name,
+            f"{name}={value!r}{where} exceeds the vocabulary size {vocab_size}; use "
+            f"0 < {name} <= {vocab_size} or 0 for off",
+        )
     return value
 
 
@@ -130,8 +172,10 @@ def check_sampling(values: Mapping[str, Any], *, vocab_size: int | None = None) 
     unknown = sorted(set(values) - set(SAMPLING_NAMES))
     if unknown:
         raise TypeError(f"unknown sampling fields {unknown}; the fields are {', '.join(SAMPLING_NAMES)}")
-    return {f.name: check_sampling_field(f.name, values.get(f.name, f.default), vocab_size=vocab_size)
-            for f in SAMPLING_FIELDS}
+    return {
+        f.name: check_sampling_field(f.name, values.get(f.name, f.default), vocab_size=vocab_size)
+        for f in SAMPLING_FIELDS
+    }
 
 
 def sampling_values(source: Any) -> dict[str, Any]:
@@ -184,8 +228,9 @@ class SamplingParams:
             raise ValueError(f"batch={batch!r} must be a positive int (the number of prompts)")
         unknown = sorted(set(values) - set(SAMPLING_NAMES))
         if unknown:
-            raise TypeError(f"SamplingParams.make got unknown sampling fields {unknown}; the fields are "
-                            f"{', '.join(SAMPLING_NAMES)}")
+            raise TypeError(
+                f"SamplingParams.make got unknown sampling fields {unknown}; the fields are {', '.join(SAMPLING_NAMES)}"
+            )
         params = cls(**{f.name: _per_row(f, values.get(f.name, f.default), batch, vocab_size) for f in SAMPLING_FIELDS})
         return jax.tree.map(jnp.asarray, params)
 
@@ -211,8 +256,9 @@ def _per_row(f: SamplingField, value, batch: int, vocab_size: int | None) -> np.
     """One checked value per row (``check_sampling_field``, before the cast to the device's type)."""
     values = list(value) if isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str) else [value]
     if len(values) not in (1, batch):
-        raise FieldError(f.name, f"{f.name} has {len(values)} values for {batch} prompts; pass one value or one per "
-                                 "prompt")
+        raise FieldError(
+            f.name, f"{f.name} has {len(values)} values for {batch} prompts; pass one value or one per prompt"
+        )
     checked = [check_sampling_field(f.name, v, vocab_size=vocab_size, row=row) for row, v in enumerate(values)]
     return np.asarray(checked * (batch // len(checked)), f.dtype)
 

@@ -45,16 +45,17 @@ HTTP_NAMES = {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs", **{f.n
 def _sampling_field(f: SamplingField):
     """A body field for one sampling field: checked by ``check_sampling_field`` itself, so a value is refused
     with the same line as from Python, a flag or a batch line (types included)."""
-    return Annotated[Any, AfterValidator(lambda value: check_sampling_field(f.name, value)),
-                     Field(description=f.help)], f.default
+    return Annotated[
+        Any, AfterValidator(lambda value: check_sampling_field(f.name, value)), Field(description=f.help)
+    ], f.default
 
 
 CompletionRequest = create_model(
     "CompletionRequest",
     __config__=ConfigDict(extra="forbid", strict=True),
     __doc__="The body of ``POST /v1/completions``: OpenAI's fields we honour, plus top_k, min_p and "
-            "repetition_penalty. Unknown fields are refused (a misspelt ``temprature`` must not be ignored "
-            "silently); numbers are strict (no ``\"0.5\"`` strings).",
+    "repetition_penalty. Unknown fields are refused (a misspelt ``temprature`` must not be ignored "
+    'silently); numbers are strict (no ``"0.5"`` strings).',
     __module__=__name__,
     model=(str, ...),
     prompt=(str | Annotated[list[str], Field(min_length=1)], ...),
@@ -81,20 +82,36 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: the handlers'
     helpers raise it; the app's handler (``_api_error``) turns it into the response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+def _error(
+    status: int,
+    message: str,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        headers=headers,
+        content={"error": {"message": message, "type": kind, "param": param, "code": None}},
+    )
 
 
-_UNION_FIELDS = {"prompt": "a string or a non-empty list of strings",
-                 "stop": "a string or a list of at most 16 strings"}
+_UNION_FIELDS = {
+    "prompt": "a string or a non-empty list of strings",
+    "stop": "a string or a list of at most 16 strings",
+}
 
 
 def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -104,7 +121,7 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if kind == "json_invalid":
         return f"the request body is not valid JSON ({first.get('msg', '')}); send a JSON object", None
     if not first.get("loc"):
-        return "the request body must be a JSON object, e.g. {\"model\": ..., \"prompt\": \"...\"}", None
+        return 'the request body must be a JSON object, e.g. {"model": ..., "prompt": "..."}', None
     field = str(first["loc"][0])
     refusal = (first.get("ctx") or {}).get("error")
     if isinstance(refusal, FieldError):  # a sampling field: check_sampling_field's own line
@@ -149,8 +166,12 @@ def create_app(engine: Engine, tokenizer, model_id: str) -> FastAPI:
 
 async def _http_error(_, exc: StarletteHTTPException):
     """An unknown route or a wrong method: OpenAI's error shape."""
-    return _error(exc.status_code, f"{exc.detail}; this server has POST /v1/completions, GET /v1/models, GET /health",
-                  None, "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+    return _error(
+        exc.status_code,
+        f"{exc.detail}; this server has POST /v1/completions, GET /v1/models, GET /health",
+        None,
+        "not_found_error" if exc.status_code == 404 else "invalid_request_error",
+    )
 
 
 async def _bad_request(_, exc: RequestValidationError):
@@ -169,15 +190,23 @@ router = APIRouter()
 async def health(http: HTTPRequest):
     state = http.app.state
     engine = state.engine
-    return {"status": "ok" if not engine.broken else f"broken: {engine.broken}", "model": state.model_id,
-            "slots": engine.num_slots, "active": engine.active, "waiting": engine.waiting, "max_len": engine.max_len}
+    return {
+        "status": "ok" if not engine.broken else f"broken: {engine.broken}",
+        "model": state.model_id,
+        "slots": engine.num_slots,
+        "active": engine.active,
+        "waiting": engine.waiting,
+        "max_len": engine.max_len,
+    }
 
 
 @router.get("/v1/models")
 async def models(http: HTTPRequest):
     state = http.app.state
-    return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": state.created,
-                                        "owned_by": "arjax"}]}
+    return {
+        "object": "list",
+        "data": [{"id": state.model_id, "object": "model", "created": state.created, "owned_by": "arjax"}],
+    }
 
 
 @router.post("/v1/completions")
@@ -187,18 +216,29 @@ async def completions(http: HTTPRequest):
     if body is None:  # the client hung up before its body arrived: nobody to answer, nothing to log
         return Response(status_code=499)
     if body.model != state.model_id:
-        raise ApiError(404, f"model {body.model!r} is not served here; this server serves {state.model_id!r}", "model",
-                       "not_found_error")
+        raise ApiError(
+            404,
+            f"model {body.model!r} is not served here; this server serves {state.model_id!r}",
+            "model",
+            "not_found_error",
+        )
     if body.echo and body.logprobs is not None:
         raise ApiError(400, "echo with logprobs (the prompt's log-probabilities) is not supported; drop one", "echo")
     queue: asyncio.Queue = asyncio.Queue()
     choices, requests = _choices(body, state.tokenizer, asyncio.get_running_loop(), queue)
     handles = _submit(state.engine, requests)
-    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": state.model_id}
+    base = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": state.model_id,
+    }
     if body.stream:
-        return StreamingResponse(_sse(queue, handles, choices, body, base, state.tokenizer),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _sse(queue, handles, choices, body, base, state.tokenizer),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     return await _collect(queue, handles, choices, body, base, state.tokenizer, http)
 
 
@@ -243,8 +283,15 @@ def _choices(body, tokenizer, loop, queue) -> tuple[list[dict], list[tuple[Reque
         for _ in range(body.n):
             index = len(choices)
             choices.append({"prompt": text, "ids": ids})
-            req = Request(prompt=ids, max_new_tokens=body.max_tokens, **sampling, seed=seed + index, eos_ids=eos,
-                          stop=stops, top_logprobs=body.logprobs or 0)
+            req = Request(
+                prompt=ids,
+                max_new_tokens=body.max_tokens,
+                **sampling,
+                seed=seed + index,
+                eos_ids=eos,
+                stop=stops,
+                top_logprobs=body.logprobs or 0,
+            )
 
             def on_update(update: Update, index=index):
                 with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody is listening
@@ -265,8 +312,13 @@ def _submit(engine: Engine, requests) -> list:
     except QueueFull as e:
         if e.never:  # more completions than the server can ever hold at once
             raise ApiError(400, f"{e}; lower n or send fewer prompts per request", "n") from None
-        raise ApiError(429 if not e.closing else 503, f"the server cannot take requests now: {e}", None,
-                       "rate_limit_error" if not e.closing else "server_error", {"Retry-After": "1"}) from None
+        raise ApiError(
+            429 if not e.closing else 503,
+            f"the server cannot take requests now: {e}",
+            None,
+            "rate_limit_error" if not e.closing else "server_error",
+            {"Retry-After": "1"},
+        ) from None
 
 
 def _cancel(handles) -> None:
@@ -294,8 +346,12 @@ def _logprobs_block(update: Update, tokenizer, before: list[int], offset: int) -
             for t, lp in alts:  # most likely first
                 shown.setdefault(tokenizer.decode([t]), lp)
             top.append(shown)
-    return {"tokens": [tokenizer.decode([t]) for t in update.tokens], "token_logprobs": update.logprobs,
-            "top_logprobs": top, "text_offset": offsets}
+    return {
+        "tokens": [tokenizer.decode([t]) for t in update.tokens],
+        "token_logprobs": update.logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
 
 
 def _merge_logprobs(acc: dict | None, block: dict) -> dict:
@@ -340,16 +396,25 @@ async def _collect(queue, handles, choices, body, base, tokenizer, http) -> dict
     if "cancelled" in finish:  # the server is shutting down
         return _error(503, "the server is shutting down; retry on another", None, "server_error")
     prompt_tokens = sum(len(c["ids"]) for c in choices[:: body.n])
-    return {**base, "choices": [{"index": i, "text": texts[i], "logprobs": logprobs[i], "finish_reason": finish[i]}
-                                for i in range(len(choices))],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(usage),
-                      "total_tokens": prompt_tokens + sum(usage)}}
+    return {
+        **base,
+        "choices": [
+            {"index": i, "text": texts[i], "logprobs": logprobs[i], "finish_reason": finish[i]}
+            for i in range(len(choices))
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sum(usage),
+            "total_tokens": prompt_tokens + sum(usage),
+        },
+    }
 
 
 async def _sse(queue, handles, choices, body, base, tokenizer):
     """Server-sent events: a ``text_completion`` chunk per choice per engine chunk with new text; the last
     choice to finish carries ``finish_reason`` and the request's usage; then ``data: [DONE]``. A client that
     goes away cancels the generator (Starlette), which frees the slots."""
+
     def event(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -370,14 +435,19 @@ async def _sse(queue, handles, choices, body, base, tokenizer):
             lp = None
             if body.logprobs is not None and update.tokens:
                 lp = _logprobs_block(update, tokenizer, ids[index], 0)
-            chunk = {**base, "choices": [{"index": index, "text": update.text, "logprobs": lp,
-                                          "finish_reason": finish}]}
+            chunk = {
+                **base,
+                "choices": [{"index": index, "text": update.text, "logprobs": lp, "finish_reason": finish}],
+            }
             if finish is not None:
                 remaining -= 1
                 if not remaining:
                     prompt_tokens = sum(len(c["ids"]) for c in choices[:: body.n])
-                    chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(usage),
-                                      "total_tokens": prompt_tokens + sum(usage)}
+                    chunk["usage"] = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": sum(usage),
+                        "total_tokens": prompt_tokens + sum(usage),
+                    }
             yield event(chunk)
         yield "data: [DONE]\n\n"
     finally:
@@ -395,10 +465,15 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if isinstance(e, socket.gaierror):
-            raise ValueError(f"host {host!r} is not an address of this machine ({e.strerror}); use e.g. --host "
-                             "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
-        why = ("is in use; pick another --port (0: any free one)" if e.errno == errno.EADDRINUSE else
-               f"cannot be used ({e.strerror}); pick another --host or --port (0: any free one)")
+            raise ValueError(
+                f"host {host!r} is not an address of this machine ({e.strerror}); use e.g. --host "
+                "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+            ) from None
+        why = (
+            "is in use; pick another --port (0: any free one)"
+            if e.errno == errno.EADDRINUSE
+            else f"cannot be used ({e.strerror}); pick another --host or --port (0: any free one)"
+        )
         raise ValueError(f"{host}:{port} {why}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -420,8 +495,9 @@ class Server:
                 super().handle_exit(sig, frame)
 
         self.sock = sock
-        self._server = _Uvicorn(uvicorn.Config(app, log_level="warning", access_log=False, log_config=None,
-                                               timeout_graceful_shutdown=5))
+        self._server = _Uvicorn(
+            uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, timeout_graceful_shutdown=5)
+        )
         self._thread: threading.Thread | None = None
 
     @property

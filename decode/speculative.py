@@ -26,11 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
 from arjax.decode.sampling import SamplingParams, filter_logits, sample
-from arjax.model import KVCache, Transformer, init_cache
 from arjax.decode.step import RUNNING, emit, prefill, prompt_presence
+from arjax.model import KVCache, Transformer, init_cache
 from arjax.model.cache import write_slots
 
 
@@ -54,7 +54,9 @@ class PromptLookup:
 def check_draft(draft, target: Transformer) -> None:
     """One-line errors for a drafter that cannot serve this target."""
     if not isinstance(draft, (DraftModel, PromptLookup)):
-        raise ValueError(f"draft must be DraftModel(model, k=...) or PromptLookup(ngram=..., k=...), got {type(draft).__name__}")
+        raise ValueError(
+            f"draft must be DraftModel(model, k=...) or PromptLookup(ngram=..., k=...), got {type(draft).__name__}"
+        )
     k = draft.k
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= 64:
         raise ValueError(f"draft k={k!r} must be an int in 1..64 (tokens proposed per round; 4-8 is typical)")
@@ -68,7 +70,8 @@ def check_draft(draft, target: Transformer) -> None:
     if draft.model.cfg.vocab_size != target.cfg.vocab_size:
         raise ValueError(
             f"the draft model's vocabulary has {draft.model.cfg.vocab_size} ids but the target's has "
-            f"{target.cfg.vocab_size}; a draft must share the target's vocabulary and tokenizer")
+            f"{target.cfg.vocab_size}; a draft must share the target's vocabulary and tokenizer"
+        )
 
 
 @struct.dataclass
@@ -122,8 +125,9 @@ def _propose_model(draft: Transformer, state: SpecState, sampling: SamplingParam
     cache, and writing it again at its own slot writes the same keys and values.
     """
     cache = state.draft_cache.replace(index=state.cache.index - 1)
-    logits, cache = draft(jnp.stack([state.prev, state.pending], 1),
-                          jnp.stack([state.positions - 1, state.positions], 1), cache)
+    logits, cache = draft(
+        jnp.stack([state.prev, state.pending], 1), jnp.stack([state.positions - 1, state.positions], 1), cache
+    )
     V = logits.shape[-1]
 
     def propose(logits, presence, key):
@@ -139,8 +143,9 @@ def _propose_model(draft: Transformer, state: SpecState, sampling: SamplingParam
         return (logits[:, 0], cache, presence), (d, q)
 
     keys = jax.random.split(key, k)
-    (logits, cache, presence), (ds, qs) = jax.lax.scan(step, (logits[:, -1], cache, state.presence),
-                                                       (keys[:-1], jnp.arange(k - 1)))
+    (logits, cache, presence), (ds, qs) = jax.lax.scan(
+        step, (logits[:, -1], cache, state.presence), (keys[:-1], jnp.arange(k - 1))
+    )
     d_last, q_last, _ = propose(logits, presence, keys[-1])  # the k-th draft is not fed (see above)
     drafts = jnp.concatenate([ds.T, d_last[:, None]], axis=1)  # [B, k]
     q = jnp.concatenate([qs.transpose(1, 0, 2), q_last[:, None]], axis=1)  # [B, k, V]
@@ -160,7 +165,7 @@ def lookup_drafts(history: jax.Array, history_len: jax.Array, *, ngram: int, k: 
         match = jnp.ones((B, H), bool)
         for i in range(n):
             shifted = jnp.pad(history[:, i:], ((0, 0), (0, i)), constant_values=-1)  # shifted[:, j] = history[:, j+i]
-            match &= shifted == tail[:, i:i + 1]
+            match &= shifted == tail[:, i : i + 1]
         # An earlier occurrence with at least one token after it (not the tail itself).
         found = match & (j + n < length) & (length > n)
         latest = jnp.max(jnp.where(found, j + n, -1), axis=1).astype(jnp.int32)
@@ -178,8 +183,17 @@ def accept_drafts(u: jax.Array, p_d: jax.Array, q_d: jax.Array) -> jax.Array:
     return u * q_d < p_d
 
 
-def spec_round(target: Transformer, draft: Transformer | None, state: SpecState, sampling: SamplingParams,
-               eos_ids: jax.Array, *, k: int, ngram: int, pad_id) -> SpecState:
+def spec_round(
+    target: Transformer,
+    draft: Transformer | None,
+    state: SpecState,
+    sampling: SamplingParams,
+    eos_ids: jax.Array,
+    *,
+    k: int,
+    ngram: int,
+    pad_id,
+) -> SpecState:
     """One round: propose k, verify in one target pass over k+1 tokens, emit 1..k+1 tokens per row."""
     B, V = state.presence.shape
     rng, key_draft, key_accept, key_extra = jax.random.split(state.rng, 4)
@@ -211,8 +225,16 @@ def spec_round(target: Transformer, draft: Transformer | None, state: SpecState,
     # Emitted: d1..d_n, then the extra token; cut at EOS and at max_new_tokens; nothing for done rows.
     col = jnp.arange(k + 1)
     proposal = jnp.where(col < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), extra[:, None])  # [B, k+1]
-    em = emit(raw, proposal, done=state.done, emitted=state.lengths, max_steps=state.max_steps, eos=eos_ids,
-              pad_id=pad_id, proposed=n_acc + 1)
+    em = emit(
+        raw,
+        proposal,
+        done=state.done,
+        emitted=state.lengths,
+        max_steps=state.max_steps,
+        eos=eos_ids,
+        pad_id=pad_id,
+        proposed=n_acc + 1,
+    )
     count, running = em.count, em.running  # [B]: tokens kept; rows that ran this round
     last = jnp.take_along_axis(proposal, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     before = jnp.take_along_axis(proposal, jnp.maximum(count - 2, 0)[:, None], axis=1)[:, 0]
@@ -240,8 +262,22 @@ def spec_round(target: Transformer, draft: Transformer | None, state: SpecState,
     )
 
 
-def spec_start(target, draft, tokens, positions, rng, max_steps, sampling, eos_ids, pad_id, *, num_slots: int,
-               cache_len: int, k: int, cache_dtype=None) -> SpecState:
+def spec_start(
+    target,
+    draft,
+    tokens,
+    positions,
+    rng,
+    max_steps,
+    sampling,
+    eos_ids,
+    pad_id,
+    *,
+    num_slots: int,
+    cache_len: int,
+    k: int,
+    cache_dtype=None,
+) -> SpecState:
     """Prefill the prompt into the target's (and the draft's) cache and emit the first token.
     ``cache_dtype``: ``init_cache``'s (None: the model's; "int8": int8 keys and values with scales)."""
     B, P = tokens.shape
@@ -251,8 +287,15 @@ def spec_start(target, draft, tokens, positions, rng, max_steps, sampling, eos_i
         _, draft_cache = prefill(draft, tokens, positions, init_cache(draft.cfg, B, cache_len, cache_dtype))
     presence = prompt_presence(tokens, positions >= 0, logits.shape[-1])  # [B, V]
     rng, key = jax.random.split(rng)
-    em = emit(logits, sample(key, logits, sampling, presence), done=jnp.zeros((B,), bool), emitted=0,
-              max_steps=max_steps, eos=eos_ids, pad_id=pad_id)
+    em = emit(
+        logits,
+        sample(key, logits, sampling, presence),
+        done=jnp.zeros((B,), bool),
+        emitted=0,
+        max_steps=max_steps,
+        eos=eos_ids,
+        pad_id=pad_id,
+    )
     first = em.tokens  # [B]
     W = num_slots + k + 1
     prompt_len = jnp.max(positions, axis=1) + 1  # [B]

@@ -79,8 +79,17 @@ class Emitted:
         return presence | jnp.any(jax.nn.one_hot(self.tokens, V, dtype=bool) & keep[..., None], axis=1)
 
 
-def emit(logits: jax.Array, tokens: jax.Array, *, done: jax.Array, emitted: jax.Array, max_steps: jax.Array,
-         eos: jax.Array | None, pad_id, proposed: jax.Array | None = None) -> Emitted:
+def emit(
+    logits: jax.Array,
+    tokens: jax.Array,
+    *,
+    done: jax.Array,
+    emitted: jax.Array,
+    max_steps: jax.Array,
+    eos: jax.Array | None,
+    pad_id,
+    proposed: jax.Array | None = None,
+) -> Emitted:
     """The bookkeeping of one step, shared by every loop.
 
     logits: the raw model logits the tokens were drawn from, [B, V] (one token per row) or [B, K, V];
@@ -107,7 +116,9 @@ def emit(logits: jax.Array, tokens: jax.Array, *, done: jax.Array, emitted: jax.
     K = tokens.shape[1]
     col = jnp.arange(K)
     eos = jnp.full((1,), -1, jnp.int32) if eos is None else jnp.asarray(eos, jnp.int32)
-    is_eos = jnp.any(tokens[..., None] == (eos[:, None, :] if eos.ndim == 2 else eos), axis=-1) & (col < proposed[:, None])
+    is_eos = jnp.any(tokens[..., None] == (eos[:, None, :] if eos.ndim == 2 else eos), axis=-1) & (
+        col < proposed[:, None]
+    )
     first_eos = jnp.argmax(is_eos, axis=1)
     any_eos = jnp.any(is_eos, axis=1)
     count = jnp.where(any_eos, first_eos + 1, proposed)
@@ -120,8 +131,15 @@ def emit(logits: jax.Array, tokens: jax.Array, *, done: jax.Array, emitted: jax.
     logp = jax.nn.log_softmax(logits, axis=-1)
     logprob = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     out_logprobs = jnp.where(keep, logprob, 0.0).astype(jnp.float32)
-    return Emitted(tokens=out_tokens, logprobs=out_logprobs, logp=logp, running=running, hit_eos=hit_eos,
-                   hit_len=hit_len, count=count)
+    return Emitted(
+        tokens=out_tokens,
+        logprobs=out_logprobs,
+        logp=logp,
+        running=running,
+        hit_eos=hit_eos,
+        hit_len=hit_len,
+        count=count,
+    )
 
 
 def prefill(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -198,8 +216,15 @@ def decode_step(
     """
     rng, key = jax.random.split(state.rng)
     token = sample(key, state.logits, sampling, state.presence) if forced_tokens is None else forced_tokens
-    em = emit(state.logits, token, done=state.done, emitted=state.step, max_steps=state.max_steps,
-              eos=None if eos_ids is None else jnp.asarray(eos_ids, jnp.int32).reshape(-1), pad_id=pad_id)
+    em = emit(
+        state.logits,
+        token,
+        done=state.done,
+        emitted=state.step,
+        max_steps=state.max_steps,
+        eos=None if eos_ids is None else jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+        pad_id=pad_id,
+    )
     col = (0, state.step)
     logits, cache = model(em.tokens[:, None], state.positions[:, None], state.cache)  # [B, 1, V]
     return DecodeState(

@@ -34,9 +34,13 @@ class StopStrings:
         stops = list(stops)
         for s in stops:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop string {s!r} is empty or not text; give non-empty strings, e.g. stop=['\\n\\n']")
+                raise ValueError(
+                    f"stop string {s!r} is empty or not text; give non-empty strings, e.g. stop=['\\n\\n']"
+                )
         if stops and (tokenizer is None or not hasattr(tokenizer, "decode")):
-            raise ValueError("stop strings need the tokenizer to read the text: pass tokenizer=... (with a decode method)")
+            raise ValueError(
+                "stop strings need the tokenizer to read the text: pass tokenizer=... (with a decode method)"
+            )
         self.tokenizer, self.stops = tokenizer, stops
         self.longest = max((len(s) for s in stops), default=0)
         self.rows = [_Row() for _ in range(batch)]
@@ -55,7 +59,7 @@ class StopStrings:
         text = decode([int(t) for t in ids])
         # Only text a new token could have completed: the last longest-1 characters before it and after
         # (and 3 more: up to 3 U+FFFD of an unfinished character may have become one character).
-        start = max(0, len(decode([int(t) for t in ids[:row.checked]])) - self.longest + 1 - 3)
+        start = max(0, len(decode([int(t) for t in ids[: row.checked]])) - self.longest + 1 - 3)
         if self._find(text, start) < 0:
             row.checked = len(ids)
             return False
@@ -84,7 +88,7 @@ class StopStrings:
         end = len(text) - min(trail, 3)
         hold = 0  # the longest tail that is the start of a stop string
         for s in self.stops:
-            hold = max(hold, next((n for n in range(min(len(s) - 1, end), 0, -1) if text[end - n:end] == s[:n]), 0))
+            hold = max(hold, next((n for n in range(min(len(s) - 1, end), 0, -1) if text[end - n : end] == s[:n]), 0))
         end -= hold
         return text[:end]
 
@@ -92,6 +96,6 @@ class StopStrings:
         """The new visible text of row i since the last call."""
         row = self.rows[i]
         text = self.visible(i, ids, final)
-        out = text[row.text_shown:] if len(text) > row.text_shown else ""
+        out = text[row.text_shown :] if len(text) > row.text_shown else ""
         row.text_shown = max(row.text_shown, len(text))
         return out

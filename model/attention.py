@@ -61,13 +61,21 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     groups = q.shape[2] // k.shape[2]  # grouped-query heads: the kernel wants one K/V head per query head
     k, v = (jnp.repeat(x, groups, axis=2) if groups > 1 else x for x in (k, v))
-    out = flash_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), causal=True,
-                          sm_scale=1.0 / math.sqrt(q.shape[-1]))  # [B, N, T, Dh]
+    out = flash_attention(
+        q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), causal=True, sm_scale=1.0 / math.sqrt(q.shape[-1])
+    )  # [B, N, T, Dh]
     return out.swapaxes(1, 2)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, implementation: str = "auto",
-                     backend: str | None = None) -> jax.Array:
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    implementation: str = "auto",
+    backend: str | None = None,
+) -> jax.Array:
     """The contiguous pass's attention (rows at positions 0..T-1; ``mask`` is its causal mask, used
     by the XLA path only): the fused kernel ``choose`` picks, else XLA's, with one log line."""
     impl, reason = choose(implementation, backend or jax.default_backend(), q.dtype)

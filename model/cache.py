@@ -89,7 +89,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None, dt
     if dtype == jnp.int8:
         scales = [tuple(jnp.zeros(shape[:3], jnp.float32) for _ in range(cfg.n_layers)) for _ in "kv"]
     elif not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"cache dtype {dtype.name!r} is not supported; use 'int8', a float dtype, or None (the model's)")
+        raise ValueError(
+            f"cache dtype {dtype.name!r} is not supported; use 'int8', a float dtype, or None (the model's)"
+        )
     return KVCache(
         k=zeros,
         v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),

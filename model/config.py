@@ -23,8 +23,9 @@ class Bounds:
     fix: str = ""
 
     def __contains__(self, v) -> bool:
-        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
-                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+        return (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)) and (
+            self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        )
 
     def describe(self) -> str:
         if self.lo is not None and self.hi is not None:
@@ -34,8 +35,15 @@ class Bounds:
         return f"{'<' if self.hi_open else '<='} {self.hi:g}"
 
 
-def bounds(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-           fix: str = "", **metadata) -> dict:
+def bounds(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    fix: str = "",
+    **metadata,
+) -> dict:
     """Field metadata for a range: ``lr: float = dataclasses.field(default=1e-3, metadata=bounds(0, lo_open=True))``."""
     return {"bounds": Bounds(lo, hi, lo_open, hi_open, fix), **metadata}
 
@@ -106,7 +114,7 @@ class ModelConfig:
             return 64 * -(-int(8 * self.d_model / 3) // 64)
         return 4 * self.d_model
 
-    def replace(self, **overrides: Any) -> "ModelConfig":
+    def replace(self, **overrides: Any) -> ModelConfig:
         return from_dict({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +173,9 @@ def check_field_types(obj) -> None:
         if item is not None and isinstance(value, tuple):
             for i, x in enumerate(value):
                 if not isinstance(x, item) or (isinstance(x, bool) and item is not bool):
-                    raise TypeError(f"{cls.__name__}.{f.name}[{i}]={x!r} ({type(x).__name__}) should be {item.__name__}")
+                    raise TypeError(
+                        f"{cls.__name__}.{f.name}[{i}]={x!r} ({type(x).__name__}) should be {item.__name__}"
+                    )
 
 
 def _check_number(name: str, value, metadata) -> None:
@@ -195,7 +205,9 @@ def _convert(hint, value, where: str):
         return None
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         for a in typing.get_args(hint):
-            if (_is_config(a) and isinstance(value, Mapping)) or (typing.get_origin(a) is tuple and isinstance(value, list)):
+            if (_is_config(a) and isinstance(value, Mapping)) or (
+                typing.get_origin(a) is tuple and isinstance(value, list)
+            ):
                 return _convert(a, value, where)
         return value
     if _is_config(hint) and isinstance(value, Mapping):
@@ -247,9 +259,7 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=65, max_len=256, n_layers=6, n_heads=6, d_model=384, dropout=0.2, use_bias=False
     ),
     # nanoGPT's CPU variant of the same run: small enough for a laptop in minutes.
-    "shakespeare-char-cpu": ModelConfig(
-        vocab_size=65, max_len=64, n_layers=4, n_heads=4, d_model=128, use_bias=False
-    ),
+    "shakespeare-char-cpu": ModelConfig(vocab_size=65, max_len=64, n_layers=4, n_heads=4, d_model=128, use_bias=False),
     # The byte-level demo model: trains on 2 CPU cores in a few minutes.
     "demo": ModelConfig(vocab_size=256, max_len=128, n_layers=4, n_heads=4, d_model=128, use_bias=False),
     "gpt2-small": ModelConfig(vocab_size=50257, max_len=1024, n_layers=12, n_heads=12, d_model=768),

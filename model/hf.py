@@ -8,7 +8,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,9 @@ def _num(hf: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED):
         return default
     whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (kind is int and not whole):
-        raise ValueError(f"config.json has {key}={v!r}; it should be {'an integer' if kind is int else 'a finite number'}")
+        raise ValueError(
+            f"config.json has {key}={v!r}; it should be {'an integer' if kind is int else 'a finite number'}"
+        )
     return kind(v)
 
 
@@ -134,7 +137,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     window = _num(hf, "sliding_window", int, None)
     if window is not None and hf.get("use_sliding_window", True) and window < max_len:
         raise _refuse(
-            model_type, "sliding_window", window,
+            model_type,
+            "sliding_window",
+            window,
             f"sliding-window attention is not implemented (it would bind below max_position_embeddings={max_len}); "
             "set sliding_window to null only if the model was trained without it",
         )
@@ -162,11 +167,15 @@ def family_of(cfg: ModelConfig) -> str:
     """Which HF layout can hold this config exactly: GPT-2 (learned/LayerNorm/GELU) or Llama (RoPE/RMSNorm/SwiGLU)."""
     if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.num_kv_heads == cfg.n_heads:
         if cfg.dim_per_head * cfg.n_heads != cfg.d_model:
-            raise ValueError(f"GPT-2 needs head_dim * n_heads == d_model, got head_dim={cfg.dim_per_head}; no HF layout fits")
+            raise ValueError(
+                f"GPT-2 needs head_dim * n_heads == d_model, got head_dim={cfg.dim_per_head}; no HF layout fits"
+            )
         return "gpt2"  # use_bias=False exports exactly as GPT-2 with zero biases
     if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         if cfg.use_bias:
-            raise ValueError("a Llama-layout model with use_bias=True has no exact HF equivalent; train with use_bias=False")
+            raise ValueError(
+                "a Llama-layout model with use_bias=True has no exact HF equivalent; train with use_bias=False"
+            )
         return "llama"
     raise ValueError(
         f"no Hugging Face layout matches pos={cfg.pos!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}, "
@@ -258,12 +267,20 @@ def conversion_table(cfg: ModelConfig) -> list[Rule]:
 
         def norm(hf_name, ours):
             rules.append(Rule(hf=f"{hf_name}.weight", ours=((*ours, "scale"),), kind="copy"))
-            rules.append(Rule(hf=f"{hf_name}.bias", ours=((*ours, "bias"),) if b else (), kind="copy", zero_if_absent=not b))
+            rules.append(
+                Rule(hf=f"{hf_name}.bias", ours=((*ours, "bias"),) if b else (), kind="copy", zero_if_absent=not b)
+            )
 
         def conv1d(hf_name, ours_list, kind):  # GPT-2 Conv1D weights are already [in, out]
             rules.append(Rule(hf=f"{hf_name}.weight", ours=tuple((*o, "kernel") for o in ours_list), kind=kind))
-            rules.append(Rule(hf=f"{hf_name}.bias", ours=tuple((*o, "bias") for o in ours_list) if b else (),
-                              kind=kind, zero_if_absent=not b))
+            rules.append(
+                Rule(
+                    hf=f"{hf_name}.bias",
+                    ours=tuple((*o, "bias") for o in ours_list) if b else (),
+                    kind=kind,
+                    zero_if_absent=not b,
+                )
+            )
 
         for i in range(cfg.n_layers):
             h, o = f"transformer.h.{i}", ("blocks", i)
@@ -283,7 +300,9 @@ def conversion_table(cfg: ModelConfig) -> list[Rule]:
         h, o = f"model.layers.{i}", ("blocks", i)
         rules.append(Rule(hf=f"{h}.input_layernorm.weight", ours=((*o, "ln1", "scale"),), kind="copy"))
         for name in "qkvo":
-            rules.append(Rule(hf=f"{h}.self_attn.{name}_proj.weight", ours=((*o, "attn", name, "kernel"),), kind="transpose"))
+            rules.append(
+                Rule(hf=f"{h}.self_attn.{name}_proj.weight", ours=((*o, "attn", name, "kernel"),), kind="transpose")
+            )
         rules.append(Rule(hf=f"{h}.post_attention_layernorm.weight", ours=((*o, "ln2", "scale"),), kind="copy"))
         for name in ("gate", "up", "down"):
             rules.append(Rule(hf=f"{h}.mlp.{name}_proj.weight", ours=((*o, "mlp", name, "kernel"),), kind="transpose"))
@@ -300,7 +319,9 @@ def _canonical_name(name: str, family: str) -> str:
     return name
 
 
-def model_from_hf_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], *, source: str = "checkpoint") -> Transformer:
+def model_from_hf_tensors(
+    hf_config: Mapping[str, Any], tensors: Mapping[str, Any], *, source: str = "checkpoint"
+) -> Transformer:
     """A Transformer holding the given HF weights (name -> array); every tensor's shape is checked."""
     cfg = config_from_hf(hf_config)
     family = family_of(cfg)
@@ -331,11 +352,14 @@ def model_from_hf_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, An
     missing = set(flat) - filled
     assert not missing, f"conversion table misses parameters {sorted(missing)}"  # a bug in this file, not user input
     extra = sorted(
-        k for k in set(tensors) - used
+        k
+        for k in set(tensors) - used
         if not k.endswith(_IGNORED_SUFFIXES) and not (k == "lm_head.weight" and cfg.tie_embeddings)
     )
     if extra:
-        raise ValueError(f"{source} has tensors arjax does not know how to use: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        raise ValueError(
+            f"{source} has tensors arjax does not know how to use: {extra[:5]}{' ...' if len(extra) > 5 else ''}"
+        )
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -367,15 +391,21 @@ def _zero_bias_shape(hf_name: str, cfg: ModelConfig) -> tuple[int, ...]:
 def read_hf_config(directory: str) -> dict[str, Any]:
     """config.json of an HF directory as a dict; a missing or malformed file is a ValueError naming it."""
     if not os.path.isdir(directory):
-        raise ValueError(f"{directory!r} is not a directory; pass a Hugging Face model directory (config.json + *.safetensors)")
+        raise ValueError(
+            f"{directory!r} is not a directory; pass a Hugging Face model directory (config.json + *.safetensors)"
+        )
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"no config.json in {directory!r}; pass a Hugging Face model directory (config.json + *.safetensors)")
+        raise ValueError(
+            f"no config.json in {directory!r}; pass a Hugging Face model directory (config.json + *.safetensors)"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); save the model again with transformers' save_pretrained") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); save the model again with transformers' save_pretrained"
+        ) from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path} holds a {type(hf).__name__}, not a mapping of config keys")
     return hf
@@ -388,7 +418,9 @@ def _safetensors_files(directory: str) -> list[str]:
             with open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (a weight_map of tensor -> file): {e!r}") from None
+            raise ValueError(
+                f"{index} is not a valid safetensors index (a weight_map of tensor -> file): {e!r}"
+            ) from None
         missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
         if missing:
             raise ValueError(f"{index} names shards that are not in {directory!r}: {missing[:3]}")
@@ -475,7 +507,17 @@ def to_hf_dir(model: Transformer, directory: str, **config_extra: Any) -> None:
 
 
 __all__ = [
-    "Rule", "config_from_hf", "config_to_hf", "conversion_table", "family_of", "from_hf_dir",
-    "from_hf_model", "hf_family", "model_from_hf_tensors", "model_to_hf_tensors", "read_hf_config",
-    "read_safetensors", "to_hf_dir",
+    "Rule",
+    "config_from_hf",
+    "config_to_hf",
+    "conversion_table",
+    "family_of",
+    "from_hf_dir",
+    "from_hf_model",
+    "hf_family",
+    "model_from_hf_tensors",
+    "model_to_hf_tensors",
+    "read_hf_config",
+    "read_safetensors",
+    "to_hf_dir",
 ]

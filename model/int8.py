@@ -15,7 +15,6 @@ from arjax.model.cache import write_slots
 CONVERT_EACH_STEP = True
 
 
-
 @functools.partial(jax.jit, static_argnames="axis")
 def quantize_int8(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """Symmetric int8 with one float32 scale per slice along ``axis`` (the axis reduced away).

@@ -100,8 +100,10 @@ def check_needs(needs: Sequence[Need], devices: Sequence | None = None) -> None:
         scaled = [dataclasses.replace(n, nbytes=n.nbytes * local) for n in on_device]
         groups = [(scaled + on_host, host_memory_bytes(), "this host has")]
     else:
-        groups = [(on_device, limit, f"a {devices[0].platform.upper()} device has"),
-                  (on_host, host_memory_bytes(), "this host has")]
+        groups = [
+            (on_device, limit, f"a {devices[0].platform.upper()} device has"),
+            (on_host, host_memory_bytes(), "this host has"),
+        ]
     for group, have, where in groups:
         total = sum(n.nbytes for n in group)
         if total > have:
@@ -131,12 +133,22 @@ def param_parts(cfg: ModelConfig) -> list[tuple[str, int, str]]:
     """The model's parameter count by part: (the part with the settings that size it, count, those settings)."""
     D = cfg.d_model
     head = "" if cfg.tie_embeddings else " and the output head"
-    parts = [(f"the token embedding{head} (vocab_size={cfg.vocab_size} x d_model={D})",
-              cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2), "vocab_size or d_model")]
+    parts = [
+        (
+            f"the token embedding{head} (vocab_size={cfg.vocab_size} x d_model={D})",
+            cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2),
+            "vocab_size or d_model",
+        )
+    ]
     if cfg.pos == "learned":
         parts.append((f"the position table (max_len={cfg.max_len} x d_model={D})", cfg.max_len * D, "max_len"))
-    parts.append((f"n_layers={cfg.n_layers} blocks of d_model={D}, d_ff={cfg.ff_dim}",
-                  cfg.n_layers * block_params(cfg) + _norm_params(cfg), "n_layers, d_model or d_ff"))
+    parts.append(
+        (
+            f"n_layers={cfg.n_layers} blocks of d_model={D}, d_ff={cfg.ff_dim}",
+            cfg.n_layers * block_params(cfg) + _norm_params(cfg),
+            "n_layers, d_model or d_ff",
+        )
+    )
     return parts
 
 
@@ -148,17 +160,29 @@ def param_count(cfg: ModelConfig) -> int:
 PARAM_BYTES = 4  # parameters stay float32 whatever the compute dtype (ModelConfig.dtype)
 
 
-def param_needs(cfg: ModelConfig, *, copies: int = 1, shards: int = 1, what: str = "the parameters",
-                settings: str = "", shardable: bool = False) -> list[Need]:
+def param_needs(
+    cfg: ModelConfig,
+    *,
+    copies: int = 1,
+    shards: int = 1,
+    what: str = "the parameters",
+    settings: str = "",
+    shardable: bool = False,
+) -> list[Need]:
     """The model's float32 parameters (``copies``: 4 in training: weights, gradients and AdamW's two
     moments), split over ``shards`` devices; one Need per part, so the error names the setting that is
     too big (``settings``: where the user sets it, e.g. ``model.`` for a run config's overrides;
     ``shardable``: the fix may suggest sharding the weights over a mesh)."""
+
     def fix(knobs: str) -> str:
-        named = " or ".join(", ".join(f"{settings}{k}" for k in knobs.replace(" or ", ", ").split(", ")).rsplit(", ", 1))
+        named = " or ".join(
+            ", ".join(f"{settings}{k}" for k in knobs.replace(" or ", ", ").split(", ")).rsplit(", ", 1)
+        )
         return f"lower {named}" + (", or shard the weights over more devices (mesh fsdp or model)" if shardable else "")
 
-    return [Need(f"{what} of {name}", n * PARAM_BYTES * copies // shards, fix(knobs)) for name, n, knobs in param_parts(cfg)]
+    return [
+        Need(f"{what} of {name}", n * PARAM_BYTES * copies // shards, fix(knobs)) for name, n, knobs in param_parts(cfg)
+    ]
 
 
 def loaded_needs(tree, what: str = "the weights", shards: int = 1) -> list[Need]:
@@ -189,5 +213,18 @@ def shards_of(mesh_shape: dict[str, int], axes: Sequence[str]) -> int:
     return math.prod(mesh_shape.get(a, 1) for a in axes)
 
 
-__all__ = ["Need", "activation_bytes", "block_params", "check_needs", "device_memory_bytes", "host_memory_bytes",
-           "kv_cache_bytes", "loaded_needs", "param_count", "param_needs", "param_parts", "shards_of", "size"]
+__all__ = [
+    "Need",
+    "activation_bytes",
+    "block_params",
+    "check_needs",
+    "device_memory_bytes",
+    "host_memory_bytes",
+    "kv_cache_bytes",
+    "loaded_needs",
+    "param_count",
+    "param_needs",
+    "param_parts",
+    "shards_of",
+    "size",
+]

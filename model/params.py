@@ -101,5 +101,6 @@ def role(path) -> Role:
     try:
         return ROLES[tuple(names[-2:])]
     except KeyError:
-        raise ValueError(f"parameter {'/'.join(names)!r} has no role in arjax.model.params; add its (module, "
-                         "parameter) row to ROLES") from None
+        raise ValueError(
+            f"parameter {'/'.join(names)!r} has no role in arjax.model.params; add its (module, parameter) row to ROLES"
+        ) from None

@@ -27,6 +27,7 @@ from arjax.model.transformer import Transformer
 
 QUANTIZE_MODES = ("int8",)
 
+
 def check_quantize(mode) -> None:
     """None or 'int8'; anything else is a one-line error."""
     if mode is not None and mode not in QUANTIZE_MODES:

@@ -60,8 +60,10 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in str(text).split(","))):
         name, eq, value = part.partition("=")
         if not eq or not re.fullmatch(r"-?\d+", value.strip()):
-            raise ValueError(f"--mesh {text!r}: {part!r} is not AXIS=SIZE; write e.g. --mesh data=4,model=2 "
-                             f"(axes {', '.join(AXES)}; -1 takes the devices left over)")
+            raise ValueError(
+                f"--mesh {text!r}: {part!r} is not AXIS=SIZE; write e.g. --mesh data=4,model=2 "
+                f"(axes {', '.join(AXES)}; -1 takes the devices left over)"
+            )
         if name.strip() in spec:
             raise ValueError(f"--mesh {text!r} names {name.strip()!r} twice; name each axis once")
         spec[name.strip()] = int(value)
@@ -81,7 +83,9 @@ def check_mesh_spec(spec: Mapping[str, Any] | None, where: str = "mesh") -> dict
         if name not in AXES:
             raise ValueError(f"{where} has an unknown axis {name!r}; the axes are {', '.join(AXES)}")
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (size == -1 or 1 <= size < 2**31):
-            raise ValueError(f"{where}.{name}={size!r}; use a whole number of devices >= 1, or -1 for the devices left over")
+            raise ValueError(
+                f"{where}.{name}={size!r}; use a whole number of devices >= 1, or -1 for the devices left over"
+            )
         out[name] = int(size)
     if sum(1 for v in out.values() if v == -1) > 1:
         raise ValueError(f"{where} {out} has -1 on more than one axis; give every axis but one a size")
@@ -96,12 +100,16 @@ def mesh_shape(spec: Mapping[str, Any] | None, n_devices: int) -> tuple[int, int
     named = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
     if -1 in sizes:
         if n_devices % known:
-            raise ValueError(f"mesh {named}: the other axes take {known} devices, which does not divide the {n_devices} "
-                             f"available; make the product of the fixed axes a divisor of {n_devices}")
+            raise ValueError(
+                f"mesh {named}: the other axes take {known} devices, which does not divide the {n_devices} "
+                f"available; make the product of the fixed axes a divisor of {n_devices}"
+            )
         sizes[sizes.index(-1)] = n_devices // known
     elif known != n_devices:
-        raise ValueError(f"mesh {named} needs {known} devices but {n_devices} are available; make the product "
-                         f"{n_devices}, or put -1 on one axis to take the devices left over (e.g. data=-1)")
+        raise ValueError(
+            f"mesh {named} needs {known} devices but {n_devices} are available; make the product "
+            f"{n_devices}, or put -1 on one axis to take the devices left over (e.g. data=-1)"
+        )
     return tuple(sizes)
 
 
@@ -167,14 +175,16 @@ class Plan:
     def param_shardings(self, params):
         """A tree like ``params`` (an nnx State or a pure dict) of NamedShardings, by logical axes."""
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: NamedSharding(self.mesh, self.spec(logical_axes(path), x.shape)), params)
+            lambda path, x: NamedSharding(self.mesh, self.spec(logical_axes(path), x.shape)), params
+        )
 
     def opt_shardings(self, tx, abstract_opt_state, param_shardings):
         """Shardings for ``tx``'s state: moments like their parameters, counters replicated."""
         import optax
 
-        return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
-                                     transform_non_params=lambda _: self.replicated)
+        return optax.tree_map_params(
+            tx, lambda _, s: s, abstract_opt_state, param_shardings, transform_non_params=lambda _: self.replicated
+        )
 
     def batch_sharding(self, ndim: int = 3, axis: int = 1) -> NamedSharding:
         """Rows split over data x fsdp: axis 1 of the train step's [A, B, T+1], axis 0 of [B, T]."""
@@ -208,13 +218,17 @@ def make_plan(
     used = {"data", "fsdp"} | set(rules.values())
     unused = [a for a in AXES if sizes[a] > 1 and a not in used]
     if unused:
-        raise ValueError(f"sharding: {preset} does not use the mesh axis {unused[0]}={sizes[unused[0]]}; use sharding: "
-                         "auto, or a preset that uses it (fsdp_tp uses every axis)")
+        raise ValueError(
+            f"sharding: {preset} does not use the mesh axis {unused[0]}={sizes[unused[0]]}; use sharding: "
+            "auto, or a preset that uses it (fsdp_tp uses every axis)"
+        )
     idle = [a for a in sorted(set(rules.values())) if sizes[a] == 1]
     if preset != "auto" and rules and len(idle) == len(set(rules.values())):
         # e.g. --sharding fsdp on the default mesh: it would quietly train data parallel
-        raise ValueError(f"sharding: {preset} shards over the mesh axis {idle[0]}, which has size 1 here "
-                         f"({' x '.join(f'{a}={sizes[a]}' for a in AXES)}); give it devices, e.g. --mesh {idle[0]}=-1")
+        raise ValueError(
+            f"sharding: {preset} shards over the mesh axis {idle[0]}, which has size 1 here "
+            f"({' x '.join(f'{a}={sizes[a]}' for a in AXES)}); give it devices, e.g. --mesh {idle[0]}=-1"
+        )
     if batch_size is not None:
         check_batch_fits(batch_size, sizes)
     if model_cfg is not None and check_model:
@@ -269,9 +283,11 @@ def check_batch_fits(batch_size: int, sizes: Mapping[str, int]) -> None:
     """Each micro-batch splits evenly over the data axes (data x fsdp)."""
     dp = sizes.get("data", 1) * sizes.get("fsdp", 1)
     if batch_size % dp:
-        raise ValueError(f"batch_size={batch_size} does not split over data x fsdp = {sizes.get('data', 1)} x "
-                         f"{sizes.get('fsdp', 1)} = {dp} devices; use a batch_size that is a multiple of {dp}, or a mesh "
-                         "with fewer data devices")
+        raise ValueError(
+            f"batch_size={batch_size} does not split over data x fsdp = {sizes.get('data', 1)} x "
+            f"{sizes.get('fsdp', 1)} = {dp} devices; use a batch_size that is a multiple of {dp}, or a mesh "
+            "with fewer data devices"
+        )
 
 
 def check_model_fits(model_cfg, sizes: Mapping[str, int], rules: Mapping[str, str]) -> None:
@@ -279,22 +295,29 @@ def check_model_fits(model_cfg, sizes: Mapping[str, int], rules: Mapping[str, st
     tp, fsdp = sizes.get("model", 1), sizes.get("fsdp", 1)
     checks = []
     if rules.get("heads") == "model":
-        checks += [("n_heads", model_cfg.n_heads, tp, "model"), ("MLP width d_ff", model_cfg.ff_dim, tp, "model"),
-                   ("vocab_size", model_cfg.vocab_size, tp, "model")]
+        checks += [
+            ("n_heads", model_cfg.n_heads, tp, "model"),
+            ("MLP width d_ff", model_cfg.ff_dim, tp, "model"),
+            ("vocab_size", model_cfg.vocab_size, tp, "model"),
+        ]
     if rules.get("embed") == "fsdp":
         checks.append(("d_model", model_cfg.d_model, fsdp, "fsdp"))
     for what, n, k, axis in checks:
         if n % k:
-            fix = {"vocab_size": f"set model_overrides: {{vocab_size: {-(-n // k) * k}}} (a multiple of {k}; the extra "
-                                 "rows are never a token)"}.get(what, f"choose {axis} among the divisors of {n}")
+            fix = {
+                "vocab_size": f"set model_overrides: {{vocab_size: {-(-n // k) * k}}} (a multiple of {k}; the extra "
+                "rows are never a token)"
+            }.get(what, f"choose {axis} among the divisors of {n}")
             raise ValueError(f"{what}={n} does not split over {axis}={k}; {fix}, or another mesh")
 
 
 def describe(plan: Plan) -> str:
     """One line for the progress log: ``mesh data=4 x fsdp=1 x model=2 (8 devices), sharding fsdp_tp``."""
     s = plan.mesh.shape
-    return (f"mesh {' x '.join(f'{a}={s[a]}' for a in AXES)} ({plan.mesh.size} {jax.devices()[0].platform} devices, "
-            f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}), sharding {plan.preset}")
+    return (
+        f"mesh {' x '.join(f'{a}={s[a]}' for a in AXES)} ({plan.mesh.size} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}), sharding {plan.preset}"
+    )
 
 
 def constrain_rows(x: jax.Array) -> jax.Array:
@@ -335,6 +358,7 @@ def global_array(sharding: NamedSharding, shape: tuple[int, ...], local: np.ndar
 
 def replicate(tree, sharding: NamedSharding):
     """Every leaf (a host value, the same on every process) as a global array replicated by ``sharding``."""
+
     def one(x):
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
@@ -349,8 +373,9 @@ def replicate(tree, sharding: NamedSharding):
 # ----------------------------------------------------------------------------- many hosts
 
 
-def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> bool:
+def init_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """``jax.distributed.initialize`` when this is one process of many; True if it ran.
 
     Given a coordinator ``host:port`` with the process count and this process's id (the CLI's
@@ -359,6 +384,7 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     workers) JAX finds them itself. A single host needs nothing. Call it before any other JAX call.
     """
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+
     def from_env(name: str):
         value = os.environ.get(name)
         if not value:
@@ -371,14 +397,18 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     process_id = process_id if process_id is not None else from_env("JAX_PROCESS_ID")
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
-        raise ValueError("a multi-process run needs all three of --coordinator HOST:PORT, --num-processes N and "
-                         "--process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+        raise ValueError(
+            "a multi-process run needs all three of --coordinator HOST:PORT, --num-processes N and "
+            "--process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+        )
     if all(given):
         if not re.fullmatch(r"([^:\s\[\]]+|\[[0-9a-fA-F:.]+\]):\d{1,5}", coordinator):
             raise ValueError(f"--coordinator {coordinator!r} is not HOST:PORT; e.g. --coordinator 10.0.0.1:1234")
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id {process_id} with --num-processes {num_processes}: the id must be in "
-                             f"0..{max(num_processes - 1, 0)} and the count >= 1")
+            raise ValueError(
+                f"--process-id {process_id} with --num-processes {num_processes}: the id must be in "
+                f"0..{max(num_processes - 1, 0)} and the count >= 1"
+            )
         if num_processes == 1 or jax.distributed.is_initialized():
             return False
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)

@@ -12,9 +12,9 @@ from flax import nnx
 
 from arjax.model.attention import causal_attention, xla_attention
 from arjax.model.cache import KVCache, write_slots
-from arjax.model.sharding import constrain_rows
 from arjax.model.config import ModelConfig
 from arjax.model.int8 import int8_operands, write_int8
+from arjax.model.sharding import constrain_rows
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
@@ -44,8 +44,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, std: float | None = None, bias=None,
-            out_dtype=None):
+def _linear(
+    cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, *, std: float | None = None, bias=None, out_dtype=None
+):
     return nnx.Linear(
         d_in,
         d_out,
@@ -117,7 +118,9 @@ class Attention(nnx.Module):
         return self.o(out.reshape(B * T, nq * hd)).reshape(B, T, -1), new_cache
 
 
-def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, k_scale=None, v_scale=None) -> jax.Array:
+def _cached_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, k_scale=None, v_scale=None
+) -> jax.Array:
     """Softmax attention of q [B, T, N, Dh] over a cache k, v [B, Hkv, S, Dh] (N = G * Hkv heads).
 
     The same math as jax.nn.dot_product_attention (which the uncached pass uses; a test holds
@@ -229,7 +232,9 @@ class Transformer(nnx.Module):
         init = nnx.initializers.normal(cfg.init_std)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
         if cfg.pos == "learned":
-            self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=init, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+            self.pos_embed = nnx.Embed(
+                cfg.max_len, cfg.d_model, embedding_init=init, dtype=jnp.dtype(cfg.dtype), rngs=rngs
+            )
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.ln_f = _norm(cfg, rngs)
         if not cfg.tie_embeddings:
@@ -259,7 +264,7 @@ class Transformer(nnx.Module):
         if contiguous:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if self.cfg.pos == "learned":
-            if contiguous and T <= self.cfg.max_len:
+            if contiguous and self.cfg.max_len >= T:
                 # A slice of the table, not a gather: its gradient is a pad, not a scatter-add.
                 x = x + self.pos_embed.embedding[:T].astype(x.dtype)
             else:

@@ -30,15 +30,15 @@ from flax import nnx  # noqa: E402
 from arjax.decode import generate  # noqa: E402
 from arjax.model import Transformer, get_config  # noqa: E402
 from arjax.model.params import path_str  # noqa: E402
-from arjax.model.sharding import logical_axes, make_plan  # noqa: E402
 from arjax.model.rng import seed_key  # noqa: E402
+from arjax.model.sharding import logical_axes, make_plan  # noqa: E402
 from arjax.train import checkpoint as ckpt  # noqa: E402
 from arjax.train import loop  # noqa: E402
 from arjax.train.config import TrainConfig  # noqa: E402
 from arjax.train.data import Windows  # noqa: E402
 from arjax.train.optim import make_optimizer  # noqa: E402
-from arjax.train.tokenizer import build_tokenizer  # noqa: E402
 from arjax.train.step import TRACE_COUNTS, TeacherForcing, compiled_train_step, sharded_train_step  # noqa: E402
+from arjax.train.tokenizer import build_tokenizer  # noqa: E402
 
 # What each preset must do, written out independently of arjax.model.sharding.PRESETS.
 EXPECTED_RULES = {
@@ -55,17 +55,35 @@ IDS = np.random.default_rng(0).integers(0, 256, size=5000).astype(np.int32)
 
 
 def run_cfg(**kw) -> TrainConfig:
-    base = dict(model="tiny", model_overrides=LLAMA, batch_size=8, seq_len=T, steps=6, warmup_steps=1, eval_interval=3,
-                eval_iters=1, log_interval=1, ckpt_interval=3, lr=1e-2)
+    base = dict(
+        model="tiny",
+        model_overrides=LLAMA,
+        batch_size=8,
+        seq_len=T,
+        steps=6,
+        warmup_steps=1,
+        eval_interval=3,
+        eval_iters=1,
+        log_interval=1,
+        ckpt_interval=3,
+        lr=1e-2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def fit(cfg: TrainConfig, run_dir: str, **kw):
     if not os.path.isdir(ckpt.tokenizer_dir(run_dir)):  # what `arjax train` saves beside the checkpoints
         build_tokenizer("byte").save(ckpt.tokenizer_dir(run_dir))
-    val = np.stack([IDS[i * (T + 1):(i + 1) * (T + 1)] for i in range(cfg.batch_size)])[None]
-    return loop.fit(cfg, run_dir, model_cfg=cfg.model_config(vocab_size=None), source=Windows(IDS, T),
-                    val_windows=val, quiet=True, **kw)
+    val = np.stack([IDS[i * (T + 1) : (i + 1) * (T + 1)] for i in range(cfg.batch_size)])[None]
+    return loop.fit(
+        cfg,
+        run_dir,
+        model_cfg=cfg.model_config(vocab_size=None),
+        source=Windows(IDS, T),
+        val_windows=val,
+        quiet=True,
+        **kw,
+    )
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -89,9 +107,13 @@ def check_shardings(result: dict) -> None:
     """
     tx, _ = make_optimizer(lr=1e-3, warmup_steps=1, decay_steps=10, min_lr=0.0, weight_decay=0.1)
     checked, problems, replicated = 0, [], {}
-    for name, mesh, preset in (("dp8", {"data": 8}, "dp"), ("fsdp8", {"fsdp": 8}, "fsdp"),
-                               ("dp2_tp4", {"data": 2, "model": 4}, "tp"), ("fsdp2_tp4", {"fsdp": 2, "model": 4}, "fsdp_tp"),
-                               ("auto_fsdp8", {"fsdp": 8}, "auto")):
+    for name, mesh, preset in (
+        ("dp8", {"data": 8}, "dp"),
+        ("fsdp8", {"fsdp": 8}, "fsdp"),
+        ("dp2_tp4", {"data": 2, "model": 4}, "tp"),
+        ("fsdp2_tp4", {"fsdp": 2, "model": 4}, "fsdp_tp"),
+        ("auto_fsdp8", {"fsdp": 8}, "auto"),
+    ):
         rules = EXPECTED_RULES["fsdp_tp" if preset == "auto" else preset]
         for overrides in (LLAMA, GPT):
             model_cfg = get_config("tiny", **overrides)
@@ -104,9 +126,13 @@ def check_shardings(result: dict) -> None:
             for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(psh)):
                 axes = logical_axes(path)
                 # Heads split by whole heads: a dimension of n heads x head_dim needs n divisible.
-                units = [n // (model_cfg.dim_per_head if a in ("heads", "kv_heads") else 1) for n, a in zip(x.shape, axes)]
-                want = tuple(rules.get(a) if rules.get(a) and units[i] % sizes[rules[a]] == 0 else None
-                             for i, a in enumerate(axes))
+                units = [
+                    n // (model_cfg.dim_per_head if a in ("heads", "kv_heads") else 1) for n, a in zip(x.shape, axes)
+                ]
+                want = tuple(
+                    rules.get(a) if rules.get(a) and units[i] % sizes[rules[a]] == 0 else None
+                    for i, a in enumerate(axes)
+                )
                 got = dims(s.spec, x.ndim)
                 shard = tuple(n // (sizes[a] if a else 1) for n, a in zip(x.shape, want))
                 checked += 1
@@ -141,7 +167,9 @@ def check_shardings(result: dict) -> None:
 
 def three_steps(plan_mesh, preset, *, A=1, B=8, devices=None):
     """Losses and final parameters of three teacher-forced steps on fixed batches."""
-    model_cfg = get_config("tiny", **{**LLAMA, "n_layers": 1})  # one layer: every program here compiles in half the time
+    model_cfg = get_config(
+        "tiny", **{**LLAMA, "n_layers": 1}
+    )  # one layer: every program here compiles in half the time
     tx, _ = make_optimizer(lr=1e-2, warmup_steps=1, decay_steps=10, min_lr=0.0, weight_decay=0.1)
     plan = make_plan(plan_mesh, preset, model_cfg=model_cfg, batch_size=B, devices=devices)
     graphdef, params, opt_state, shardings = loop.init_train_state(model_cfg, tx, plan, seed_key(0))
@@ -152,8 +180,9 @@ def three_steps(plan_mesh, preset, *, A=1, B=8, devices=None):
     losses = []
     key = jax.device_put(seed_key(0), plan.replicated)
     for step in range(3):
-        params, opt_state, metrics = compiled(params, opt_state, feed(step), jax.device_put(np.int32(step), plan.replicated),
-                                              key, objective)
+        params, opt_state, metrics = compiled(
+            params, opt_state, feed(step), jax.device_put(np.int32(step), plan.replicated), key, objective
+        )
         losses.append(float(metrics["loss"]))
     return losses, flat(params)
 
@@ -161,7 +190,11 @@ def three_steps(plan_mesh, preset, *, A=1, B=8, devices=None):
 def check_equivalence(result: dict) -> None:
     one_losses, one_params = three_steps({"data": 1}, "dp", devices=jax.devices()[:1])
     worst = {}
-    for name, mesh, preset in (("dp8", {"data": 8}, "dp"), ("fsdp8", {"fsdp": 8}, "fsdp"), ("dp2_tp4", {"data": 2, "model": 4}, "tp")):
+    for name, mesh, preset in (
+        ("dp8", {"data": 8}, "dp"),
+        ("fsdp8", {"fsdp": 8}, "fsdp"),
+        ("dp2_tp4", {"data": 2, "model": 4}, "tp"),
+    ):
         losses, params = three_steps(mesh, preset)
         worst[name] = {
             "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, one_losses)),
@@ -249,19 +282,38 @@ def phase_restore(out: str) -> None:
         engine, got = Engine(model, slots=4, max_len=32, chunk_steps=4), {}
         for i, p in enumerate(prompts):
             for j, temperature in enumerate((0.0, 1.0)):
-                engine.submit(Request(prompt=p, max_new_tokens=8, temperature=temperature, seed=i),
-                              lambda u, key=(i, j): got.setdefault(key, []).extend(u.tokens))
+                engine.submit(
+                    Request(prompt=p, max_new_tokens=8, temperature=temperature, seed=i),
+                    lambda u, key=(i, j): got.setdefault(key, []).extend(u.tokens),
+                )
         engine.run_until_done()
         return [got[key] for key in sorted(got)]
 
     one_engine = engine_tokens(ckpt.load_model(straight)[0])
-    result["engine_greedy_equals_generate"] = [one_engine[2 * i] for i in range(len(prompts))] == ref.tokens[:, :8].tolist()
+    result["engine_greedy_equals_generate"] = [one_engine[2 * i] for i in range(len(prompts))] == ref.tokens[
+        :, :8
+    ].tolist()
     for tp in (2, 4):
-        result[f"engine_tp{tp}_equal"] = engine_tokens(ckpt.load_model(straight, mesh={"model": tp}, preset="tp")[0]) == one_engine
+        result[f"engine_tp{tp}_equal"] = (
+            engine_tokens(ckpt.load_model(straight, mesh={"model": tp}, preset="tp")[0]) == one_engine
+        )
     from arjax.train.cli import main as cli_main
 
-    result["cli_generate_tp2"] = cli_main(["generate", "--ckpt", straight, "--mesh", "model=2", "--temperature", "0",
-                                           "--max-new-tokens", "4", "--prompt", "ab"])
+    result["cli_generate_tp2"] = cli_main(
+        [
+            "generate",
+            "--ckpt",
+            straight,
+            "--mesh",
+            "model=2",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+            "--prompt",
+            "ab",
+        ]
+    )
     save(out, "restore", result)
 
 
@@ -270,17 +322,46 @@ def phase_one(out: str) -> None:
     run = os.path.join(out, "on_1")
     model, _, _ = ckpt.load_model(run)
     params = flat(nnx.state(model))
-    result = {"devices": jax.device_count(), "bitwise_1": all(np.array_equal(params[k], saved[k]) for k in saved.files),
-              "verify_ok": all(r["ok"] for r in ckpt.verify(run))}
+    result = {
+        "devices": jax.device_count(),
+        "bitwise_1": all(np.array_equal(params[k], saved[k]) for k in saved.files),
+        "verify_ok": all(r["ok"] for r in ckpt.verify(run)),
+    }
     resumed = fit(run_cfg(mesh={"data": 1}), run, resume=True)
     result["resumed_1_losses"] = resumed["losses"]
     save(out, "one", result)
 
 
 def host_args(run: str, steps: int, extra=()) -> list[str]:
-    return ["train", "--model", "tiny", "--set", "model.n_layers=1", "--batch-size", "8", "--seq-len", str(T),
-            "--steps", str(steps), "--warmup-steps", "1", "--eval-interval", "2", "--set", "eval_iters=1",
-            "--log-interval", "1", "--ckpt-interval", "2", "--quiet", "--mesh", "data=-1", "--out", run, *extra]
+    return [
+        "train",
+        "--model",
+        "tiny",
+        "--set",
+        "model.n_layers=1",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        str(T),
+        "--steps",
+        str(steps),
+        "--warmup-steps",
+        "1",
+        "--eval-interval",
+        "2",
+        "--set",
+        "eval_iters=1",
+        "--log-interval",
+        "1",
+        "--ckpt-interval",
+        "2",
+        "--quiet",
+        "--mesh",
+        "data=-1",
+        "--out",
+        run,
+        *extra,
+    ]
 
 
 def phase_host(pid: int, port: int, out: str) -> None:
@@ -289,8 +370,12 @@ def phase_host(pid: int, port: int, out: str) -> None:
     # Two invocations: the second restores the checkpoint both processes wrote, and continues.
     assert cli_main(host_args(run, 2, dist)) == 0
     assert cli_main(host_args(run, 4, [*dist, "--resume"])) == 0
-    result = {"process_index": jax.process_index(), "process_count": jax.process_count(), "devices": jax.device_count(),
-              "local_devices": jax.local_device_count()}
+    result = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+    }
     # The global batch: this process's shards hold the sampler's rows.
     cfg = run_cfg(mesh={"data": -1})
     plan = make_plan(cfg.mesh, None, batch_size=8)

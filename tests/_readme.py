@@ -31,8 +31,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from typing import Callable
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -73,7 +73,15 @@ def python_blocks() -> dict[str, str]:
     found = blocks("python")
     named = {}
     for block in found:
-        name = "client" if "OpenAI(" in block else "train" if "train(cfg" in block else "api" if "generate(" in block else None
+        name = (
+            "client"
+            if "OpenAI(" in block
+            else "train"
+            if "train(cfg" in block
+            else "api"
+            if "generate(" in block
+            else None
+        )
         assert name and name not in named, f"a README Python block the tests do not know:\n{block}"
         named[name] = block
     return named
@@ -96,7 +104,7 @@ def _text(n_chars: int, start: int = 0) -> str:
     """Real prose and code: Python's bundled documentation (the demo's corpus), a slice of it."""
     from pydoc_data.topics import topics
 
-    return "".join(topics[k] for k in sorted(topics))[start:start + n_chars]
+    return "".join(topics[k] for k in sorted(topics))[start : start + n_chars]
 
 
 MY_YAML = """\
@@ -128,7 +136,9 @@ def make_workspace(root: pathlib.Path) -> pathlib.Path:
         (ws / d).mkdir()
         for i, name in enumerate(names):
             (ws / d / name).write_text(_text(8_000, start=20_000 * i))
-    (ws / "wiki.jsonl").write_text("".join(json.dumps({"text": _text(1_000, start=100_000 + 3_000 * i)}) + "\n" for i in range(6)))
+    (ws / "wiki.jsonl").write_text(
+        "".join(json.dumps({"text": _text(1_000, start=100_000 + 3_000 * i)}) + "\n" for i in range(6))
+    )
     _hf_dataset_dir(ws / "hf_dataset_dir", [_text(1_500, start=150_000 + 2_000 * i) for i in range(8)])
     (ws / "my.yaml").write_text(MY_YAML)
     (ws / "runs").mkdir()
@@ -149,7 +159,9 @@ def _hf_dataset_dir(path: pathlib.Path, texts: list[str]) -> None:
     table = pa.table({"text": texts})
     with pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
-    (path / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"}))
+    (path / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"})
+    )
     (path / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string", "_type": "Value"}}}))
 
 
@@ -161,11 +173,24 @@ def make_hf_checkpoints(ws: pathlib.Path) -> None:
 
     torch.manual_seed(0)
     vocab = 320
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None))
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None
+        )
+    )
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    )
     for model, directory in ((gpt2, ws / "path/to/gpt2"), (llama, ws / "path/to/hf-dir")):
         model.eval().save_pretrained(str(directory))
         _bpe(ws, vocab, directory)
@@ -184,8 +209,13 @@ def prepare_gpt2_data(ws: pathlib.Path) -> None:
 
     _bpe(ws, 320, ws / "gpt2-tokenizer")
     (ws / "owt.txt").write_text(_text(30_000, start=250_000))
-    prepare([str(ws / "owt.txt")], str(ws / "data/openwebtext-gpt2"), tokenizer="hf",
-            tokenizer_path=str(ws / "gpt2-tokenizer"), workers=1)
+    prepare(
+        [str(ws / "owt.txt")],
+        str(ws / "data/openwebtext-gpt2"),
+        tokenizer="hf",
+        tokenizer_path=str(ws / "gpt2-tokenizer"),
+        workers=1,
+    )
 
 
 # ----------------------------------------------------------------------------- running
@@ -211,7 +241,9 @@ class Run:
     replace: tuple[tuple[str, str], ...] = ()  # (text, substitute) for what a test cannot run as written
     after: tuple[str, ...] = ()  # runs whose outputs it reads (or must not race: a resume after the readers)
     devices: int = 1  # fake CPU devices (--xla_force_host_platform_device_count)
-    how: str = "bash"  # bash | serve (in the background, then the client) | hosts (one process per host) | make | python
+    how: str = (
+        "bash"  # bash | serve (in the background, then the client) | hosts (one process per host) | make | python
+    )
     check: Callable[[Result, pathlib.Path], None] | None = None  # (result, its cwd): the command's effect
     readme: bool = True  # False: a setup step the README leaves to the user (a draft model, the HF checkpoints)
     where: str = "repo"  # the scratch checkout it runs in (a folder of the test's scratch root)
@@ -242,8 +274,15 @@ def command_env(base: dict, devices: int = 1) -> dict:
 def _bash(run: Run, cwd: pathlib.Path, env: dict) -> Result:
     cmd = run.shell()
     t0 = time.perf_counter()
-    p = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=command_env(env, run.devices), capture_output=True, text=True,
-                       stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+    p = subprocess.run(
+        ["bash", "-c", cmd],
+        cwd=cwd,
+        env=command_env(env, run.devices),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=TIMEOUT,
+    )
     return Result(cmd, cwd, p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
 
 
@@ -251,8 +290,15 @@ def _serve(run: Run, cwd: pathlib.Path, env: dict) -> Result:
     """The server in the background; once it is up, the README's client block against it; then SIGINT."""
     cmd = run.shell()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["bash", "-c", "exec " + cmd], cwd=cwd, env=command_env(env), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", "exec " + cmd],
+        cwd=cwd,
+        env=command_env(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: queue.Queue = queue.Queue()
     out: list[str] = []
     err: list[str] = []
@@ -262,8 +308,10 @@ def _serve(run: Run, cwd: pathlib.Path, env: dict) -> Result:
             acc.append(line)
             lines.put(line)
 
-    readers = [threading.Thread(target=read, args=(proc.stdout, out), daemon=True),
-               threading.Thread(target=read, args=(proc.stderr, err), daemon=True)]
+    readers = [
+        threading.Thread(target=read, args=(proc.stdout, out), daemon=True),
+        threading.Thread(target=read, args=(proc.stderr, err), daemon=True),
+    ]
     for t in readers:
         t.start()
     extra: dict = {}
@@ -308,9 +356,18 @@ def _hosts(run: Run, cwd: pathlib.Path, env: dict) -> Result:
     cmd = run.shell(port=str(free_port()), shared=str(cwd.parent / "shared-fs"))
     n = int(re.search(r"--num-processes (\d+)", cmd).group(1))
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["bash", "-c", cmd], cwd=cwd, env={**command_env(env), "JAX_PLATFORMS": "cpu", "I": str(i)},
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            ["bash", "-c", cmd],
+            cwd=cwd,
+            env={**command_env(env), "JAX_PLATFORMS": "cpu", "I": str(i)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
     try:
         outs = [p.communicate(timeout=TIMEOUT) for p in procs]
     finally:
@@ -319,8 +376,15 @@ def _hosts(run: Run, cwd: pathlib.Path, env: dict) -> Result:
                 p.kill()
                 p.wait()
     codes = [p.returncode for p in procs]
-    return Result(cmd, cwd, max(codes, key=abs), outs[0][0], "".join(e for _, e in outs), time.perf_counter() - t0,
-                  {"returncodes": codes, "stdouts": [o for o, _ in outs]})
+    return Result(
+        cmd,
+        cwd,
+        max(codes, key=abs),
+        outs[0][0],
+        "".join(e for _, e in outs),
+        time.perf_counter() - t0,
+        {"returncodes": codes, "stdouts": [o for o, _ in outs]},
+    )
 
 
 def _make(run: Run, cwd: pathlib.Path, env: dict) -> Result:
@@ -332,11 +396,20 @@ def _make(run: Run, cwd: pathlib.Path, env: dict) -> Result:
         return Result(run.command, cwd, 0, "\n".join(recipe), "", 0.0, {"recipe": recipe})
     train = RUNS_BY_NAME["demo"].command
     if recipe[0] != train:  # then it would train for minutes here: refuse, and say why
-        return Result(run.command, cwd, -1, "", f"make demo no longer starts with the README's {train!r}: {recipe}", 0.0)
+        return Result(
+            run.command, cwd, -1, "", f"make demo no longer starts with the README's {train!r}: {recipe}", 0.0
+        )
     rest = " && ".join(recipe[1:])
     t0 = time.perf_counter()
-    p = subprocess.run(["bash", "-c", rest], cwd=cwd, env=command_env(env), capture_output=True, text=True,
-                       stdin=subprocess.DEVNULL, timeout=TIMEOUT)
+    p = subprocess.run(
+        ["bash", "-c", rest],
+        cwd=cwd,
+        env=command_env(env),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=TIMEOUT,
+    )
     return Result(rest, cwd, p.returncode, p.stdout, p.stderr, time.perf_counter() - t0, {"recipe": recipe})
 
 
@@ -363,11 +436,13 @@ def run_all(module: str, root: pathlib.Path, env: dict, parallel: int = 2) -> di
         try:
             return RUNNERS[run.how](run, root / run.where, env)
         except Exception as e:  # noqa: BLE001 (reported by the run's own test, not by the fixture)
-            return Result(run.command, root / run.where, -1, "", f"the test could not run it: {type(e).__name__}: {e}", 0.0)
+            return Result(
+                run.command, root / run.where, -1, "", f"the test could not run it: {type(e).__name__}: {e}", 0.0
+            )
 
     with ThreadPoolExecutor(parallel) as pool:
         while pending or running:
-            for run in [r for r in pending if set(r.after) <= set(results)][:parallel - len(running)]:
+            for run in [r for r in pending if set(r.after) <= set(results)][: parallel - len(running)]:
                 pending.remove(run)
                 running[pool.submit(start, run)] = run.name
             assert running, f"runs waiting on each other: {[r.name for r in pending]}"
@@ -398,6 +473,7 @@ def _trained(step: int, run_dir: str):
         assert f"trained to step {step}:" in r.stdout
         assert (ws / run_dir / "checkpoints" / str(step)).is_dir()
         assert math.isfinite(float(re.search(r"val loss (\S+),", r.stdout).group(1)))
+
     return check
 
 
@@ -413,27 +489,34 @@ def _resumed(step: int, run_dir: str, mesh: str | None = None):
         assert steps == list(range(1, step + 1)), steps  # continued: every step once, in order, as one run's log
         if mesh:
             _says(mesh)(r, ws)
+
     return check
 
 
 def _says(text: str, then: Callable | None = None):
     """``text`` is in the output (rich wraps long lines at spaces: compared with whitespace runs as one space)."""
+
     def check(r: Result, ws: pathlib.Path) -> None:
         assert text in " ".join((r.stdout + r.stderr).split()), f"expected {text!r} in the output"
         if then:
             then(r, ws)
+
     return check
 
 
 def _generated(*prompts: str, then: Callable | None = None):
     """The summary names each prompt with at least one new token."""
+
     def check(r: Result, ws: pathlib.Path) -> None:
         for i, prompt in enumerate(prompts, 1):
-            m = re.search(rf"^--- \[{i}\] prompt {re.escape(repr(prompt))}: (\d+) new tokens, stopped on (\w+)$", r.stdout, re.M)
+            m = re.search(
+                rf"^--- \[{i}\] prompt {re.escape(repr(prompt))}: (\d+) new tokens, stopped on (\w+)$", r.stdout, re.M
+            )
             assert m and int(m.group(1)) >= 1, f"no output for prompt {i} {prompt!r}"
         assert not re.search(rf"^--- \[{len(prompts) + 1}\]", r.stdout, re.M)
         if then:
             then(r, ws)
+
     return check
 
 
@@ -445,14 +528,16 @@ def _solo_text(r: Result) -> str:
 def _no_newline_after(prompt: str):
     def check(r: Result, ws: pathlib.Path) -> None:
         text = _solo_text(r)
-        assert text.startswith(prompt) and "\n" not in text[len(prompt):], repr(text)  # the row ended at its newline
+        assert text.startswith(prompt) and "\n" not in text[len(prompt) :], repr(text)  # the row ended at its newline
+
     return check
 
 
 def _without(*stops: str):
     def check(r: Result, ws: pathlib.Path) -> None:
-        text = _solo_text(r)[len("The "):]
+        text = _solo_text(r)[len("The ") :]
         assert not any(s in text for s in stops), repr(text)
+
     return check
 
 
@@ -507,7 +592,10 @@ def _exported(r: Result, ws: pathlib.Path) -> None:
 
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (ws / "hf-out").iterdir()}
     assert json.loads((ws / "hf-out/config.json").read_text())["model_type"] == "gpt2"
-    back, original = load_file(str(ws / "hf-out/model.safetensors")), load_file(str(ws / "path/to/gpt2/model.safetensors"))
+    back, original = (
+        load_file(str(ws / "hf-out/model.safetensors")),
+        load_file(str(ws / "path/to/gpt2/model.safetensors")),
+    )
     for name, array in original.items():  # the same weights as the GPT-2 that came in
         assert name in back and (back[name] == array).all(), name
 
@@ -516,6 +604,7 @@ def _prepared(out: str, sources: int):
     def check(r: Result, ws: pathlib.Path) -> None:
         m = json.loads((ws / out / "manifest.json").read_text())
         assert len(m["sources"]) == sources and m["tokens"] > 0 and m["shards"], m
+
     return check
 
 
@@ -558,88 +647,246 @@ STEPS = "--steps 3 --set eval_iters=1"
 # GPT-2 small (124M) does not train in seconds on a CPU: these runs keep the gpt2-small preset and its
 # padded 50304 vocabulary, the recipe's mesh, sharding, dtype and prepared hf-tokenized data, and
 # shrink the width, depth, batch and window by flags (`--set model.KEY` overrides the preset).
-GPT2 = (f"{STEPS} --batch-size 8 --accum-steps 1 --seq-len 32 --warmup-steps 1 "
-        "--set model.n_layers=1 --set model.d_model=64 --set model.n_heads=4")
+GPT2 = (
+    f"{STEPS} --batch-size 8 --accum-steps 1 --seq-len 32 --warmup-steps 1 "
+    "--set model.n_layers=1 --set model.d_model=64 --set model.n_heads=4"
+)
 # The study's grid (3 methods, each decoded greedily and by sampling) stays; each run is 2 steps on
 # fewer, shorter sequences, one seed, fewer rollouts. --resume needs the same overrides.
-STUDY = ("--set train.steps=2 --set seeds=[0] --set data.n_train=64 --set data.n_test=32 "
-         "--set eval.n_rollouts=16 --set eval.n_boot=10")
+STUDY = (
+    "--set train.steps=2 --set seeds=[0] --set data.n_train=64 --set data.n_test=32 "
+    "--set eval.n_rollouts=16 --set eval.n_boot=10"
+)
 
 DEMO, CLI, MESH = "test_readme.py", "test_readme_cli.py", "test_readme_mesh.py"
 # In each module, longer chains come first: the scheduler starts ready runs in this order.
 RUNS: list[Run] = [
     # test_readme.py: the demo run, and what reads it.
-    Run("demo", DEMO, "arjax train --config tpu_configs/cpu-demo.yaml --out runs/demo", STEPS, check=_trained(3, "runs/demo")),
+    Run(
+        "demo",
+        DEMO,
+        "arjax train --config tpu_configs/cpu-demo.yaml --out runs/demo",
+        STEPS,
+        check=_trained(3, "runs/demo"),
+    ),
     # The draft for speculative decoding: the demo recipe with the tiny preset (same byte tokenizer).
-    Run("small", DEMO, "arjax train --config tpu_configs/cpu-demo.yaml --model tiny --out runs/small", STEPS, readme=False,
-        check=_trained(3, "runs/small")),
-    Run("draft-model", DEMO, "arjax generate --ckpt runs/big --draft-ckpt runs/small --draft-k 4 --temperature 0.8",
-        after=("demo", "small"), check=_generated("\n", then=_speculative)),
-    Run("serve", DEMO, "arjax serve --ckpt runs/demo --slots 16 --port 8000", replace=(("--port 8000", "--port 0"),),
-        after=("demo",), how="serve", check=_served),
-    Run("prompt-lookup", DEMO, 'arjax generate --ckpt runs/demo --prompt "$(cat doc.txt)" --prompt-lookup --temperature 0',
-        after=("demo",), check=_speculative),
-    Run("batch-file", DEMO, "arjax generate --ckpt runs/demo --input prompts.jsonl --output out.jsonl",
-        after=("demo",), check=_batch_job),
-    Run("sample", DEMO, 'arjax generate --ckpt runs/demo --prompt "The " --prompt "def " --temperature 0.8 --top-k 40',
-        after=("demo",), check=_generated("The ", "def ")),
-    Run("greedy-stop", DEMO, "arjax generate --ckpt runs/demo --prompt \"def \" --stop '\\n' --temperature 0",
-        after=("demo",), check=_generated("def ", then=_no_newline_after("def "))),
-    Run("int8", DEMO, 'arjax generate --ckpt runs/demo --prompt "The " --quantize int8 --kv-cache-dtype int8',
-        after=("demo",), check=_generated("The ")),
-    Run("stop-strings", DEMO, 'arjax generate --ckpt runs/demo --prompt "The " --stop "\\n\\n" --stop "###"',
-        after=("demo",), check=_generated("The ", then=_without("\n\n", "###"))),
+    Run(
+        "small",
+        DEMO,
+        "arjax train --config tpu_configs/cpu-demo.yaml --model tiny --out runs/small",
+        STEPS,
+        readme=False,
+        check=_trained(3, "runs/small"),
+    ),
+    Run(
+        "draft-model",
+        DEMO,
+        "arjax generate --ckpt runs/big --draft-ckpt runs/small --draft-k 4 --temperature 0.8",
+        after=("demo", "small"),
+        check=_generated("\n", then=_speculative),
+    ),
+    Run(
+        "serve",
+        DEMO,
+        "arjax serve --ckpt runs/demo --slots 16 --port 8000",
+        replace=(("--port 8000", "--port 0"),),
+        after=("demo",),
+        how="serve",
+        check=_served,
+    ),
+    Run(
+        "prompt-lookup",
+        DEMO,
+        'arjax generate --ckpt runs/demo --prompt "$(cat doc.txt)" --prompt-lookup --temperature 0',
+        after=("demo",),
+        check=_speculative,
+    ),
+    Run(
+        "batch-file",
+        DEMO,
+        "arjax generate --ckpt runs/demo --input prompts.jsonl --output out.jsonl",
+        after=("demo",),
+        check=_batch_job,
+    ),
+    Run(
+        "sample",
+        DEMO,
+        'arjax generate --ckpt runs/demo --prompt "The " --prompt "def " --temperature 0.8 --top-k 40',
+        after=("demo",),
+        check=_generated("The ", "def "),
+    ),
+    Run(
+        "greedy-stop",
+        DEMO,
+        "arjax generate --ckpt runs/demo --prompt \"def \" --stop '\\n' --temperature 0",
+        after=("demo",),
+        check=_generated("def ", then=_no_newline_after("def ")),
+    ),
+    Run(
+        "int8",
+        DEMO,
+        'arjax generate --ckpt runs/demo --prompt "The " --quantize int8 --kv-cache-dtype int8',
+        after=("demo",),
+        check=_generated("The "),
+    ),
+    Run(
+        "stop-strings",
+        DEMO,
+        'arjax generate --ckpt runs/demo --prompt "The " --stop "\\n\\n" --stop "###"',
+        after=("demo",),
+        check=_generated("The ", then=_without("\n\n", "###")),
+    ),
     Run("eval", DEMO, "arjax eval --ckpt runs/demo", after=("demo",), check=_evaluated),
     Run("checkpoints", DEMO, "arjax checkpoints runs/demo", after=("demo",), check=_checkpoints_ok),
     Run("make-demo", DEMO, "make demo", after=("demo",), how="make", check=_demo_recipe),
     Run("make-test", DEMO, "make test", how="make", check=_test_recipe),
     # Last: it adds checkpoints to runs/demo, which the commands above read.
-    Run("resume", DEMO, "arjax train --config tpu_configs/cpu-demo.yaml --out runs/demo --resume", "--steps 5 --set eval_iters=1",
-        after=("sample", "greedy-stop", "int8", "stop-strings", "draft-model", "prompt-lookup", "serve", "batch-file", "eval",
-               "checkpoints", "make-demo"), check=_resumed(5, "runs/demo")),
-
+    Run(
+        "resume",
+        DEMO,
+        "arjax train --config tpu_configs/cpu-demo.yaml --out runs/demo --resume",
+        "--steps 5 --set eval_iters=1",
+        after=(
+            "sample",
+            "greedy-stop",
+            "int8",
+            "stop-strings",
+            "draft-model",
+            "prompt-lookup",
+            "serve",
+            "batch-file",
+            "eval",
+            "checkpoints",
+            "make-demo",
+        ),
+        check=_resumed(5, "runs/demo"),
+    ),
     # test_readme_cli.py: the single-device tools.
     Run("study", CLI, "arjax study docs/studies/oracle-tf-vs-ss.yaml --out runs/study", STUDY, check=_studied),
-    Run("study-resume", CLI, "arjax study docs/studies/oracle-tf-vs-ss.yaml --out runs/study --resume", STUDY,
-        after=("study",), check=_studied_again),
+    Run(
+        "study-resume",
+        CLI,
+        "arjax study docs/studies/oracle-tf-vs-ss.yaml --out runs/study --resume",
+        STUDY,
+        after=("study",),
+        check=_studied_again,
+    ),
     Run("hf-checkpoints", CLI, "", how="python", func=make_hf_checkpoints, readme=False),
-    Run("shakespeare", CLI, "arjax train --config tpu_configs/shakespeare-char-cpu.yaml --data ../shared/data/tinyshakespeare.txt --out runs/sc",
-        STEPS, check=_trained(3, "runs/sc")),
-    Run("shakespeare-ss", CLI, "arjax train --config tpu_configs/shakespeare-char-cpu-ss.yaml --out runs/sc-ss", STEPS,
-        check=_says("mixing rate", then=_trained(3, "runs/sc-ss"))),
-    Run("prepare-mix", CLI, "arjax data prepare --data books/ wiki.jsonl --tokenizer byte --out data/mix --workers 8",
-        check=_prepared("data/mix", 3)),
-    Run("train-mix", CLI, "arjax train --config tpu_configs/cpu-demo.yaml --data data/mix --out runs/mix", STEPS,
-        after=("prepare-mix",), check=_trained(3, "runs/mix")),
+    Run(
+        "shakespeare",
+        CLI,
+        "arjax train --config tpu_configs/shakespeare-char-cpu.yaml --data ../shared/data/tinyshakespeare.txt --out runs/sc",
+        STEPS,
+        check=_trained(3, "runs/sc"),
+    ),
+    Run(
+        "shakespeare-ss",
+        CLI,
+        "arjax train --config tpu_configs/shakespeare-char-cpu-ss.yaml --out runs/sc-ss",
+        STEPS,
+        check=_says("mixing rate", then=_trained(3, "runs/sc-ss")),
+    ),
+    Run(
+        "prepare-mix",
+        CLI,
+        "arjax data prepare --data books/ wiki.jsonl --tokenizer byte --out data/mix --workers 8",
+        check=_prepared("data/mix", 3),
+    ),
+    Run(
+        "train-mix",
+        CLI,
+        "arjax train --config tpu_configs/cpu-demo.yaml --data data/mix --out runs/mix",
+        STEPS,
+        after=("prepare-mix",),
+        check=_trained(3, "runs/mix"),
+    ),
     Run("verify", CLI, "arjax data verify data/mix", after=("prepare-mix",), check=_says("intact")),
     Run("tokenizer", CLI, "arjax tokenizer train --data corpus.txt --vocab-size 4096 --out tok/", check=_tokenizer),
-    Run("prepare-hf", CLI, "arjax data prepare --data hf_dataset_dir/ --tokenizer hf --tokenizer-path tok/ --out data/hf",
-        after=("tokenizer",), check=_prepared("data/hf", 1)),
-    Run("prepare-corpus", CLI, "arjax data prepare --data corpus/ --out data/corpus", check=_prepared("data/corpus", 2)),
-    Run("from-hf", CLI, "arjax convert --from-hf path/to/gpt2 --out runs/gpt2", after=("hf-checkpoints",), check=_imported),
+    Run(
+        "prepare-hf",
+        CLI,
+        "arjax data prepare --data hf_dataset_dir/ --tokenizer hf --tokenizer-path tok/ --out data/hf",
+        after=("tokenizer",),
+        check=_prepared("data/hf", 1),
+    ),
+    Run(
+        "prepare-corpus", CLI, "arjax data prepare --data corpus/ --out data/corpus", check=_prepared("data/corpus", 2)
+    ),
+    Run(
+        "from-hf",
+        CLI,
+        "arjax convert --from-hf path/to/gpt2 --out runs/gpt2",
+        after=("hf-checkpoints",),
+        check=_imported,
+    ),
     Run("to-hf", CLI, "arjax convert --to-hf runs/gpt2 --out hf-out/", after=("from-hf",), check=_exported),
-    Run("generate-hf", CLI, 'arjax generate --hf path/to/hf-dir --prompt "Hello"', after=("hf-checkpoints",),
-        check=_generated("Hello")),
-
+    Run(
+        "generate-hf",
+        CLI,
+        'arjax generate --hf path/to/hf-dir --prompt "Hello"',
+        after=("hf-checkpoints",),
+        check=_generated("Hello"),
+    ),
     # test_readme_mesh.py: several devices (fake CPU devices: 8 as on a v5e-8 host, 4 as a v4-8's chips), and
     # several processes.
-    Run("dp-tp", MESH, "arjax train --config my.yaml --mesh data=2,model=4 --out runs/t", devices=8,
-        check=_says("mesh data=2 x fsdp=1 x model=4", then=_trained(3, "runs/t"))),
-    Run("resume-other-mesh", MESH, "arjax train --config my.yaml --out runs/t --resume --mesh data=-1", "--steps 5",
-        after=("dp-tp",), devices=8, check=_resumed(5, "runs/t", mesh="mesh data=8 x fsdp=1 x model=1")),
-    Run("tp-generate", MESH, 'arjax generate --ckpt runs/t --mesh model=4 --prompt "The "', after=("resume-other-mesh",),
-        devices=8, check=_generated("The ")),
+    Run(
+        "dp-tp",
+        MESH,
+        "arjax train --config my.yaml --mesh data=2,model=4 --out runs/t",
+        devices=8,
+        check=_says("mesh data=2 x fsdp=1 x model=4", then=_trained(3, "runs/t")),
+    ),
+    Run(
+        "resume-other-mesh",
+        MESH,
+        "arjax train --config my.yaml --out runs/t --resume --mesh data=-1",
+        "--steps 5",
+        after=("dp-tp",),
+        devices=8,
+        check=_resumed(5, "runs/t", mesh="mesh data=8 x fsdp=1 x model=1"),
+    ),
+    Run(
+        "tp-generate",
+        MESH,
+        'arjax generate --ckpt runs/t --mesh model=4 --prompt "The "',
+        after=("resume-other-mesh",),
+        devices=8,
+        check=_generated("The "),
+    ),
     Run("gpt2-data", MESH, "", how="python", func=prepare_gpt2_data, readme=False),
-    Run("hosts", MESH, "arjax train --config my.yaml --out /shared/run --coordinator host0:1234 --num-processes 4 --process-id $I",
+    Run(
+        "hosts",
+        MESH,
+        "arjax train --config my.yaml --out /shared/run --coordinator host0:1234 --num-processes 4 --process-id $I",
         # Two processes of one CPU device each on this machine; the "every host mounts" folder is a scratch one.
-        replace=(("host0:1234", "127.0.0.1:{port}"), ("/shared/run", "{shared}/run"), ("--num-processes 4", "--num-processes 2")),
-        how="hosts", check=_hosts_trained),
-    Run("kaggle-v5e-8", MESH, "arjax train --config tpu_configs/gpt2-small-kaggle-v5e-8.yaml --out runs/g", GPT2,
-        after=("gpt2-data",), devices=8, check=_says("mesh data=8 x fsdp=1 x model=1", then=_trained(3, "runs/g"))),
+        replace=(
+            ("host0:1234", "127.0.0.1:{port}"),
+            ("/shared/run", "{shared}/run"),
+            ("--num-processes 4", "--num-processes 2"),
+        ),
+        how="hosts",
+        check=_hosts_trained,
+    ),
+    Run(
+        "kaggle-v5e-8",
+        MESH,
+        "arjax train --config tpu_configs/gpt2-small-kaggle-v5e-8.yaml --out runs/g",
+        GPT2,
+        after=("gpt2-data",),
+        devices=8,
+        check=_says("mesh data=8 x fsdp=1 x model=1", then=_trained(3, "runs/g")),
+    ),
     # Another machine's runs/g: a checkout of its own (the same recipes, the same prepared data).
-    Run("v4-8-fsdp", MESH, "arjax train --config tpu_configs/gpt2-small-v4-8.yaml --mesh fsdp=-1 --out runs/g", GPT2,
-        where="v4-8", after=("gpt2-data",), devices=4,
-        check=_says("mesh data=1 x fsdp=4 x model=1", then=_trained(3, "runs/g"))),
+    Run(
+        "v4-8-fsdp",
+        MESH,
+        "arjax train --config tpu_configs/gpt2-small-v4-8.yaml --mesh fsdp=-1 --out runs/g",
+        GPT2,
+        where="v4-8",
+        after=("gpt2-data",),
+        devices=4,
+        check=_says("mesh data=1 x fsdp=4 x model=1", then=_trained(3, "runs/g")),
+    ),
 ]
 RUNS_BY_NAME = {r.name: r for r in RUNS}
 assert len(RUNS_BY_NAME) == len(RUNS)

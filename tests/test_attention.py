@@ -11,21 +11,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from arjax.model import attention, get_config
 from arjax.model.transformer import attention_mask
 
 
-@pytest.mark.parametrize("implementation, backend, dtype, want, refused", [
-    ("auto", "cpu", "float32", "xla", False),
-    ("auto", "cpu", "bfloat16", "xla", False),
-    ("auto", "gpu", "bfloat16", "cudnn", False),
-    ("auto", "gpu", "float16", "cudnn", False),
-    ("auto", "gpu", "float32", "xla", True),  # cuDNN's flash kernel takes 16-bit floats only
-    ("auto", "tpu", "float32", "pallas", False),
-    ("cudnn", "cpu", "bfloat16", "xla", True),
-    ("pallas", "gpu", "bfloat16", "xla", True),
-    ("xla", "gpu", "bfloat16", "xla", False),
-])
+@pytest.mark.parametrize(
+    "implementation, backend, dtype, want, refused",
+    [
+        ("auto", "cpu", "float32", "xla", False),
+        ("auto", "cpu", "bfloat16", "xla", False),
+        ("auto", "gpu", "bfloat16", "cudnn", False),
+        ("auto", "gpu", "float16", "cudnn", False),
+        ("auto", "gpu", "float32", "xla", True),  # cuDNN's flash kernel takes 16-bit floats only
+        ("auto", "tpu", "float32", "pallas", False),
+        ("cudnn", "cpu", "bfloat16", "xla", True),
+        ("pallas", "gpu", "bfloat16", "xla", True),
+        ("xla", "gpu", "bfloat16", "xla", False),
+    ],
+)
 def test_each_backend_gets_its_kernel(implementation, backend, dtype, want, refused):
     impl, reason = attention.choose(implementation, backend, jnp.dtype(dtype))
     assert impl == want and (reason is not None) == refused
@@ -46,7 +50,8 @@ def test_a_kernel_that_cannot_run_falls_back_with_one_log_line(caplog):
         for _ in range(3):  # one line, however many layers trace it
             out = attention.causal_attention(q, k, v, mask, implementation="cudnn")
     assert [r.getMessage() for r in caplog.records] == [
-        "arjax: attention falls back to XLA: cuDNN attention needs a GPU (backend 'cpu')"]
+        "arjax: attention falls back to XLA: cuDNN attention needs a GPU (backend 'cpu')"
+    ]
     np.testing.assert_array_equal(np.asarray(out), np.asarray(attention.xla_attention(q, k, v, mask)))
 
 
@@ -62,7 +67,9 @@ def test_the_pallas_tpu_kernel_in_interpret_mode_equals_xla_forward_and_backward
     xla = lambda q, k, v: attention.xla_attention(q, k, v, mask)  # noqa: E731
     want, want_grads = jax.value_and_grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2))(q, k, v)
     with pltpu.force_tpu_interpret_mode():
-        got, got_grads = jax.value_and_grad(lambda *a: loss(attention.pallas_tpu_attention, *a), argnums=(0, 1, 2))(q, k, v)
+        got, got_grads = jax.value_and_grad(lambda *a: loss(attention.pallas_tpu_attention, *a), argnums=(0, 1, 2))(
+            q, k, v
+        )
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     for a, b in zip(got_grads, want_grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)

@@ -17,8 +17,8 @@ from arjax.model.config import ModelConfig
 from arjax.train.checkpoint import load_model
 from arjax.train.config import TrainConfig, from_dict
 from arjax.train.data import read_text
-from arjax.train.exposure.schedules import make_schedule
 from arjax.train.exposure.scheduled_sampling import ScheduledSamplingConfig
+from arjax.train.exposure.schedules import make_schedule
 from arjax.train.exposure.study import study_from_dict
 
 # Runs every case in ONE process (one JAX start-up, not 80) and captures each case's stderr at the
@@ -70,18 +70,53 @@ def files(tmp_path_factory):
     f["file"] = str(root / "a_file")
     (root / "bad.yaml").write_text("steps: [\n")
     f["bad_yaml"] = str(root / "bad.yaml")
-    study = {"name": "s", "oracle": {"kind": "dyck", "n_types": 1, "max_depth": 2}, "data": {"length": 4, "n_train": 8, "n_test": 8},
-             "model": {"n_layers": 1, "n_heads": 1, "d_model": 8}, "train": {"steps": 1, "batch_size": 2, "warmup_steps": 0},
-             "seeds": [0], "decodings": [{"name": "g", "temperature": 0.0}], "eval": {"n_rollouts": 4, "prompt_len": 1, "n_boot": 2}}
-    for name, change in {"study_ok": {}, "study_path_name": {"name": "../../x"}, "study_rollouts": {"eval": {"n_rollouts": 0}},
-                         "study_seeds": {"seeds": ["a"]}, "study_ss_temp": {"methods": [{"name": "ss", "scheduled_sampling": {"temperature": -1}}]},
-                         "study_big_vocab": {"oracle": {"kind": "hmm", "vocab_size": 2**40}}}.items():
+    study = {
+        "name": "s",
+        "oracle": {"kind": "dyck", "n_types": 1, "max_depth": 2},
+        "data": {"length": 4, "n_train": 8, "n_test": 8},
+        "model": {"n_layers": 1, "n_heads": 1, "d_model": 8},
+        "train": {"steps": 1, "batch_size": 2, "warmup_steps": 0},
+        "seeds": [0],
+        "decodings": [{"name": "g", "temperature": 0.0}],
+        "eval": {"n_rollouts": 4, "prompt_len": 1, "n_boot": 2},
+    }
+    for name, change in {
+        "study_ok": {},
+        "study_path_name": {"name": "../../x"},
+        "study_rollouts": {"eval": {"n_rollouts": 0}},
+        "study_seeds": {"seeds": ["a"]},
+        "study_ss_temp": {"methods": [{"name": "ss", "scheduled_sampling": {"temperature": -1}}]},
+        "study_big_vocab": {"oracle": {"kind": "hmm", "vocab_size": 2**40}},
+    }.items():
         (root / f"{name}.yaml").write_text(json.dumps({**study, **change}))
         f[name] = str(root / f"{name}.yaml")
     from arjax.train.cli import main
 
-    assert main(["train", "--model", "tiny", "--data", f["text"], "--steps", "2", "--batch-size", "2", "--seq-len", "16",
-                 "--set", "eval_iters=1", "--set", "model.n_layers=1", "--out", f["run"], "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny",
+                "--data",
+                f["text"],
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--set",
+                "eval_iters=1",
+                "--set",
+                "model.n_layers=1",
+                "--out",
+                f["run"],
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return f
 
 
@@ -122,8 +157,26 @@ def _cases(f):
         (["train", "--set", "tokenizer=hf"], "hf"),
         (["train", "--set", "scheduled_sampling.feed=beam"], "beam"),
         (["train", "--set", "scheduled_sampling.temperature=0"], "temperature=0"),
-        (["train", "--set", "scheduled_sampling.schedule.step.kind=linear", "--set", "scheduled_sampling.schedule.step.c=-1"], "c=-1"),
-        (["train", "--set", "scheduled_sampling.schedule.step.k=.nan", "--set", "scheduled_sampling.schedule.step.kind=linear"], "k=nan"),
+        (
+            [
+                "train",
+                "--set",
+                "scheduled_sampling.schedule.step.kind=linear",
+                "--set",
+                "scheduled_sampling.schedule.step.c=-1",
+            ],
+            "c=-1",
+        ),
+        (
+            [
+                "train",
+                "--set",
+                "scheduled_sampling.schedule.step.k=.nan",
+                "--set",
+                "scheduled_sampling.schedule.step.kind=linear",
+            ],
+            "k=nan",
+        ),
         (["train", "--set", "scheduled_sampling.schedule.step.k=0.5"], "['kind']"),
         (["train", "--config", "/nonexistent/run.yaml"], "/nonexistent/run.yaml"),
         (["train", "--config", f["empty_dir"]], f["empty_dir"]),
@@ -159,7 +212,10 @@ def _cases(f):
         (g + ["--prompt-lookup", "--draft-k", "0"], "draft k=0 must be an int in 1..64"),
         (g + ["--prompt-lookup", "--ngram", "99"], "ngram=99 must be an int in 1..16"),
         (g + ["--prompt-lookup", "--draft-ckpt", run], "pass one of --draft-ckpt DIR"),
-        (g + ["--draft-k", "-3"], "--draft-k and --ngram set speculative decoding; add --draft-ckpt DIR or --prompt-lookup"),
+        (
+            g + ["--draft-k", "-3"],
+            "--draft-k and --ngram set speculative decoding; add --draft-ckpt DIR or --prompt-lookup",
+        ),
         (g + ["--draft-ckpt", "/nonexistent/draft"], "/nonexistent/draft"),
         (g + ["--mesh", "model=3"], "needs 3 devices but 1 are available"),
         (["generate", "--ckpt", run, "--prompt", ""], "prompt 1"),
@@ -189,7 +245,10 @@ def _cases(f):
         (["convert", "--from-hf", run, "--to-hf", run, "--out", out], "--from-hf"),
         (["tokenizer", "train", "--data", "/nonexistent/corpus.txt", "--vocab-size", "300"], "/nonexistent/corpus.txt"),
         (["tokenizer", "train", "--data", f["text"], "--vocab-size", "10"], "vocab_size=10"),
-        (["tokenizer", "train", "--data", f["empty_dir"], "--vocab-size", "300"], "is a directory; pass a UTF-8 text file"),
+        (
+            ["tokenizer", "train", "--data", f["empty_dir"], "--vocab-size", "300"],
+            "is a directory; pass a UTF-8 text file",
+        ),
         (["tokenizer", "train", "--data", f["text"], "--vocab-size", "ten"], "'ten'"),
         # study
         (["study", "/nonexistent/study.yaml"], "/nonexistent/study.yaml"),
@@ -212,18 +271,28 @@ def test_bad_command_lines_exit_2_with_one_line_naming_the_value(files, tmp_path
     assert len({json.dumps(argv) for argv, _ in cases}) == len(cases), "cases must be distinct"
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     (tmp_path / "driver.py").write_text(DRIVER)
-    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=subprocess_env)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=subprocess_env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
     problems = []
     for (argv, needle), r in zip(cases, results):
         lines = r["stderr"].strip().splitlines()
         if r["code"] != 2 or len(lines) != 1 or "Traceback" in r["stderr"] or needle not in lines[0]:
-            problems.append(f"{argv}: code {r['code']}, stderr {r['stderr'][-400:]!r} (wanted one line naming {needle!r})")
+            problems.append(
+                f"{argv}: code {r['code']}, stderr {r['stderr'][-400:]!r} (wanted one line naming {needle!r})"
+            )
     assert not problems, "\n".join(problems)
     assert not os.path.exists(files["out"]), "no bad command may leave a run behind"
-    assert sorted(os.listdir(tmp_path)) == ["cases.json", "driver.py", "out.json"], "nothing written in the working directory"
+    assert sorted(os.listdir(tmp_path)) == ["cases.json", "driver.py", "out.json"], (
+        "nothing written in the working directory"
+    )
 
 
 def _size_cases(f, demo, hf_big):
@@ -239,12 +308,17 @@ def _size_cases(f, demo, hf_big):
         (["train", "--set", "eval_iters=2147483647", "--out", f["out"]], "eval_iters=2147483647"),
         (["eval", "--ckpt", f["run"], "--batch-size", "2147483647"], "--batch-size 2147483647"),
         (["eval", "--ckpt", f["run"], "--iters", "2147483647"], "--iters 2147483647"),
-        (["tokenizer", "train", "--data", f["text"], "--vocab-size", "1000000000", "--out", f["out"]],
-         "vocab_size=1000000000"),
+        (
+            ["tokenizer", "train", "--data", f["text"], "--vocab-size", "1000000000", "--out", f["out"]],
+            "vocab_size=1000000000",
+        ),
         (["generate", "--hf", hf_big, "--prompt", "a"], "vocab_size=1000000000"),
         (["convert", "--from-hf", hf_big, "--out", f["out"]], "vocab_size=1000000000"),
         (["serve", "--ckpt", demo, "--slots", "65536", "--port", "0"], "slots=65536"),
-        (["generate", "--ckpt", demo, "--input", f["prompts"], "--output", f["out"], "--slots", "65536"], "slots=65536"),
+        (
+            ["generate", "--ckpt", demo, "--input", f["prompts"], "--output", f["out"], "--slots", "65536"],
+            "slots=65536",
+        ),
     ]
 
 
@@ -257,8 +331,29 @@ def test_sizes_the_machine_cannot_hold_are_refused_in_one_line_before_allocating
     from arjax.train.cli import main
 
     demo = str(tmp_path / "demo")  # the `make demo` preset: a 32 GiB cache at 65536 slots
-    assert main(["train", "--config", "tpu_configs/cpu-demo.yaml", "--data", files["text"], "--steps", "1",
-                 "--batch-size", "2", "--seq-len", "16", "--set", "eval_iters=1", "--out", demo, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tpu_configs/cpu-demo.yaml",
+                "--data",
+                files["text"],
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--set",
+                "eval_iters=1",
+                "--out",
+                demo,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     hf_big = tmp_path / "hf_big"  # a config.json that claims a billion tokens
     GPT2Config(vocab_size=10**9, n_positions=64, n_embd=32, n_layer=2, n_head=2).save_pretrained(hf_big)
     files = {**files, "prompts": str(tmp_path / "prompts.jsonl")}
@@ -270,15 +365,24 @@ def test_sizes_the_machine_cannot_hold_are_refused_in_one_line_before_allocating
     (work / "driver.py").write_text(DRIVER)
 
     command = f"ulimit -v {3 * 2**20} && exec {sys.executable} driver.py cases.json out.json"  # KiB
-    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600, cwd=work,
-                          env=subprocess_env)
+    proc = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=600, cwd=work, env=subprocess_env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     problems = []
     for (argv, needle), r in zip(cases, json.loads((work / "out.json").read_text())):
         lines = r["stderr"].strip().splitlines()
-        if (r["code"] != 2 or len(lines) != 1 or "Traceback" in r["stderr"] or needle not in lines[0]
-                or "at least" not in lines[0] or "has 3.0 GiB" not in lines[0]):
-            problems.append(f"{argv}: code {r['code']}, stderr {r['stderr'][-400:]!r} (wanted one line naming {needle!r})")
+        if (
+            r["code"] != 2
+            or len(lines) != 1
+            or "Traceback" in r["stderr"]
+            or needle not in lines[0]
+            or "at least" not in lines[0]
+            or "has 3.0 GiB" not in lines[0]
+        ):
+            problems.append(
+                f"{argv}: code {r['code']}, stderr {r['stderr'][-400:]!r} (wanted one line naming {needle!r})"
+            )
     assert not problems, "\n".join(problems)
     assert not os.path.exists(files["out"]), "a refused command leaves nothing behind"
 
@@ -286,8 +390,11 @@ def test_sizes_the_machine_cannot_hold_are_refused_in_one_line_before_allocating
 def test_the_console_script_itself(files, subprocess_env):
     """A few of the cases through the installed `arjax` entry point, each its own process."""
     exe = os.path.join(os.path.dirname(sys.executable), "arjax")
-    for argv, needle in [(["train", "--lr", "nan"], "lr=nan"), (["generate", "--ckpt", files["run"], "--top-k", "-1"], "top_k=-1"),
-                         (["train", "--steps", "ten"], "'ten'")]:
+    for argv, needle in [
+        (["train", "--lr", "nan"], "lr=nan"),
+        (["generate", "--ckpt", files["run"], "--top-k", "-1"], "top_k=-1"),
+        (["train", "--steps", "ten"], "'ten'"),
+    ]:
         proc = subprocess.run([exe, *argv], capture_output=True, text=True, timeout=120, env=subprocess_env)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, (argv, proc.stderr)
 
@@ -296,7 +403,10 @@ def test_a_seed_of_any_size_works(files, capsys):
     from arjax.train.cli import main
 
     for seed in (2**70, -(2**40)):
-        assert main(["generate", "--ckpt", files["run"], "--prompt", "the", "--max-new-tokens", "3", "--seed", str(seed)]) == 0
+        assert (
+            main(["generate", "--ckpt", files["run"], "--prompt", "the", "--max-new-tokens", "3", "--seed", str(seed)])
+            == 0
+        )
 
 
 # ----------------------------------------------------------------------------- the Python API
@@ -316,7 +426,10 @@ API = [
     (lambda: TrainConfig(val_fraction=1.0), "val_fraction=1.0"),
     (lambda: TrainConfig(seed=True), "seed=True"),
     (lambda: from_dict({"scheduled_sampling": {"num_passes": 1}}), "num_passes=1"),
-    (lambda: ModelConfig(vocab_size=10, max_len=8, n_layers=1, n_heads=1, d_model=8, norm_eps=math.inf), "norm_eps=inf"),
+    (
+        lambda: ModelConfig(vocab_size=10, max_len=8, n_layers=1, n_heads=1, d_model=8, norm_eps=math.inf),
+        "norm_eps=inf",
+    ),
     (lambda: get_config("tiny", dropout=-0.1), "dropout=-0.1"),
     (lambda: ScheduledSamplingConfig(temperature=math.nan), "temperature=nan"),
     (lambda: ScheduledSamplingConfig(pass1_weight=-1.0), "pass1_weight=-1.0"),

@@ -18,8 +18,18 @@ def cfg(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
     path.write_text(_TEXT)
     return TrainConfig(
-        model="tiny", model_overrides={"dropout": 0.1}, data=str(path), batch_size=4, seq_len=32, steps=8,
-        warmup_steps=2, eval_interval=4, eval_iters=2, log_interval=2, ckpt_interval=1, max_to_keep=2,
+        model="tiny",
+        model_overrides={"dropout": 0.1},
+        data=str(path),
+        batch_size=4,
+        seq_len=32,
+        steps=8,
+        warmup_steps=2,
+        eval_interval=4,
+        eval_iters=2,
+        log_interval=2,
+        ckpt_interval=1,
+        max_to_keep=2,
     )
 
 
@@ -58,14 +68,18 @@ def test_max_to_keep(runs):
 
 def test_resume_refuses_a_different_model_naming_the_keys(cfg, runs):
     other = cfg.replace(steps=10, model_overrides={"dropout": 0.1, "d_model": 64, "n_layers": 3})
-    with pytest.raises(ValueError, match=r"d_model: checkpoint 32 vs requested 64, n_layers: checkpoint 2 vs requested 3"):
+    with pytest.raises(
+        ValueError, match=r"d_model: checkpoint 32 vs requested 64, n_layers: checkpoint 2 vs requested 3"
+    ):
         train(other, str(runs[0] / "a"), resume=True, quiet=True)
 
 
 def test_resume_refuses_other_run_settings_and_other_data(cfg, runs, tmp_path):
     run = str(tmp_path / "a")
     shutil.copytree(runs[0] / "a", run)  # the module's runs stay as they are for the other tests
-    with pytest.raises(ValueError, match=r"other settings \(lr: checkpoint 0.001 vs now 0.002; seed: checkpoint 0 vs now 1\)"):
+    with pytest.raises(
+        ValueError, match=r"other settings \(lr: checkpoint 0.001 vs now 0.002; seed: checkpoint 0 vs now 1\)"
+    ):
         train(cfg.replace(lr=2e-3, seed=1), run, resume=True, quiet=True)
     with pytest.raises(ValueError, match=r"steps=5 is below the checkpoint's step 8"):
         train(cfg.replace(steps=5), run, resume=True, quiet=True)

@@ -5,8 +5,8 @@ import pathlib
 
 import pytest
 
-from arjax.train import cli
 from arjax.decode.stops import StopStrings
+from arjax.train import cli
 from arjax.train.cli.train import parse_set
 from arjax.train.tokenizer import ByteTokenizer
 
@@ -21,14 +21,34 @@ def test_help_describes_every_flag(command, capsys):
     out = capsys.readouterr().out
     assert "usage: arjax" in out and "(default: None)" not in out
     if command == ["generate"]:
-        for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--eos", "--stop"):
+        for flag in (
+            "--ckpt",
+            "--prompt",
+            "--max-new-tokens",
+            "--temperature",
+            "--top-k",
+            "--top-p",
+            "--seed",
+            "--eos",
+            "--stop",
+        ):
             assert flag in out
         assert "default: 200, or what the" in " ".join(out.split())
 
 
 def test_every_command_is_registered():
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "eval", "checkpoints", "generate", "serve", "convert", "tokenizer", "study", "data"}
+    assert set(sub.choices) == {
+        "train",
+        "eval",
+        "checkpoints",
+        "generate",
+        "serve",
+        "convert",
+        "tokenizer",
+        "study",
+        "data",
+    }
 
 
 @pytest.mark.parametrize(
@@ -52,9 +72,19 @@ def test_bad_input_is_one_line_and_exit_2(argv, match, capsys):
 
 
 def test_set_parses_yaml_values_model_overrides_and_nested_keys():
-    assert parse_set(["lr=1e-3", "model.dropout=0.1", "grad_clip=null", "scheduled_sampling.feed=argmax",
-                      "scheduled_sampling.schedule.step.kind=linear", "scheduled_sampling.schedule.step.c=1e-4"]) == {
-        "lr": 1e-3, "model_overrides": {"dropout": 0.1}, "grad_clip": None,
+    assert parse_set(
+        [
+            "lr=1e-3",
+            "model.dropout=0.1",
+            "grad_clip=null",
+            "scheduled_sampling.feed=argmax",
+            "scheduled_sampling.schedule.step.kind=linear",
+            "scheduled_sampling.schedule.step.c=1e-4",
+        ]
+    ) == {
+        "lr": 1e-3,
+        "model_overrides": {"dropout": 0.1},
+        "grad_clip": None,
         "scheduled_sampling": {"feed": "argmax", "schedule": {"step": {"kind": "linear", "c": 1e-4}}},
     }
     with pytest.raises(cli.UsageError, match="is not a key"):
@@ -104,21 +134,62 @@ def test_train_generate_eval_end_to_end(tmp_path, capsys):
     val = [r for r in records if "val_loss" in r][-1]
 
     # A batch, streamed with row labels, then the summary; greedy, so the alphabet must continue.
-    argv = ["generate", "--ckpt", run, "--prompt", "abc", "--prompt", "mno", "--max-new-tokens", "10",
-            "--temperature", "0", "--top-k", "5", "--top-p", "0.9", "--seed", "1", "--chunk-steps", "4"]
+    argv = [
+        "generate",
+        "--ckpt",
+        run,
+        "--prompt",
+        "abc",
+        "--prompt",
+        "mno",
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "0",
+        "--top-k",
+        "5",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+        "--chunk-steps",
+        "4",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "[1] " in out and "[2] " in out and "--- [2] prompt 'mno': 10 new tokens" in out
     assert "\nabcdefghijklm" in out and "\nmnopqrstuvwxy" in out
     # --stop TEXT: the row ends when its text holds it (two tokens here), and the text ends before it.
-    assert cli.main(["generate", "--ckpt", run, "--prompt", "abc", "--max-new-tokens", "20",
-                     "--temperature", "0", "--stop", "gh", "--stop", "zz"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--ckpt",
+                run,
+                "--prompt",
+                "abc",
+                "--max-new-tokens",
+                "20",
+                "--temperature",
+                "0",
+                "--stop",
+                "gh",
+                "--stop",
+                "zz",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "abcdef\n" in out and "abcdefg" not in out and "5 new tokens, stopped on stop" in out
     # Speculative decoding from the command line: the same greedy text, with its acceptance reported.
     for flags in (["--prompt-lookup", "--draft-k", "3"], ["--draft-ckpt", run, "--draft-k", "2"]):
-        assert cli.main(["generate", "--ckpt", run, "--prompt", "abc", "--max-new-tokens", "10", "--temperature", "0",
-                         *flags]) == 0
+        assert (
+            cli.main(
+                ["generate", "--ckpt", run, "--prompt", "abc", "--max-new-tokens", "10", "--temperature", "0", *flags]
+            )
+            == 0
+        )
         out = capsys.readouterr().out
         assert "abcdefghijklm" in out and "of drafts accepted" in out
     # Unknown character for a char vocabulary: a clear one-line error.

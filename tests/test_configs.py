@@ -71,10 +71,14 @@ def test_every_config_names_its_devices_and_its_mesh_resolves_on_them(subprocess
         assert first.startswith("# devices: "), f"{path.name}: first line should be '# devices: N'"
         counts[str(path)] = int(first.split(":")[1])
         assert load_config(str(path)).mesh is not None, f"{path.name} names no mesh"
-    env = {**subprocess_env, "XLA_FLAGS": f"{subprocess_env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=32",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", RESOLVE, json.dumps(counts)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        **subprocess_env,
+        "XLA_FLAGS": f"{subprocess_env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=32",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", RESOLVE, json.dumps(counts)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     meshes = json.loads(proc.stdout.splitlines()[-1])
     for path, n in counts.items():

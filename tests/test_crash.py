@@ -26,13 +26,29 @@ CONFIG = (
 def _records(run):
     """metrics.jsonl without the one thing that may differ between runs: the measured tokens/s."""
     with open(os.path.join(run, "metrics.jsonl"), encoding="utf-8") as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "tokens_per_s_per_device", "mfu")} for line in f]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "tokens_per_s_per_device", "mfu")}
+            for line in f
+        ]
 
 
 def _launch(cfg_path, data, run, resume, env):
-    argv = [sys.executable, "-m", "arjax.train.cli", "train", "--config", cfg_path, "--data", data, "--out", run, "--quiet"]
-    return subprocess.Popen(argv + (["--resume"] if resume else []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    argv = [
+        sys.executable,
+        "-m",
+        "arjax.train.cli",
+        "train",
+        "--config",
+        cfg_path,
+        "--data",
+        data,
+        "--out",
+        run,
+        "--quiet",
+    ]
+    return subprocess.Popen(
+        argv + (["--resume"] if resume else []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _logged_steps(run) -> int:

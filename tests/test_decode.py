@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arjax.decode import SamplingParams, decode_step, generate, init_state, prefill, stream
-from arjax.decode import loop
+from arjax.decode import SamplingParams, decode_step, generate, init_state, loop, prefill, stream
 from arjax.model import Transformer, get_config, init_cache
 
 CONFIGS = {
@@ -125,9 +124,27 @@ def test_cache_is_sized_to_the_call():
     cfg = CONFIGS["tiny"]
     # _plan only reads model.cfg: a stand-in avoids building weights.
     fake = type("M", (), {"cfg": cfg})()
-    plan = loop._plan(fake, [[1, 2, 3]], max_new_tokens=10, sampling=None, eos_ids=(), pad_id=0, max_len=None, buckets=loop.DEFAULT_BUCKETS)
+    plan = loop._plan(
+        fake,
+        [[1, 2, 3]],
+        max_new_tokens=10,
+        sampling=None,
+        eos_ids=(),
+        pad_id=0,
+        max_len=None,
+        buckets=loop.DEFAULT_BUCKETS,
+    )
     assert (plan.tokens.shape[1], plan.num_slots, plan.cache_len) == (16, 16, 32)
-    plan = loop._plan(fake, [[1] * 40], max_new_tokens=20, sampling=None, eos_ids=(), pad_id=0, max_len=None, buckets=loop.DEFAULT_BUCKETS)
+    plan = loop._plan(
+        fake,
+        [[1] * 40],
+        max_new_tokens=20,
+        sampling=None,
+        eos_ids=(),
+        pad_id=0,
+        max_len=None,
+        buckets=loop.DEFAULT_BUCKETS,
+    )
     assert plan.cache_len == cfg.max_len and plan.tokens.shape[1] == cfg.max_len - 20  # capped: prompt width shrinks
     assert plan.positions[0, -1] == 39 and (plan.positions[0, :4] == -1).all()
 
@@ -160,15 +177,27 @@ def test_gradients_flow_through_decode_step_under_scan():
         ([[1, 2], [3, 256]], {}, r"prompt 1 has token id 256 outside \[0, 256\)"),
         ([[-1]], {}, r"prompt 0 has token id -1"),
         ([[1.5]], {}, r"prompt 0 holds float64 values"),
-        ([[1] * 60], dict(max_new_tokens=10), r"longest prompt \(60 tokens\) \+ max_new_tokens \(10\) = 70 exceeds the cache length 64.*lower max_new_tokens to <= 4"),
+        (
+            [[1] * 60],
+            dict(max_new_tokens=10),
+            r"longest prompt \(60 tokens\) \+ max_new_tokens \(10\) = 70 exceeds the cache length 64.*lower max_new_tokens to <= 4",
+        ),
         ([[1] * 10], dict(max_new_tokens=10, max_len=16), r"= 20 exceeds the cache length 16"),
         ([[1]], dict(max_len=100), r"max_len=100 exceeds the model's max_len=64"),
         ([[1] * 60], dict(max_new_tokens=10, rope=True), r"= 70 exceeds the cache length 64.*or pass max_len=70"),
         ([[1]], dict(max_new_tokens=0), r"max_new_tokens=0 must be an int >= 1"),
         ([[1]], dict(eos_ids=[300]), r"eos id 300 is outside \[0, 256\)"),
         ([[1]], dict(pad_id=-1), r"pad_id=-1 must be a token id"),
-        ([[1], [2]], dict(sampling=SamplingParams.make(3)), r"SamplingParams.temperature has shape \(3,\), expected \(2,\)"),
-        ([[1]], dict(sampling=SamplingParams.make(1, top_k=300)), r"top_k=300 \(row 0\) exceeds the vocabulary size 256"),
+        (
+            [[1], [2]],
+            dict(sampling=SamplingParams.make(3)),
+            r"SamplingParams.temperature has shape \(3,\), expected \(2,\)",
+        ),
+        (
+            [[1]],
+            dict(sampling=SamplingParams.make(1, top_k=300)),
+            r"top_k=300 \(row 0\) exceeds the vocabulary size 256",
+        ),
         ([[1]], dict(chunk_steps=0), r"chunk_steps=0 must be an int >= 1"),
         ([[1]], dict(seed=1.5), r"seed=1.5 must be an int"),
         ("hello", {}, r"prompts must be a non-empty list of token-id lists, got str"),

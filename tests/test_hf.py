@@ -31,9 +31,18 @@ def _llama():
     # place where a conversion can silently go wrong.
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
     # Random init leaves norms at 1; perturb them so a swapped norm would show up in the logits.
@@ -57,15 +66,18 @@ def _padded_batch():
     tokens = np.zeros((3, T), np.int64)
     positions = np.full((3, T), -1, np.int64)
     for b, n in enumerate(lengths):
-        tokens[b, T - n:] = rng.randint(3, VOCAB, n)
-        positions[b, T - n:] = np.arange(n)
+        tokens[b, T - n :] = rng.randint(3, VOCAB, n)
+        positions[b, T - n :] = np.arange(n)
     return tokens, positions
 
 
 def _hf_logits(model, tokens, positions=None):
     kw = {}
     if positions is not None:
-        kw = {"attention_mask": torch.tensor(positions >= 0).long(), "position_ids": torch.tensor(np.maximum(positions, 0))}
+        kw = {
+            "attention_mask": torch.tensor(positions >= 0).long(),
+            "position_ids": torch.tensor(np.maximum(positions, 0)),
+        }
     with torch.no_grad():
         return model(torch.tensor(tokens), **kw).logits.float().numpy()
 
@@ -127,8 +139,16 @@ def test_sharded_checkpoint_loads_without_torch(tmp_path):
 
 def test_mistral_layout_loads_and_sliding_window_is_refused():
     torch.manual_seed(0)
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        head_dim=8,
+    )
     ref = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **kw)).eval()
     ours = hf.from_hf_model(ref)
     tokens, _ = _padded_batch()
@@ -139,8 +159,14 @@ def test_mistral_layout_loads_and_sliding_window_is_refused():
 
 
 def _llama_dict(**changes):
-    d = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                 num_attention_heads=4, max_position_embeddings=64).to_dict()
+    d = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    ).to_dict()
     d.update(changes)
     return d
 
@@ -165,8 +191,11 @@ def test_unsupported_configs_are_refused(changes, match):
 
 def test_gpt2_variants_are_refused():
     base = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4).to_dict()
-    for field, value in [("scale_attn_by_inverse_layer_idx", True), ("reorder_and_upcast_attn", True),
-                         ("activation_function", "relu")]:
+    for field, value in [
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("reorder_and_upcast_attn", True),
+        ("activation_function", "relu"),
+    ]:
         with pytest.raises(ValueError, match=field):
             hf.config_from_hf({**base, field: value})
 
@@ -219,9 +248,18 @@ def test_convert_from_hf_and_back_through_a_run_directory(tmp_path):
     from arjax.train import checkpoint, convert
 
     torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)).eval()
+    ref = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     hf_dir, run, out = tmp_path / "hf", tmp_path / "run", tmp_path / "back"
     ref.save_pretrained(str(hf_dir))
     tok = _write_bpe(hf_dir, 300)
@@ -239,7 +277,9 @@ def test_convert_from_hf_and_back_through_a_run_directory(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert np.abs(_hf_logits(again, tokens) - want).max() <= 1e-5
     assert again.config.eos_token_id == tok.eos_id
-    assert transformers.AutoTokenizer.from_pretrained(str(out))("the lazy fox")["input_ids"] == tok.encode("the lazy fox")
+    assert transformers.AutoTokenizer.from_pretrained(str(out))("the lazy fox")["input_ids"] == tok.encode(
+        "the lazy fox"
+    )
 
 
 def test_generate_from_hf_dir_refuses_a_tokenizer_larger_than_the_model(tmp_path):
@@ -261,7 +301,9 @@ def test_convert_refuses_missing_or_foreign_tokenizers_and_replaces_out_dirs_who
     _gpt2(vocab_size=1000).save_pretrained(str(hf_dir))  # no tokenizer files
     with pytest.raises(ValueError, match="has no tokenizer .* pass --tokenizer DIR"):
         convert.convert_from_hf(str(hf_dir), str(tmp_path / "run"))
-    with pytest.raises(ValueError, match="tokenizer has 256 tokens but the model's vocabulary has 1000: it is not the model's"):
+    with pytest.raises(
+        ValueError, match="tokenizer has 256 tokens but the model's vocabulary has 1000: it is not the model's"
+    ):
         convert.convert_from_hf(str(hf_dir), str(tmp_path / "run"), tokenizer="byte")
     assert not (tmp_path / "run").exists()  # nothing written by a refused conversion
     shutil.rmtree(hf_dir)
@@ -277,7 +319,13 @@ def test_convert_refuses_missing_or_foreign_tokenizers_and_replaces_out_dirs_who
     assert main(["convert", "--to-hf", str(run), "--out", str(out)]) == 2
     assert main(["convert", "--to-hf", str(run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "stale.txt").exists() and (out / "tokenizer.json").read_text() != "stale"
-    assert sorted(p.name for p in out.iterdir()) == ["arjax_tokenizer.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "arjax_tokenizer.json",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     # --out may never be the source, or hold it: --overwrite would delete what is being converted.
     for target in (run, tmp_path):
         assert main(["convert", "--to-hf", str(run), "--out", str(target), "--overwrite"]) == 2
@@ -294,8 +342,11 @@ def test_malformed_hf_files_are_errors_naming_the_file(tmp_path):
     good = tmp_path / "good"
     _gpt2().save_pretrained(str(good))
     config = json.loads((good / "config.json").read_text())
-    for name, change in [("no-embd", lambda c: c.pop("n_embd")), ("str-layers", lambda c: c.update(n_layer="two")),
-                         ("not-json", None)]:
+    for name, change in [
+        ("no-embd", lambda c: c.pop("n_embd")),
+        ("str-layers", lambda c: c.update(n_layer="two")),
+        ("not-json", None),
+    ]:
         bad = tmp_path / name
         shutil.copytree(good, bad)
         if change is None:
@@ -330,9 +381,13 @@ def test_cli_commands_parse_and_train_a_tokenizer(tmp_path):
     assert (args.from_hf, args.out, args.func) == ("a", "b", convert._cmd_convert)
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be, that is the question. " * 40)
-    args = parser.parse_args(["tokenizer", "train", "--data", str(text), "--vocab-size", "280", "--out", str(tmp_path / "tok")])
+    args = parser.parse_args(
+        ["tokenizer", "train", "--data", str(text), "--vocab-size", "280", "--out", str(tmp_path / "tok")]
+    )
     assert args.func(args) == 0
-    assert load_tokenizer(str(tmp_path / "tok")).decode(load_tokenizer(str(tmp_path / "tok")).encode("to be")) == "to be"
+    assert (
+        load_tokenizer(str(tmp_path / "tok")).decode(load_tokenizer(str(tmp_path / "tok")).encode("to be")) == "to be"
+    )
     with pytest.raises(ValueError, match="exactly one of"):
         convert._cmd_convert(parser.parse_args(["convert", "--out", "x"]))
 
@@ -351,8 +406,11 @@ def test_cli_generate_hf_and_convert_end_to_end(tmp_path, capsys):
     from arjax.train.cli import main
 
     torch.manual_seed(0)
-    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None)).eval()
+    ref = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None
+        )
+    ).eval()
     with torch.no_grad():  # margins between logits, so greedy is decided by the model, not by rounding
         for p in ref.parameters():
             if p.ndim == 2:
@@ -364,7 +422,7 @@ def test_cli_generate_hf_and_convert_end_to_end(tmp_path, capsys):
     ids = torch.tensor([tok.encode(prompt)])
     with torch.no_grad():
         out = ref.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id, pad_token_id=0)
-    expected = tok.decode(out[0, ids.shape[1]:].tolist())
+    expected = tok.decode(out[0, ids.shape[1] :].tolist())
     assert len(expected) >= 6, expected  # a real continuation, not an immediate EOS
     args = ["--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12"]
     assert main(["generate", "--hf", str(hf_dir), *args]) == 0

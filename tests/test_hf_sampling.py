@@ -92,8 +92,12 @@ def test_filters_equal_hf_warpers(ties):
             # Unpatched HF: the same number of tokens survive with the same probabilities; only
             # the identity of exactly tied tokens at the top-p threshold may differ.
             loose = _hf_filter(logits[b], presence[b], **setting)
-            np.testing.assert_allclose(np.sort(np.asarray(jax.nn.softmax(ours[b]))),
-                                       np.sort(torch.softmax(torch.tensor(loose), -1).numpy()), atol=1e-6, rtol=0)
+            np.testing.assert_allclose(
+                np.sort(np.asarray(jax.nn.softmax(ours[b]))),
+                np.sort(torch.softmax(torch.tensor(loose), -1).numpy()),
+                atol=1e-6,
+                rtol=0,
+            )
         with _stable_torch_sort() if ties else contextlib.nullcontext():
             want = _hf_filter(logits[b], presence[b], **setting)
         kept = np.isfinite(want)
@@ -155,12 +159,26 @@ def _peaky(model):
 
 def _hf_models():
     torch.manual_seed(0)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=V, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None))
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=V, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None
+        )
+    )
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rope_theta=5000.0,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    )
     return {"gpt2": _peaky(gpt2), "llama": _peaky(llama)}
 
 
@@ -176,8 +194,15 @@ def test_greedy_generation_matches_hf_generate(family):
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        want = ref.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                            pad_token_id=0, use_cache=True)[:, P:].numpy()
+        want = ref.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,
+        )[:, P:].numpy()
     np.testing.assert_array_equal(out.tokens, want)
     assert (out.lengths == new).all()
     # Greedy with a repetition penalty: HF applies it as a processor before the argmax, as we do.
@@ -185,7 +210,15 @@ def test_greedy_generation_matches_hf_generate(family):
     greedy_penalised = SamplingParams.make(len(prompts), temperature=0.0, repetition_penalty=1.5)
     out = generate(ours, prompts, max_new_tokens=new, pad_id=0, sampling=greedy_penalised)
     with torch.no_grad():
-        want_penalised = ref.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                      repetition_penalty=1.5, pad_token_id=0, use_cache=True)[:, P:].numpy()
+        want_penalised = ref.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            repetition_penalty=1.5,
+            pad_token_id=0,
+            use_cache=True,
+        )[:, P:].numpy()
     assert (want_penalised != want).any()  # the penalty changed the tokens, so this checks something new
     np.testing.assert_array_equal(out.tokens, want_penalised)

@@ -68,7 +68,9 @@ def test_vocab_and_merges_directory_loads_via_transformers(bpe, tmp_path):
     pytest.importorskip("transformers")
     tok, _ = bpe
     tok.tokenizer.model.save(str(tmp_path))  # GPT-2's original layout: vocab.json + merges.txt
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"})
+    )
     loaded = load_hf_tokenizer(str(tmp_path))
     assert loaded.encode("hear me speak") == tok.encode("hear me speak")
     assert loaded.eos_id == tok.eos_id

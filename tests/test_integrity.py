@@ -33,8 +33,20 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     data = root / "text.txt"
     data.write_text(_TEXT)
-    cfg = TrainConfig(model="tiny", model_overrides={"n_layers": 1}, data=str(data), batch_size=2, seq_len=16, steps=4,
-                      warmup_steps=1, eval_interval=4, eval_iters=1, log_interval=1, ckpt_interval=1, max_to_keep=4)
+    cfg = TrainConfig(
+        model="tiny",
+        model_overrides={"n_layers": 1},
+        data=str(data),
+        batch_size=2,
+        seq_len=16,
+        steps=4,
+        warmup_steps=1,
+        eval_interval=4,
+        eval_iters=1,
+        log_interval=1,
+        ckpt_interval=1,
+        max_to_keep=4,
+    )
     full = train(cfg, str(root / "full"), quiet=True)
     train(cfg, str(root / "three"), stop_after=3, quiet=True)
     return root, cfg, full
@@ -84,8 +96,14 @@ def _edited_config(run, step):
     json.dump(meta, open(path, "w"))
 
 
-DAMAGE = {"truncated": _truncate, "deleted": _delete, "flipped": _flip, "no metadata": _drop_meta,
-          "wrong fingerprint": _wrong_fingerprint, "edited config": _edited_config}
+DAMAGE = {
+    "truncated": _truncate,
+    "deleted": _delete,
+    "flipped": _flip,
+    "no metadata": _drop_meta,
+    "wrong fingerprint": _wrong_fingerprint,
+    "edited config": _edited_config,
+}
 
 
 def test_a_fingerprint_changes_with_any_flipped_bit_and_not_with_the_layout():
@@ -110,7 +128,10 @@ def test_a_damaged_checkpoint_is_skipped_with_one_warning(base, kind, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(root / "full", run)
     DAMAGE[kind](run, 4)
-    with pytest.warns(ckpt.CheckpointWarning, match=r"checkpoint step 4 in .* is damaged \(.*\); it is kept on disk; trying the previous one"):
+    with pytest.warns(
+        ckpt.CheckpointWarning,
+        match=r"checkpoint step 4 in .* is damaged \(.*\); it is kept on disk; trying the previous one",
+    ):
         model, _, _ = ckpt.load_model(run)
     # Step 3's weights, read and verified; the damaged checkpoint is still there.
     with warnings.catch_warnings():
@@ -137,7 +158,11 @@ def test_the_cli_warns_in_one_line_and_fails_in_one_line(base, tmp_path, capsys)
         _drop_meta(run, step)
     assert main(["generate", "--ckpt", run, "--prompt", "entry"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("arjax generate: error: no intact checkpoint in") and "step 4:" in err[-1] and "step 1:" in err[-1]
+    assert (
+        err[-1].startswith("arjax generate: error: no intact checkpoint in")
+        and "step 4:" in err[-1]
+        and "step 1:" in err[-1]
+    )
     assert all(line.startswith("arjax generate: ") for line in err)  # warnings and the error, one line each
 
 
@@ -188,8 +213,13 @@ def test_an_interrupted_save_is_never_a_checkpoint(base, tmp_path):
 
 def test_checkpoints_command_runs_as_a_process(base, subprocess_env):
     root, _, _ = base
-    out = subprocess.run([sys.executable, "-m", "arjax.train.cli", "checkpoints", str(root / "full")],
-                         capture_output=True, text=True, timeout=120, env=subprocess_env)
+    out = subprocess.run(
+        [sys.executable, "-m", "arjax.train.cli", "checkpoints", str(root / "full")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(" ok ") == 4 and "arrays match their fingerprints" in out.stdout and not out.stderr
 
@@ -231,12 +261,20 @@ def test_a_damaged_checkpoint_is_one_line_on_stderr_and_nothing_else(base, tmp_p
     run = _damaged_quietly_run(root, tmp_path)
     exe = os.path.join(os.path.dirname(sys.executable), "arjax")
     warning = f"warning: checkpoint step 4 in {run!r} is damaged (its arrays cannot be read"
-    for argv, code, warns in [(["generate", "--ckpt", run, "--prompt", "entry", "--max-new-tokens", "2"], 0, 1),
-                              (["eval", "--ckpt", run], 0, 1), (["checkpoints", run], 1, 0)]:
+    for argv, code, warns in [
+        (["generate", "--ckpt", run, "--prompt", "entry", "--max-new-tokens", "2"], 0, 1),
+        (["eval", "--ckpt", run], 0, 1),
+        (["checkpoints", run], 1, 0),
+    ]:
         proc = subprocess.run([exe, *argv], capture_output=True, text=True, timeout=300, env=subprocess_env)
         lines = proc.stderr.splitlines()
         assert proc.returncode == code and len(lines) == warns, (argv, proc.returncode, proc.stderr[-3000:])
         assert all(line.startswith(f"arjax {argv[0]}: {warning}") for line in lines), lines
-    debug = subprocess.run([exe, "checkpoints", run], capture_output=True, text=True, timeout=300,
-                           env={**subprocess_env, "ARJAX_DEBUG": "1"})
+    debug = subprocess.run(
+        [exe, "checkpoints", run],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**subprocess_env, "ARJAX_DEBUG": "1"},
+    )
     assert debug.returncode == 1 and "Metadata file does not exist" in debug.stderr, debug.stderr[-3000:]

@@ -31,8 +31,12 @@ def _random_run(run, *, seed):
     tok = ByteTokenizer()
     tok.save(ckpt.tokenizer_dir(run))
     manager = ckpt.make_manager(run)
-    ckpt.save(manager, 0, params=nnx.state(model, nnx.Param),
-              meta={"model_config": model.cfg.to_dict(), "tokenizer": "byte", "tokenizer_sha256": ckpt.tokenizer_digest(run)})
+    ckpt.save(
+        manager,
+        0,
+        params=nnx.state(model, nnx.Param),
+        meta={"model_config": model.cfg.to_dict(), "tokenizer": "byte", "tokenizer_sha256": ckpt.tokenizer_digest(run)},
+    )
     manager.wait_until_finished()
     manager.close()
     return run
@@ -56,16 +60,34 @@ def test_batch_job_killed_midway_and_rerun_equals_an_uninterrupted_run(run_dir, 
         lines.append(json.dumps(item, ensure_ascii=False))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    flags = ["generate", "--ckpt", run_dir, "--input", str(prompts), "--max-new-tokens", "12", "--temperature", "0.9",
-             "--top-k", "40", "--slots", "16", "--logprobs"]
+    flags = [
+        "generate",
+        "--ckpt",
+        run_dir,
+        "--input",
+        str(prompts),
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--slots",
+        "16",
+        "--logprobs",
+    ]
 
     whole = tmp_path / "whole.jsonl"
     assert cli.main([*flags, "--output", str(whole)]) == 0
     assert "1000 prompts done" in capsys.readouterr().err
 
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "arjax.train.cli", *flags, "--output", str(out)], env=subprocess_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arjax.train.cli", *flags, "--output", str(out)],
+        env=subprocess_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= 100:
@@ -96,13 +118,15 @@ def test_batch_job_input_errors_are_one_line(run_dir, tmp_path, capsys):
         ('{"prompt": "a"}\n{"prompt": "b", "temprature": 1}\n', "bad.jsonl:2 has unknown key 'temprature'"),
         ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "repeats id 1 (first on line 1)"),
         ('{"prompt": ""}\n', '"prompt" must be a non-empty string'),
-        ('[1, 2]\n', "is a JSON list, not an object"),
+        ("[1, 2]\n", "is a JSON list, not an object"),
         ('{"prompt": "' + "a" * 70 + '"}\n', "bad.jsonl:1: prompt (70 tokens)"),
         ('{"prompt": "a", "top_p": 0}\n', "top_p"),
     ]
     for text, message in cases:
         bad.write_text(text)
-        assert cli.main(["generate", "--ckpt", run_dir, "--input", str(bad), "--output", str(tmp_path / "o.jsonl")]) == 2
+        assert (
+            cli.main(["generate", "--ckpt", run_dir, "--input", str(bad), "--output", str(tmp_path / "o.jsonl")]) == 2
+        )
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (message, err)
     other = tmp_path / "other.jsonl"
@@ -121,11 +145,19 @@ def test_batch_job_input_errors_are_one_line(run_dir, tmp_path, capsys):
 
 def test_arjax_serve_starts_serves_and_stops(run_dir, subprocess_env):
     openai = pytest.importorskip("openai")
-    proc = subprocess.Popen([sys.executable, "-m", "arjax.train.cli", "serve", "--ckpt", run_dir, "--port", "0",
-                             "--slots", "4"], env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arjax.train.cli", "serve", "--ckpt", run_dir, "--port", "0", "--slots", "4"],
+        env=subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
-        assert "4 slots of 64 tokens (KV cache 0.1 MiB), compiled in" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert "4 slots of 64 tokens (KV cache 0.1 MiB), compiled in" in line, (
+            line,
+            proc.stderr.read() if proc.poll() is not None else "",
+        )
         url = line.split(" on ")[1].split(" ")[0]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["run"]
@@ -133,8 +165,13 @@ def test_arjax_serve_starts_serves_and_stops(run_dir, subprocess_env):
         assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
         # A second server on the same port: one line, before loading anything.
         port = url.rsplit(":", 1)[1]
-        second = subprocess.run([sys.executable, "-m", "arjax.train.cli", "serve", "--ckpt", run_dir, "--port", port],
-                                env=subprocess_env, capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-m", "arjax.train.cli", "serve", "--ckpt", run_dir, "--port", port],
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
         assert f"127.0.0.1:{port} is in use; pick another --port" in second.stderr
     finally:
@@ -147,8 +184,19 @@ def test_arjax_serve_starts_serves_and_stops(run_dir, subprocess_env):
 def test_batch_job_rerun_with_other_settings_is_refused_unless_forced(run_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "the king " * (i + 1)}) + "\n" for i in range(6)))
-    flags = ["generate", "--ckpt", run_dir, "--input", str(prompts), "--max-new-tokens", "3", "--temperature", "0.9",
-             "--slots", "2"]
+    flags = [
+        "generate",
+        "--ckpt",
+        run_dir,
+        "--input",
+        str(prompts),
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0.9",
+        "--slots",
+        "2",
+    ]
     whole, out = tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
     assert cli.main([*flags, "--output", str(whole)]) == 0
     assert cli.main([*flags, "--output", str(out)]) == 0
@@ -159,10 +207,12 @@ def test_batch_job_rerun_with_other_settings_is_refused_unless_forced(run_dir, t
     out.write_text("".join(first_two))  # as a kill after two lines leaves it
     capsys.readouterr()
 
-    for extra, was, now in [(["--seed", "1"], "--seed 0", "--seed 1"),
-                            (["--max-new-tokens", "4"], "--max-new-tokens 3", "--max-new-tokens 4"),
-                            (["--top-p", "0.9"], "--top-p 1.0", "--top-p 0.9"),
-                            (["--logprobs"], "no --logprobs", "--logprobs")]:
+    for extra, was, now in [
+        (["--seed", "1"], "--seed 0", "--seed 1"),
+        (["--max-new-tokens", "4"], "--max-new-tokens 3", "--max-new-tokens 4"),
+        (["--top-p", "0.9"], "--top-p 1.0", "--top-p 0.9"),
+        (["--logprobs"], "no --logprobs", "--logprobs"),
+    ]:
         assert cli.main([*flags, *extra, "--output", str(out)]) == 2, extra  # a repeated flag: the last one counts
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"was written with {was}; this run has {now}" in err, err
@@ -179,8 +229,10 @@ def test_batch_job_rerun_with_other_settings_is_refused_unless_forced(run_dir, t
     (tmp_path / "mixed.jsonl.settings.json").write_text((tmp_path / "out.jsonl.settings.json").read_text())
     assert cli.main([*flags, "--seed", "1", "--force-settings", "--output", str(mixed)]) == 0
     written_with = json.loads((tmp_path / "mixed.jsonl.settings.json").read_text())["written_with"]
-    assert [(w["from_line"], w["settings"]["seed"], w.get("forced", False)) for w in written_with] == \
-        [(1, 0, False), (3, 1, True)]
+    assert [(w["from_line"], w["settings"]["seed"], w.get("forced", False)) for w in written_with] == [
+        (1, 0, False),
+        (3, 1, True),
+    ]
     assert len(_records(mixed)) == 6
     capsys.readouterr()
     assert cli.main([*flags, "--seed", "1", "--output", str(mixed)]) == 0  # the latest settings: accepted

@@ -9,9 +9,14 @@ from arjax.train.cli import main
 from arjax.train.config import TrainConfig, from_dict
 
 _TEXT = "".join(f"row {i}: a stitch in time saves nine, said the tailor.\n" for i in range(200))
-_SS = {"feed": "sample", "granularity": "token",
-       "schedule": {"step": {"kind": "linear", "k": 1.0, "c": 0.1, "eps_min": 0.5},
-                    "position": {"kind": "exponential", "k": 0.98}}}
+_SS = {
+    "feed": "sample",
+    "granularity": "token",
+    "schedule": {
+        "step": {"kind": "linear", "k": 1.0, "c": 0.1, "eps_min": 0.5},
+        "position": {"kind": "exponential", "k": 0.98},
+    },
+}
 _SS_KEYS = ("gold_prob", "mix_rate", "differ_rate", "pass1_loss", "pass2_loss")
 
 
@@ -49,19 +54,49 @@ def test_scheduled_sampling_run_through_the_cli(tmp_path, data_file, capsys):
     assert main(["eval", "--ckpt", run]) == 0 and "loss" in capsys.readouterr().out
     assert main(["generate", "--ckpt", run, "--prompt", "row", "--max-new-tokens", "5", "--temperature", "0"]) == 0
     # --set reaches the section's nested keys; a typo there is a one-line error.
-    assert main(["train", "--config", str(cfg), "--data", data_file, "--out", str(tmp_path / "r2"), "--quiet",
-                 "--steps", "1", "--set", "scheduled_sampling.schedule.step.kind=constnt"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--data",
+                data_file,
+                "--out",
+                str(tmp_path / "r2"),
+                "--quiet",
+                "--steps",
+                "1",
+                "--set",
+                "scheduled_sampling.schedule.step.kind=constnt",
+            ]
+        )
+        == 2
+    )
     assert "kind='constnt'" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def ss_runs(data_file, tmp_path_factory):
     """A scheduled-sampling run with dropout and 2 micro-batches, straight and stopped after 3 steps + resumed."""
-    cfg = from_dict({
-        "model": "tiny", "model_overrides": {"n_layers": 1, "dropout": 0.1}, "tokenizer": "char", "data": data_file,
-        "batch_size": 2, "accum_steps": 2, "seq_len": 16, "steps": 6, "warmup_steps": 1, "eval_interval": 3,
-        "eval_iters": 1, "log_interval": 4, "ckpt_interval": 2, "scheduled_sampling": _SS,
-    })
+    cfg = from_dict(
+        {
+            "model": "tiny",
+            "model_overrides": {"n_layers": 1, "dropout": 0.1},
+            "tokenizer": "char",
+            "data": data_file,
+            "batch_size": 2,
+            "accum_steps": 2,
+            "seq_len": 16,
+            "steps": 6,
+            "warmup_steps": 1,
+            "eval_interval": 3,
+            "eval_iters": 1,
+            "log_interval": 4,
+            "ckpt_interval": 2,
+            "scheduled_sampling": _SS,
+        }
+    )
     root = tmp_path_factory.mktemp("runs")
     straight = loop.train(cfg, str(root / "a"), quiet=True)
     first = loop.train(cfg, str(root / "b"), stop_after=3, quiet=True)
@@ -102,9 +137,19 @@ def test_the_loop_closes_its_log_progress_and_tensorboard_on_error(data_file, tm
     monkeypatch.setattr(runlog, "_tensorboard_writer", lambda log_dir, purge_step=None: Writer())
     monkeypatch.setattr(runlog, "_Progress", Progress)
     monkeypatch.setattr(loop.ckpt, "save", broken_save)
-    cfg = TrainConfig(model="tiny", model_overrides={"n_layers": 1}, tokenizer="char", data=data_file, batch_size=2,
-                      seq_len=16, steps=4, warmup_steps=1, log_interval=1, ckpt_interval=2,
-                      scheduled_sampling=from_dict({"scheduled_sampling": _SS}).scheduled_sampling)
+    cfg = TrainConfig(
+        model="tiny",
+        model_overrides={"n_layers": 1},
+        tokenizer="char",
+        data=data_file,
+        batch_size=2,
+        seq_len=16,
+        steps=4,
+        warmup_steps=1,
+        log_interval=1,
+        ckpt_interval=2,
+        scheduled_sampling=from_dict({"scheduled_sampling": _SS}).scheduled_sampling,
+    )
     with pytest.raises(OSError, match="No space left"):
         loop.train(cfg, str(tmp_path / "run"), quiet=True)
     # The objective's metrics reached TensorBoard before the failure; everything was closed after it.

@@ -10,16 +10,16 @@ from flax import nnx
 
 from arjax.decode import generate
 from arjax.decode.engine import Engine
-from arjax.model import PRESETS, Transformer, count_params, get_config, init_cache
-from arjax.model import memory
+from arjax.model import PRESETS, Transformer, count_params, get_config, init_cache, memory
 from arjax.model.memory import Need, check_needs
 
 
 def test_the_parameter_count_by_arithmetic_equals_the_model_built_abstractly():
     for name in sorted(PRESETS):
         assert memory.param_count(get_config(name)) == count_params(get_config(name)), name
-    variants = itertools.product([True, False], [True, False], ["learned", "rope"], ["layernorm", "rmsnorm"],
-                                 ["gelu", "swiglu"])
+    variants = itertools.product(
+        [True, False], [True, False], ["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]
+    )
     for use_bias, tie, pos, norm, mlp in variants:  # every family switch, on a small model
         cfg = get_config("tiny", use_bias=use_bias, tie_embeddings=tie, pos=pos, norm=norm, mlp=mlp)
         assert memory.param_count(cfg) == count_params(cfg), (use_bias, tie, pos, norm, mlp)
@@ -72,8 +72,10 @@ def test_on_an_accelerator_device_and_host_memory_are_separate_budgets(monkeypat
 
 
 def test_the_host_limit_follows_ulimit_v():
-    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY)); "
-            "from arjax.model.memory import host_memory_bytes; print(host_memory_bytes())")
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY)); "
+        "from arjax.model.memory import host_memory_bytes; print(host_memory_bytes())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert int(out) == 3 * 2**30
 
@@ -81,8 +83,11 @@ def test_the_host_limit_follows_ulimit_v():
 def test_engines_and_generate_refuse_caches_that_cannot_fit_before_allocating(monkeypatch):
     monkeypatch.setattr(memory, "host_memory_bytes", lambda: 64 * 2**20)  # a 64 MiB machine
     model = Transformer(get_config("tiny", pos="rope", n_heads=2, max_len=64), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"the KV cache of slots=4096 x max_len=64: at least .* but this host has "
-                                         r"64.0 MiB; lower slots \(--slots\) or max_len"):
+    with pytest.raises(
+        ValueError,
+        match=r"the KV cache of slots=4096 x max_len=64: at least .* but this host has "
+        r"64.0 MiB; lower slots \(--slots\) or max_len",
+    ):
         Engine(model, slots=4096)
     Engine(model, slots=4)  # 128 KiB of cache: fine
     with pytest.raises(ValueError, match=r"the KV cache \(1 prompts x 2147483647 slots\)"):

@@ -17,7 +17,15 @@ import sys
 import pytest
 
 from arjax.model import get_config
-from arjax.model.sharding import PRESETS, check_batch_fits, check_model_fits, init_distributed, make_plan, mesh_shape, parse_mesh
+from arjax.model.sharding import (
+    PRESETS,
+    check_batch_fits,
+    check_model_fits,
+    init_distributed,
+    make_plan,
+    mesh_shape,
+    parse_mesh,
+)
 from arjax.train.cli import main
 from arjax.train.config import TrainConfig
 
@@ -35,35 +43,56 @@ def test_mesh_parsing_and_resolution():
     assert mesh_shape({"fsdp": 2, "model": 4}, 8) == (1, 2, 4)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("data", r"'data' is not AXIS=SIZE; write e.g. --mesh data=4,model=2"),
-    ("data=four", r"is not AXIS=SIZE"),
-    ("data=2,data=4", r"names 'data' twice"),
-    ("batch=2", r"unknown axis 'batch'; the axes are data, fsdp, model"),
-    ("data=0", r"data=0; use a whole number of devices >= 1, or -1"),
-    ("data=-1,model=-1", r"-1 on more than one axis"),
-    ("", r"names no axis"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("data", r"'data' is not AXIS=SIZE; write e.g. --mesh data=4,model=2"),
+        ("data=four", r"is not AXIS=SIZE"),
+        ("data=2,data=4", r"names 'data' twice"),
+        ("batch=2", r"unknown axis 'batch'; the axes are data, fsdp, model"),
+        ("data=0", r"data=0; use a whole number of devices >= 1, or -1"),
+        ("data=-1,model=-1", r"-1 on more than one axis"),
+        ("", r"names no axis"),
+    ],
+)
 def test_bad_mesh_flags_are_one_line_errors(text, match):
     with pytest.raises(ValueError, match=match):
         parse_mesh(text)
 
 
-@pytest.mark.parametrize("spec, n, match", [
-    ({"data": 4, "model": 2}, 4, r"mesh data=4 x fsdp=1 x model=2 needs 8 devices but 4 are available; make the product 4"),
-    ({"data": -1, "model": 3}, 8, r"the other axes take 3 devices, which does not divide the 8 available"),
-])
+@pytest.mark.parametrize(
+    "spec, n, match",
+    [
+        (
+            {"data": 4, "model": 2},
+            4,
+            r"mesh data=4 x fsdp=1 x model=2 needs 8 devices but 4 are available; make the product 4",
+        ),
+        ({"data": -1, "model": 3}, 8, r"the other axes take 3 devices, which does not divide the 8 available"),
+    ],
+)
 def test_a_mesh_that_does_not_match_the_devices_is_refused(spec, n, match):
     with pytest.raises(ValueError, match=match):
         mesh_shape(spec, n)
 
 
-@pytest.mark.parametrize("overrides, sizes, match", [
-    ({"n_heads": 6, "d_model": 48}, {"model": 4}, r"n_heads=6 does not split over model=4; choose model among the divisors of 6"),
-    ({"vocab_size": 65}, {"model": 2}, r"vocab_size=65 does not split over model=2; set model_overrides: \{vocab_size: 66\}"),
-    ({"d_model": 32, "d_ff": 90}, {"model": 4}, r"MLP width d_ff=90 does not split over model=4"),
-    ({"d_model": 36, "n_heads": 4}, {"fsdp": 8}, r"d_model=36 does not split over fsdp=8"),
-])
+@pytest.mark.parametrize(
+    "overrides, sizes, match",
+    [
+        (
+            {"n_heads": 6, "d_model": 48},
+            {"model": 4},
+            r"n_heads=6 does not split over model=4; choose model among the divisors of 6",
+        ),
+        (
+            {"vocab_size": 65},
+            {"model": 2},
+            r"vocab_size=65 does not split over model=2; set model_overrides: \{vocab_size: 66\}",
+        ),
+        ({"d_model": 32, "d_ff": 90}, {"model": 4}, r"MLP width d_ff=90 does not split over model=4"),
+        ({"d_model": 36, "n_heads": 4}, {"fsdp": 8}, r"d_model=36 does not split over fsdp=8"),
+    ],
+)
 def test_a_model_that_does_not_split_over_the_mesh_is_refused(overrides, sizes, match):
     cfg = get_config("tiny", **overrides)
     with pytest.raises(ValueError, match=match):
@@ -76,16 +105,23 @@ def test_kv_heads_fewer_than_the_model_axis_are_replicated_not_refused():
 
 
 def test_batch_and_preset_errors_name_the_fix():
-    with pytest.raises(ValueError, match=r"batch_size=6 does not split over data x fsdp = 4 x 2 = 8 devices; use a "
-                       r"batch_size that is a multiple of 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size=6 does not split over data x fsdp = 4 x 2 = 8 devices; use a "
+        r"batch_size that is a multiple of 8",
+    ):
         check_batch_fits(6, {"data": 4, "fsdp": 2, "model": 1})
     check_batch_fits(16, {"data": 4, "fsdp": 2})
     plan = make_plan({"data": -1}, "dp", batch_size=6)  # one CPU device here
     assert plan.data_size == 1
-    with pytest.raises(ValueError, match=r"sharding: 'zero' is not a preset; choose one of auto, dp, fsdp, tp, fsdp_tp"):
+    with pytest.raises(
+        ValueError, match=r"sharding: 'zero' is not a preset; choose one of auto, dp, fsdp, tp, fsdp_tp"
+    ):
         make_plan(None, "zero")
     # A preset whose axis has one device would quietly train data parallel: refused.
-    with pytest.raises(ValueError, match=r"sharding: fsdp shards over the mesh axis fsdp, which has size 1 here .*--mesh fsdp=-1"):
+    with pytest.raises(
+        ValueError, match=r"sharding: fsdp shards over the mesh axis fsdp, which has size 1 here .*--mesh fsdp=-1"
+    ):
         make_plan(None, "fsdp")
 
 
@@ -106,12 +142,18 @@ def test_a_url_as_the_run_directory_is_refused(capsys):
     assert "is a URL; arjax writes runs through the file system: mount the bucket" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, match", [
-    (("127.0.0.1:1234", None, None), r"needs all three of --coordinator HOST:PORT, --num-processes N and --process-id I"),
-    (("localhost", 2, 0), r"--coordinator 'localhost' is not HOST:PORT"),
-    (("127.0.0.1:1234", 2, 2), r"--process-id 2 with --num-processes 2: the id must be in 0..1"),
-    (("[::1]:1234", 2, 5), r"--process-id 5 with --num-processes 2"),  # an IPv6 coordinator is fine
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (
+            ("127.0.0.1:1234", None, None),
+            r"needs all three of --coordinator HOST:PORT, --num-processes N and --process-id I",
+        ),
+        (("localhost", 2, 0), r"--coordinator 'localhost' is not HOST:PORT"),
+        (("127.0.0.1:1234", 2, 2), r"--process-id 2 with --num-processes 2: the id must be in 0..1"),
+        (("[::1]:1234", 2, 5), r"--process-id 5 with --num-processes 2"),  # an IPv6 coordinator is fine
+    ],
+)
 def test_multi_process_flags_are_checked(args, match):
     with pytest.raises(ValueError, match=match):
         init_distributed(*args)
@@ -122,9 +164,18 @@ def test_multi_process_flags_are_checked(args, match):
 
 
 def _run(args, devices, env, out, timeout=600):
-    env = {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, CHECKS, *map(str, args), out], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env = {
+        **env,
+        "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    return subprocess.Popen(
+        [sys.executable, CHECKS, *map(str, args), out],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait(proc, what, timeout=600):
@@ -244,13 +295,30 @@ def test_a_step_that_will_not_fit_warns_naming_the_knobs(tmp_path, monkeypatch):
     from arjax.train.data import Windows
 
     monkeypatch.setattr(perf, "device_memory_bytes", lambda device: 1024)  # a 1 KiB device
-    cfg = TrainConfig(model="tiny", model_overrides={"n_layers": 1}, batch_size=2, seq_len=8, steps=1, warmup_steps=1,
-                      eval_iters=1, log_interval=1)
+    cfg = TrainConfig(
+        model="tiny",
+        model_overrides={"n_layers": 1},
+        batch_size=2,
+        seq_len=8,
+        steps=1,
+        warmup_steps=1,
+        eval_iters=1,
+        log_interval=1,
+    )
     ids = np.arange(200, dtype=np.int32) % 256
-    with pytest.warns(UserWarning, match=r"the train step needs \d+\.\d+ GiB per device but a device has 0\.0 GiB; lower "
-                                         r"batch_size \(2\) and raise accum_steps \(1\).*mesh fsdp or model > 1"):
-        result = loop.fit(cfg, str(tmp_path / "r"), model_cfg=cfg.model_config(vocab_size=None), source=Windows(ids, 8),
-                          val_windows=ids[:18].reshape(1, 2, 9), quiet=True)
+    with pytest.warns(
+        UserWarning,
+        match=r"the train step needs \d+\.\d+ GiB per device but a device has 0\.0 GiB; lower "
+        r"batch_size \(2\) and raise accum_steps \(1\).*mesh fsdp or model > 1",
+    ):
+        result = loop.fit(
+            cfg,
+            str(tmp_path / "r"),
+            model_cfg=cfg.model_config(vocab_size=None),
+            source=Windows(ids, 8),
+            val_windows=ids[:18].reshape(1, 2, 9),
+            quiet=True,
+        )
     assert result["final_step"] == 1
     record = json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
     assert {"tokens_per_s", "tokens_per_s_per_device", "mfu"} <= set(record) and 0 < record["mfu"] < 1

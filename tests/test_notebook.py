@@ -30,7 +30,8 @@ def _kernel_env(tmp_path, monkeypatch) -> None:
     spec_dir.mkdir(parents=True)
     spec = {
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "arjax test", "language": "python",
+        "display_name": "arjax test",
+        "language": "python",
         "env": {"JAX_PLATFORMS": "cpu"},
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
@@ -41,11 +42,15 @@ def _kernel_env(tmp_path, monkeypatch) -> None:
 
 
 def test_notebook_is_clean():
-    nbformat = pytest.importorskip("nbformat", reason="the notebook extra (pip install -e '.[notebook]') is not installed")
+    nbformat = pytest.importorskip(
+        "nbformat", reason="the notebook extra (pip install -e '.[notebook]') is not installed"
+    )
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.outputs == [] and c.execution_count is None for c in code), "clear the notebook's outputs before committing"
+    assert all(c.outputs == [] and c.execution_count is None for c in code), (
+        "clear the notebook's outputs before committing"
+    )
     assert [c.id for c in code if "parameters" in c.metadata.get("tags", [])] == ["parameters"]
 
 
@@ -63,8 +68,11 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     injected = nbformat.v4.new_code_cell(TEST_PARAMETERS + f"RUN_DIR = {str(run_dir)!r}\n")
     injected.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(at + 1, injected)
-    nb.cells.append(nbformat.v4.new_code_cell(
-        "import json; print(json.dumps({'samples': samples, 'final_step': result['final_step']}))"))
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            "import json; print(json.dumps({'samples': samples, 'final_step': result['final_step']}))"
+        )
+    )
 
     work = tmp_path / "cwd"
     work.mkdir()

@@ -14,8 +14,10 @@ from arjax.train.cli import main
 from arjax.train.config import load_config
 from arjax.train.loop import train
 
-CONFIG = ("model: tiny\nmodel_overrides: {n_layers: 1}\ntokenizer: byte\nbatch_size: 2\nseq_len: 16\nsteps: 12\n"
-          "warmup_steps: 2\neval_interval: 12\neval_iters: 1\nlog_interval: 1\nckpt_interval: 1\nmax_to_keep: 20\n")
+CONFIG = (
+    "model: tiny\nmodel_overrides: {n_layers: 1}\ntokenizer: byte\nbatch_size: 2\nseq_len: 16\nsteps: 12\n"
+    "warmup_steps: 2\neval_interval: 12\neval_iters: 1\nlog_interval: 1\nckpt_interval: 1\nmax_to_keep: 20\n"
+)
 
 
 def _mount(path, options):
@@ -40,7 +42,9 @@ def mounts(tmp_path):
 
 
 def _arjax(env, *argv):
-    return subprocess.run([sys.executable, "-m", "arjax.train.cli", *argv], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "arjax.train.cli", *argv], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_a_full_disk_is_one_line_and_the_run_resumes_from_its_last_checkpoint(mounts, tmp_path, subprocess_env):
@@ -50,7 +54,10 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_from_its_last_checkpoint(mo
     run = str(disk / "run")
     out = _arjax(subprocess_env, "train", "--config", str(cfg), "--out", run, "--quiet")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
-    assert out.stderr.startswith("arjax train: error: no space left on the device while writing") and "--resume" in out.stderr
+    assert (
+        out.stderr.startswith("arjax train: error: no space left on the device while writing")
+        and "--resume" in out.stderr
+    )
     saved = ckpt.all_steps(run)
     assert saved and all(r["ok"] for r in ckpt.verify(run))  # every checkpoint written before the failure is intact
     # Space comes back; the run continues where its last checkpoint left off and ends as an uninterrupted one.
@@ -59,7 +66,10 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_from_its_last_checkpoint(mo
     assert out.returncode == 0, out.stderr[-2000:]
     straight = str(tmp_path / "straight")
     train(load_config(str(cfg)), straight, quiet=True)
-    records = lambda r: [{k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "tokens_per_s_per_device", "mfu")} for x in open(os.path.join(r, "metrics.jsonl"))]  # noqa: E731
+    records = lambda r: [
+        {k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "tokens_per_s_per_device", "mfu")}
+        for x in open(os.path.join(r, "metrics.jsonl"))
+    ]  # noqa: E731
     assert records(run) == records(straight)
     a, _, _ = ckpt.load_model(run)
     b, _, _ = ckpt.load_model(straight)
@@ -71,7 +81,10 @@ def test_a_read_only_directory_and_a_file_in_the_way_are_one_line(mounts, tmp_pa
     ro = mounts("ro", "ro,size=1m")
     for argv, needle in [
         (["train", "--out", str(ro / "run"), "--steps", "1", "--quiet"], "Read-only file system"),
-        (["tokenizer", "train", "--data", __file__, "--vocab-size", "300", "--out", str(ro / "tok")], "Read-only file system"),
+        (
+            ["tokenizer", "train", "--data", __file__, "--vocab-size", "300", "--out", str(ro / "tok")],
+            "Read-only file system",
+        ),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -15,11 +15,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_wheel_contains_only_the_arjax_package(tmp_path):
     # Build from a copy so the build's own build/ and egg-info never touch the working tree.
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"
+        ),
+    )
     out = tmp_path / "dist"
     # -x: setuptools >= 70.1 builds wheels itself; the separate `wheel` package need not be installed.
-    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "-x", "--outdir", str(out), str(src)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "-x", "--outdir", str(out), str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     (wheel,) = out.glob("arjax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -29,7 +38,9 @@ def test_wheel_contains_only_the_arjax_package(tmp_path):
         assert f"arjax/{pkg}/__init__.py" in names
     for sub in ("train/cli", "train/exposure"):  # subpackages ship too
         assert f"arjax/{sub}/__init__.py" in names
-    assert "arjax/train/cli/train.py" in names and not any(n.startswith(("arjax/tests", "arjax/tpu_configs")) for n in names)
+    assert "arjax/train/cli/train.py" in names and not any(
+        n.startswith(("arjax/tests", "arjax/tpu_configs")) for n in names
+    )
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "arjax = arjax.train.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 

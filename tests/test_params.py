@@ -13,14 +13,22 @@ from arjax.train.optim import decay_mask
 
 # What sharding's own table said before the roles table (model/sharding.py, _AXES_BY_NAME), written out.
 AXES_BEFORE = {
-    ("embed", "embedding"): ("vocab", "embed"), ("pos_embed", "embedding"): (None, "embed"),
-    ("q", "kernel"): ("embed", "heads"), ("q", "bias"): ("heads",),
-    ("k", "kernel"): ("embed", "kv_heads"), ("k", "bias"): ("kv_heads",),
-    ("v", "kernel"): ("embed", "kv_heads"), ("v", "bias"): ("kv_heads",),
-    ("o", "kernel"): ("heads", "embed"), ("o", "bias"): ("embed",),
-    ("gate", "kernel"): ("embed", "mlp"), ("gate", "bias"): ("mlp",),
-    ("up", "kernel"): ("embed", "mlp"), ("up", "bias"): ("mlp",),
-    ("down", "kernel"): ("mlp", "embed"), ("down", "bias"): ("embed",),
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("pos_embed", "embedding"): (None, "embed"),
+    ("q", "kernel"): ("embed", "heads"),
+    ("q", "bias"): ("heads",),
+    ("k", "kernel"): ("embed", "kv_heads"),
+    ("k", "bias"): ("kv_heads",),
+    ("v", "kernel"): ("embed", "kv_heads"),
+    ("v", "bias"): ("kv_heads",),
+    ("o", "kernel"): ("heads", "embed"),
+    ("o", "bias"): ("embed",),
+    ("gate", "kernel"): ("embed", "mlp"),
+    ("gate", "bias"): ("mlp",),
+    ("up", "kernel"): ("embed", "mlp"),
+    ("up", "bias"): ("mlp",),
+    ("down", "kernel"): ("mlp", "embed"),
+    ("down", "bias"): ("embed",),
     ("lm_head", "kernel"): ("embed", "vocab"),
     **{(norm, p): ("embed",) for norm in ("ln1", "ln2", "ln_f") for p in ("scale", "bias")},
 }
@@ -37,8 +45,17 @@ def decays_before(names: list[str], decay_embeddings: bool) -> bool:
 
 # What quantize swapped before the table (model/quant.py): every Linear of attention and the MLP,
 # an untied lm_head (QuantLinear) and the token embedding (QuantEmbed).
-QUANTIZED_BEFORE = {("q", "kernel"), ("k", "kernel"), ("v", "kernel"), ("o", "kernel"), ("gate", "kernel"),
-                    ("up", "kernel"), ("down", "kernel"), ("lm_head", "kernel"), ("embed", "embedding")}
+QUANTIZED_BEFORE = {
+    ("q", "kernel"),
+    ("k", "kernel"),
+    ("v", "kernel"),
+    ("o", "kernel"),
+    ("gate", "kernel"),
+    ("up", "kernel"),
+    ("down", "kernel"),
+    ("lm_head", "kernel"),
+    ("embed", "embedding"),
+}
 
 
 def _configs():
@@ -46,8 +63,13 @@ def _configs():
     MLP, positions, norms): the parameter names depend on those alone."""
     for name in sorted(PRESETS):
         yield name, get_config(name)
-    switches = {"use_bias": (True, False), "tie_embeddings": (True, False), "mlp": ("gelu", "swiglu"),
-                "pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm")}
+    switches = {
+        "use_bias": (True, False),
+        "tie_embeddings": (True, False),
+        "mlp": ("gelu", "swiglu"),
+        "pos": ("learned", "rope"),
+        "norm": ("layernorm", "rmsnorm"),
+    }
     for values in itertools.product(*switches.values()):
         overrides = dict(zip(switches, values))
         yield f"tiny {overrides}", get_config("tiny", n_layers=1, **overrides)
@@ -62,8 +84,10 @@ def test_every_parameter_of_every_preset_keeps_its_axes_decay_and_int8_decision(
     checked = 0
     for label, cfg in _configs():
         state, paths = _param_paths(cfg)
-        masks = {de: dict(jax.tree_util.tree_leaves_with_path(decay_mask(state, decay_embeddings=de)))
-                 for de in (False, True)}
+        masks = {
+            de: dict(jax.tree_util.tree_leaves_with_path(decay_mask(state, decay_embeddings=de)))
+            for de in (False, True)
+        }
         for path in paths:
             names = [n for n in params.path_names(path) if n != "value"]
             key = tuple(names[-2:])
@@ -97,8 +121,11 @@ def test_every_parameter_has_a_role_and_a_missing_one_says_where_to_add_it():
 
 def test_hf_tables_agree_with_the_roles():
     """HF conversion keeps its own per-family table; what it converts has a role, and only kernels transpose."""
-    for cfg in (get_config("tiny"), get_config("tiny", tie_embeddings=False),
-                get_config("llama-small", n_layers=1, vocab_size=64, d_model=64)):
+    for cfg in (
+        get_config("tiny"),
+        get_config("tiny", tie_embeddings=False),
+        get_config("llama-small", n_layers=1, vocab_size=64, d_model=64),
+    ):
         for rule in hf.conversion_table(cfg):
             for path in rule.ours:
                 role = params.role(path)
@@ -109,8 +136,12 @@ def test_hf_tables_agree_with_the_roles():
 
 
 def test_path_names_read_every_kind_of_key():
-    path = (jax.tree_util.DictKey("blocks"), jax.tree_util.SequenceKey(0), jax.tree_util.GetAttrKey("attn"),
-            jax.tree_util.FlattenedIndexKey(3))
+    path = (
+        jax.tree_util.DictKey("blocks"),
+        jax.tree_util.SequenceKey(0),
+        jax.tree_util.GetAttrKey("attn"),
+        jax.tree_util.FlattenedIndexKey(3),
+    )
     assert params.path_names(path) == ["blocks", "0", "attn", "3"]
     assert params.path_str(path) == "blocks/0/attn/3"
     assert params.path_str(("blocks", 1, "mlp", "up", "kernel")) == "blocks/1/mlp/up/kernel"

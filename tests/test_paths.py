@@ -17,8 +17,19 @@ def test_runs_and_studies_write_only_inside_their_directories(tmp_path, monkeypa
     data = tmp_path / "text.txt"
     data.write_text("all work and no play makes jack a dull boy. " * 100)
     run = tmp_path / "run"
-    common = ["--model", "tiny", "--set", "model.n_layers=1", "--batch-size", "2", "--seq-len", "16", "--set", "eval_iters=1",
-              "--quiet"]
+    common = [
+        "--model",
+        "tiny",
+        "--set",
+        "model.n_layers=1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--set",
+        "eval_iters=1",
+        "--quiet",
+    ]
     assert main(["train", "--data", str(data), "--out", str(run), "--steps", "2", *common]) == 0
     before = _files(tmp_path)
 
@@ -37,9 +48,15 @@ def test_runs_and_studies_write_only_inside_their_directories(tmp_path, monkeypa
     assert new and all(p.startswith(str(run) + os.sep) for p in new), sorted(new)
 
     # A study named like a path is refused before anything is written; a real one stays in --out.
-    study = {"oracle": {"kind": "dyck", "n_types": 1, "max_depth": 2}, "data": {"length": 4, "n_train": 8, "n_test": 8},
-             "model": {"n_layers": 1, "n_heads": 1, "d_model": 8}, "train": {"steps": 1, "batch_size": 2, "warmup_steps": 0},
-             "seeds": [0], "decodings": [{"name": "g", "temperature": 0.0}], "eval": {"n_rollouts": 4, "prompt_len": 1, "n_boot": 2}}
+    study = {
+        "oracle": {"kind": "dyck", "n_types": 1, "max_depth": 2},
+        "data": {"length": 4, "n_train": 8, "n_test": 8},
+        "model": {"n_layers": 1, "n_heads": 1, "d_model": 8},
+        "train": {"steps": 1, "batch_size": 2, "warmup_steps": 0},
+        "seeds": [0],
+        "decodings": [{"name": "g", "temperature": 0.0}],
+        "eval": {"n_rollouts": 4, "prompt_len": 1, "n_boot": 2},
+    }
     cfg = tmp_path / "study.yaml"
     cfg.write_text(json.dumps({**study, "name": "../../escape"}))
     before = _files(tmp_path)

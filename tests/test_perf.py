@@ -104,6 +104,11 @@ def test_cpu_peak_is_measured_once_per_process():
 
 
 def test_device_memory():
-    assert perf.device_memory_bytes(FakeDevice("NVIDIA H100 80GB HBM3", stats={"bytes_limit": 79 << 30, "bytes_in_use": 0})) == 79 << 30
+    assert (
+        perf.device_memory_bytes(
+            FakeDevice("NVIDIA H100 80GB HBM3", stats={"bytes_limit": 79 << 30, "bytes_in_use": 0})
+        )
+        == 79 << 30
+    )
     assert perf.device_memory_bytes(FakeDevice("TPU v4", "tpu", stats={"bytes_in_use": 0})) is None
     assert perf.device_memory_bytes(jax.devices("cpu")[0]) is None  # no stats on CPU; host RAM is not a device budget

@@ -67,10 +67,12 @@ def test_kinds_agree_with_the_tokenizer_module():
 def test_a_text_file_gives_the_text_paths_batches_exactly(text_file, byte_prepared):
     p = prep.open_prepared(byte_prepared)
     m = p.manifest
-    assert len(m["shards"]) > 10 and m["dtype"] == "uint16" and m["tokens"] == len(_TEXT.encode()) and m["documents"] == 1
+    assert (
+        len(m["shards"]) > 10 and m["dtype"] == "uint16" and m["tokens"] == len(_TEXT.encode()) and m["documents"] == 1
+    )
     assert m["tokenizer"]["kind"] == "byte" and m["sources"][0]["bytes"] == os.path.getsize(text_file)
     _assert_same_data(p, data_lib.tokenize_and_split(_TEXT, ByteTokenizer(), val_fraction=0.1))
-    assert p.train[-3:].tolist() == list(_TEXT.encode()[len(p.train) - 3: len(p.train)])
+    assert p.train[-3:].tolist() == list(_TEXT.encode()[len(p.train) - 3 : len(p.train)])
     assert p.train[990:1010:3].tolist() == list(_TEXT.encode()[990:1010:3])  # strided, across a shard boundary
     assert p.train[-1] == _TEXT.encode()[len(p.train) - 1] and p.train[5:5].shape == (0,)
     # Shards are plain little-endian files, nanoGPT style.
@@ -98,7 +100,9 @@ def test_documents_from_jsonl_parquet_and_a_hf_dataset_dir(tmp_path):
     joined = "\n\n".join(d for d in _DOCS if d)
     split = data_lib.tokenize_and_split(joined, CharTokenizer.fit(joined))
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" + ("\n" if i == 3 else "") for i, d in enumerate(_DOCS)))
+    jsonl.write_text(
+        "".join(json.dumps({"id": i, "body": d}) + "\n" + ("\n" if i == 3 else "") for i, d in enumerate(_DOCS))
+    )
     table = pa.table({"id": list(range(len(_DOCS))), "body": _DOCS})
     pq.write_table(table, tmp_path / "docs.parquet", row_group_size=16)
     # What datasets.Dataset.save_to_disk writes: Arrow IPC streams + state.json + dataset_info.json.
@@ -110,10 +114,14 @@ def test_documents_from_jsonl_parquet_and_a_hf_dataset_dir(tmp_path):
             for batch in part.to_batches(max_chunksize=7):
                 writer.write_batch(batch)
     (hf_dir / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names], "_split": "train"}))
-    (hf_dir / "dataset_info.json").write_text(json.dumps({"features": {"id": {"dtype": "int64"}, "body": {"dtype": "string"}}}))
+    (hf_dir / "dataset_info.json").write_text(
+        json.dumps({"features": {"id": {"dtype": "int64"}, "body": {"dtype": "string"}}})
+    )
     for source in (jsonl, tmp_path / "docs.parquet", hf_dir):
         out = str(tmp_path / f"out-{source.name}")
-        m = prep.prepare([str(source)], out, tokenizer="char", text_field="body", shard_tokens=100, chunk_bytes=200, workers=1)
+        m = prep.prepare(
+            [str(source)], out, tokenizer="char", text_field="body", shard_tokens=100, chunk_bytes=200, workers=1
+        )
         assert m["documents"] == len(_DOCS) - 1, source
         _assert_same_data(prep.open_prepared(out), split, T=16)
     # Several inputs in one prepare: one stream, in the order given.
@@ -121,18 +129,25 @@ def test_documents_from_jsonl_parquet_and_a_hf_dataset_dir(tmp_path):
     m = prep.prepare([str(jsonl), str(hf_dir)], out, tokenizer="byte", text_field="body", workers=1)
     assert [s["format"] for s in m["sources"]] == ["jsonl", "arrow", "arrow"]
     both = (joined + "\n\n" + joined).encode()
-    assert np.asarray(prep.open_prepared(out).train).tolist() + np.asarray(prep.open_prepared(out).val).tolist() == list(both)
+    assert np.asarray(prep.open_prepared(out).train).tolist() + np.asarray(
+        prep.open_prepared(out).val
+    ).tolist() == list(both)
 
 
 @needs_pyarrow
 def test_bad_records_name_the_file_and_line(tmp_path, monkeypatch):
     good = "".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(40))
-    for bad, expect in [('{"text": 1}', "'text' is a int, not text"), ("not json", "not JSON"),
-                        ('{"body": "x"}', "no 'text' field (found: body); pass --text-field NAME")]:
+    for bad, expect in [
+        ('{"text": 1}', "'text' is a int, not text"),
+        ("not json", "not JSON"),
+        ('{"body": "x"}', "no 'text' field (found: body); pass --text-field NAME"),
+    ]:
         path = tmp_path / "bad.jsonl"
         path.write_text(good + bad + "\n" + good)
         with pytest.raises(ValueError, match=f"bad.jsonl:41: .*{expect}".replace("(", r"\(").replace(")", r"\)")):
-            prep.prepare([str(path)], str(tmp_path / "out"), chunk_bytes=50, workers=1)  # many units before the bad line
+            prep.prepare(
+                [str(path)], str(tmp_path / "out"), chunk_bytes=50, workers=1
+            )  # many units before the bad line
     raw = _TEXT.encode()[:500] + b"\xff" + _TEXT.encode()
     (tmp_path / "latin.txt").write_bytes(raw)
     with pytest.raises(ValueError, match=r"latin.txt' is not UTF-8 text: byte 500 is 0xff"):
@@ -167,9 +182,16 @@ def test_hf_tokenizer_documents_joined_by_eos_and_uint16_or_uint32(tmp_path):
     for n_words, dtype in ((100, "uint16"), (70_000, "uint32")):
         tok_dir = _hf_tokenizer(tmp_path / f"tok{n_words}", n_words)
         out = str(tmp_path / f"out{n_words}")
-        m = prep.prepare([str(tmp_path / "d.jsonl")], out, tokenizer="hf", tokenizer_path=tok_dir, workers=1, chunk_bytes=20)
+        m = prep.prepare(
+            [str(tmp_path / "d.jsonl")], out, tokenizer="hf", tokenizer_path=tok_dir, workers=1, chunk_bytes=20
+        )
         p = prep.open_prepared(out)
-        ids = [i + 2 if i < n_words else 0 for i in (1, 2, 70000, 3)] + [1] + [i + 2 if i < n_words else 0 for i in (65600, 5)] + [1, 11]
+        ids = (
+            [i + 2 if i < n_words else 0 for i in (1, 2, 70000, 3)]
+            + [1]
+            + [i + 2 if i < n_words else 0 for i in (65600, 5)]
+            + [1, 11]
+        )
         assert m["dtype"] == dtype and m["separator"] == [1] and p.tokenizer.vocab_size == n_words + 2
         assert np.asarray(p.train).tolist() + np.asarray(p.val).tolist() == ids
         assert os.path.getsize(os.path.join(out, m["shards"][0]["file"])) == len(ids) * (2 if dtype == "uint16" else 4)
@@ -198,12 +220,27 @@ def test_damage_is_refused_with_the_fix(byte_prepared, tmp_path):
             f.write(data)
 
     cases = [
-        (lambda d: overwrite_start(os.path.join(d, "manifest.json"), b"}"), r"manifest.json is not valid JSON .*re-run `arjax data prepare`"),
-        (lambda d: os.truncate(shard(d), 100), r"tokens-00001.bin has 100 bytes, not the 1994 .* truncated .*re-run `arjax data prepare`"),
+        (
+            lambda d: overwrite_start(os.path.join(d, "manifest.json"), b"}"),
+            r"manifest.json is not valid JSON .*re-run `arjax data prepare`",
+        ),
+        (
+            lambda d: os.truncate(shard(d), 100),
+            r"tokens-00001.bin has 100 bytes, not the 1994 .* truncated .*re-run `arjax data prepare`",
+        ),
         (lambda d: os.remove(shard(d)), r"tokens-00001.bin is missing"),
-        (lambda d: shutil.copy(shard(d), os.path.join(d, "tokens-99999.bin")), r"tokens-99999.bin is a shard the manifest does not list"),
-        (lambda d: CharTokenizer(list("ab")).save(os.path.join(d, "tokenizer")), r"tokenizer .* is not the one the shards were made with"),
-        (lambda d: os.remove(os.path.join(d, "manifest.json")), r"not a prepared dataset \(no manifest.json\); prepare it with `arjax data prepare"),
+        (
+            lambda d: shutil.copy(shard(d), os.path.join(d, "tokens-99999.bin")),
+            r"tokens-99999.bin is a shard the manifest does not list",
+        ),
+        (
+            lambda d: CharTokenizer(list("ab")).save(os.path.join(d, "tokenizer")),
+            r"tokenizer .* is not the one the shards were made with",
+        ),
+        (
+            lambda d: os.remove(os.path.join(d, "manifest.json")),
+            r"not a prepared dataset \(no manifest.json\); prepare it with `arjax data prepare",
+        ),
     ]
     for edit, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -222,13 +259,25 @@ def test_cli_prepare_checks_paths_and_numbers_and_replaces_out_whole(text_file, 
     assert main(["data", "verify", out]) == 0 and digest in capsys.readouterr().out
     for argv, message in [
         (["--data", text_file, "--out", out], "is not empty; pass --overwrite"),
-        (["--data", os.path.dirname(text_file), "--out", os.path.join(os.path.dirname(text_file), "x")], "lies inside --data"),
-        (["--data", text_file, "--out", str(tmp_path / "q"), "--workers", "0"], "--workers 0 must be an integer in [1, 1024]"),
-        (["--data", text_file, "--out", str(tmp_path / "q"), "--val-fraction", "1"], "--val-fraction 1.0 must be a number in (0, 1)"),
+        (
+            ["--data", os.path.dirname(text_file), "--out", os.path.join(os.path.dirname(text_file), "x")],
+            "lies inside --data",
+        ),
+        (
+            ["--data", text_file, "--out", str(tmp_path / "q"), "--workers", "0"],
+            "--workers 0 must be an integer in [1, 1024]",
+        ),
+        (
+            ["--data", text_file, "--out", str(tmp_path / "q"), "--val-fraction", "1"],
+            "--val-fraction 1.0 must be a number in (0, 1)",
+        ),
         (["--data", text_file, "--out", str(tmp_path / "q"), "--shard-tokens", "0"], "--shard-tokens 0 must be"),
         (["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "q")], "does not exist"),
         (["--data", out, "--out", str(tmp_path / "q")], "is a prepared dataset already"),
-        (["--data", text_file, "--out", str(tmp_path / "q"), "--tokenizer", "hf"], "--tokenizer hf needs --tokenizer-path"),
+        (
+            ["--data", text_file, "--out", str(tmp_path / "q"), "--tokenizer", "hf"],
+            "--tokenizer hf needs --tokenizer-path",
+        ),
     ]:
         assert main(["data", "prepare", *argv]) == 2
         err = capsys.readouterr().err
@@ -248,9 +297,22 @@ def test_cli_prepare_checks_paths_and_numbers_and_replaces_out_whole(text_file, 
 
 
 def test_training_from_a_prepared_dir(text_file, byte_prepared, tmp_path):
-    cfg = TrainConfig(model="tiny", model_overrides={"n_layers": 1}, data=byte_prepared, batch_size=4, seq_len=32,
-                      steps=2, warmup_steps=1, eval_interval=2, eval_iters=1, log_interval=1, ckpt_interval=2)
-    with pytest.raises(ValueError, match="was prepared with the byte tokenizer but the run config says tokenizer: char"):
+    cfg = TrainConfig(
+        model="tiny",
+        model_overrides={"n_layers": 1},
+        data=byte_prepared,
+        batch_size=4,
+        seq_len=32,
+        steps=2,
+        warmup_steps=1,
+        eval_interval=2,
+        eval_iters=1,
+        log_interval=1,
+        ckpt_interval=2,
+    )
+    with pytest.raises(
+        ValueError, match="was prepared with the byte tokenizer but the run config says tokenizer: char"
+    ):
         train(cfg.replace(tokenizer="char"), str(tmp_path / "r0"), quiet=True)
     with pytest.raises(ValueError, match="was prepared with val_fraction 0.1 but the run config says 0.2"):
         train(cfg.replace(val_fraction=0.2), str(tmp_path / "r0"), quiet=True)

@@ -54,14 +54,17 @@ def test_quantization_error_is_within_half_a_step():
 
 def test_quantized_model_keeps_names_and_leaves_the_float_model_alone(pair):
     _, model, qmodel = pair
-    assert _paths(qmodel) - _paths(model) == {p.replace("['kernel']", "['scale']") for p in _paths(model) if "kernel" in p} | {
-        "['embed']['scale'].value"
-    }
+    assert _paths(qmodel) - _paths(model) == {
+        p.replace("['kernel']", "['scale']") for p in _paths(model) if "kernel" in p
+    } | {"['embed']['scale'].value"}
     assert isinstance(qmodel.blocks[0].attn.q, QuantLinear) and isinstance(qmodel.embed, QuantEmbed)
     assert qmodel.blocks[0].attn.q.kernel[...].dtype == jnp.int8 and qmodel.ln_f.scale[...].dtype == jnp.float32
     assert model.blocks[0].attn.q.kernel[...].dtype == jnp.float32 and isinstance(model.embed, nnx.Embed)
     # Every kernel dequantizes to within half a step of the float one.
-    for lf, lq in [(model.blocks[1].mlp.down, qmodel.blocks[1].mlp.down), (model.blocks[0].attn.k, qmodel.blocks[0].attn.k)]:
+    for lf, lq in [
+        (model.blocks[1].mlp.down, qmodel.blocks[1].mlp.down),
+        (model.blocks[0].attn.k, qmodel.blocks[0].attn.k),
+    ]:
         deq = lq.kernel[...].astype(jnp.float32) * lq.scale[...]
         assert bool(jnp.all(jnp.abs(lf.kernel[...] - deq) <= lq.scale[...] / 2 * (1 + 1e-6)))
 
@@ -162,8 +165,21 @@ def test_cli_flags_reach_the_model_and_the_cache(monkeypatch, capsys):
         return SimpleNamespace(lengths=[0], stop_reason=["length"])
 
     monkeypatch.setattr(cli_generate, "stream_text", spy)
-    argv = ["generate", "--ckpt", "x", "--prompt", "ab", "--max-new-tokens", "4", "--temperature", "0",
-            "--quantize", "int8", "--kv-cache-dtype", "int8"]
+    argv = [
+        "generate",
+        "--ckpt",
+        "x",
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--quantize",
+        "int8",
+        "--kv-cache-dtype",
+        "int8",
+    ]
     assert cli.main(argv) == 0 and seen == {"quantized": True, "kv": "int8"}
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # argparse's own choice check: one line, exit status 2

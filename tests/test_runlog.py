@@ -23,7 +23,11 @@ def test_a_resumed_log_is_cut_back_to_the_checkpoint_and_written_on(tmp_path):
         log.write({"step": 3, "loss": 0.3})
         log.evaluation(3, 0.5)
     assert [(r["step"], sorted(r)) for r in _records(tmp_path)] == [
-        (1, ["loss", "step"]), (2, ["loss", "step"]), (3, ["loss", "step"]), (3, ["step", "val_loss", "val_ppl"])]
+        (1, ["loss", "step"]),
+        (2, ["loss", "step"]),
+        (3, ["loss", "step"]),
+        (3, ["step", "val_loss", "val_ppl"]),
+    ]
 
 
 def test_a_resume_without_its_log_warns_and_other_processes_write_nothing(tmp_path):
@@ -39,11 +43,26 @@ def test_a_resume_without_its_log_warns_and_other_processes_write_nothing(tmp_pa
 
 def test_the_meter_logs_every_step_of_an_interval_once_with_its_speed(tmp_path):
     with RunLog(str(tmp_path), start=0, resume=False, total=3, quiet=True) as log:
-        meter = StepMeter(log, start=0, tokens_per_step=100, n_devices=1, flops_per_token=1.0, peak=None,
-                          schedule=lambda s: 0.1 * s, metric_names=("gold_prob",))
+        meter = StepMeter(
+            log,
+            start=0,
+            tokens_per_step=100,
+            n_devices=1,
+            flops_per_token=1.0,
+            peak=None,
+            schedule=lambda s: 0.1 * s,
+            metric_names=("gold_prob",),
+        )
         for step in range(3):
-            meter.add(step, {"loss": np.float32(3 - step), "grad_norm": np.float32(1), "tokens": np.float32(100),
-                             "gold_prob": np.float32(0.5)})
+            meter.add(
+                step,
+                {
+                    "loss": np.float32(3 - step),
+                    "grad_norm": np.float32(1),
+                    "tokens": np.float32(100),
+                    "gold_prob": np.float32(0.5),
+                },
+            )
             if step == 1:
                 meter.read(2)
             with meter.paused():

@@ -66,8 +66,16 @@ def test_temperature_zero_is_argmax_and_rows_are_independent():
     assert kept[1].sum() == 3 and kept[3].sum() == V
     # Each row equals the same row filtered alone: no setting leaks across the batch.
     for i in range(4):
-        alone = SamplingParams.make(1, **{f: np.asarray(getattr(params, f))[i : i + 1] for f in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")})
-        np.testing.assert_array_equal(np.asarray(filt(logits[i : i + 1], alone))[0], np.asarray(filt(logits, params))[i])
+        alone = SamplingParams.make(
+            1,
+            **{
+                f: np.asarray(getattr(params, f))[i : i + 1]
+                for f in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+            },
+        )
+        np.testing.assert_array_equal(
+            np.asarray(filt(logits[i : i + 1], alone))[0], np.asarray(filt(logits, params))[i]
+        )
 
 
 def test_top_k_keeps_exactly_the_k_best_and_ties_at_the_kth():
@@ -164,7 +172,13 @@ def test_same_key_same_tokens_and_new_values_do_not_recompile():
     a = draw(jax.random.key(5), logits, SamplingParams.make(4, temperature=1.0))
     b = draw(jax.random.key(5), logits, SamplingParams.make(4, temperature=1.0))
     np.testing.assert_array_equal(a, b)
-    draw(jax.random.key(6), logits, SamplingParams.make(4, temperature=[0.0, 0.5, 1.5, 1.0], top_k=[0, 2, 3, 7], top_p=0.7, min_p=0.1, repetition_penalty=1.2))
+    draw(
+        jax.random.key(6),
+        logits,
+        SamplingParams.make(
+            4, temperature=[0.0, 0.5, 1.5, 1.0], top_k=[0, 2, 3, 7], top_p=0.7, min_p=0.1, repetition_penalty=1.2
+        ),
+    )
     assert traces["draw"] == 1
 
 

@@ -140,14 +140,27 @@ def test_a_wrong_type_is_refused_alike_from_python_and_http(host):
             with pytest.raises(FieldError) as e:
                 SamplingParams.make(1, **{f.name: bad})
             status, reply = _post(host, {"model": "tiny", "prompt": "a", f.http: bad})
-            assert status == 400 and reply["error"] == {"message": str(e.value), "type": "invalid_request_error",
-                                                        "param": f.http, "code": None}
+            assert status == 400 and reply["error"] == {
+                "message": str(e.value),
+                "type": "invalid_request_error",
+                "param": f.http,
+                "code": None,
+            }
 
 
 def test_a_settings_file_from_before_a_field_existed_reads_it_as_its_default(tmp_path):
     """A sampling field a batch job's settings file lacks was not there to set: its lines used the default."""
-    settings = {"weights": "w", "quantize": None, "kv_cache_dtype": "float32", "seed": 0, "max_new_tokens": 4,
-                "eos": [], "stop": [], "logprobs": False, **{f.name: f.default for f in SAMPLING_FIELDS}}
+    settings = {
+        "weights": "w",
+        "quantize": None,
+        "kv_cache_dtype": "float32",
+        "seed": 0,
+        "max_new_tokens": 4,
+        "eos": [],
+        "stop": [],
+        "logprobs": False,
+        **{f.name: f.default for f in SAMPLING_FIELDS},
+    }
     older = {k: v for k, v in settings.items() if k != SAMPLING_FIELDS[-1].name}
     out = str(tmp_path / "out.jsonl")
     batch._write_settings(out, [{"from_line": 1, "settings": older}])
@@ -160,10 +173,13 @@ def test_a_settings_file_from_before_a_field_existed_reads_it_as_its_default(tmp
 
 def test_out_of_memory_is_one_line_and_other_errors_pass():
     oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes.")
-    with pytest.raises(UsageError) as e, out_of_memory("4 slots of 64 tokens", "lower --slots",
-                                                        detail=" (the KV cache alone is 1.00 GiB)"):
+    with (
+        pytest.raises(UsageError) as e,
+        out_of_memory("4 slots of 64 tokens", "lower --slots", detail=" (the KV cache alone is 1.00 GiB)"),
+    ):
         raise oom
-    assert str(e.value) == ("4 slots of 64 tokens do not fit in the device's memory (the KV cache alone is 1.00 GiB); "
-                            "lower --slots")
+    assert str(e.value) == (
+        "4 slots of 64 tokens do not fit in the device's memory (the KV cache alone is 1.00 GiB); lower --slots"
+    )
     with pytest.raises(KeyError), out_of_memory("4 slots", "lower --slots"):
         raise KeyError("x")

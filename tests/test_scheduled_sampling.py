@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 import pytest
 from flax import nnx
 
 from arjax.model import Transformer, get_config
-from arjax.train.loss import next_token_loss
 from arjax.train.exposure.scheduled_sampling import ScheduledSampling, ScheduledSamplingConfig, draw_coins, ss_loss
 from arjax.train.exposure.schedules import GoldSchedule, constant, make_schedule
+from arjax.train.loss import next_token_loss
 from arjax.train.step import TRACE_COUNTS, make_train_step
 
 # ----------------------------------------------------------------------------- closed form
@@ -113,7 +112,9 @@ def test_the_prediction_from_position_t_minus_1_replaces_input_t(feed):
     model = NextIsPlusOne()
     tokens = jnp.array([[5, 0, 3, 7, 2], [9, 9, 1, 4, 4]])  # [B, T+1]
     cfg = ScheduledSamplingConfig(feed=feed, temperature=0.05, top_k=2 if feed == "soft_topk" else 0)
-    loss, aux = ss_loss(model, tokens, jax.random.key(0), 0.0, cfg)  # gold probability 0: every input t >= 1 is the model's
+    loss, aux = ss_loss(
+        model, tokens, jax.random.key(0), 0.0, cfg
+    )  # gold probability 0: every input t >= 1 is the model's
     gold_inputs = tokens[:, :-1]  # [B, T]
     # Pass 1 saw the gold inputs; pass 2 sees x_0, then the prediction made at t-1 for token t: x_{t-1} + 1.
     want = jnp.concatenate([gold_inputs[:, :1], (gold_inputs[:, :-1] + 1) % 10], axis=1)  # [5, 6, 1, 4], [9, 0, 0, 2]
@@ -201,7 +202,9 @@ def test_gradient_through_pass1_is_off_unless_asked():
         [x.ravel() for path, x in jax.tree_util.tree_leaves_with_path(g) if "embed" not in jax.tree_util.keystr(path)]
     )
     np.testing.assert_allclose(not_embed(g_off), not_embed(g_ref), rtol=1e-4, atol=1e-7)
-    assert float(jnp.abs(not_embed(g_on) - not_embed(g_off)).max()) > 1e-5, "grad_through_pass1=True must change the gradient"
+    assert float(jnp.abs(not_embed(g_on) - not_embed(g_off)).max()) > 1e-5, (
+        "grad_through_pass1=True must change the gradient"
+    )
 
 
 def test_sequential_is_differentiable_through_the_scan():
@@ -274,8 +277,12 @@ def test_config_is_strict_and_frozen():
     with pytest.raises(Exception):
         cfg.feed = "soft"  # type: ignore[misc]
     # The nested schedule, as a run config writes it; a number the family does not use is refused.
-    cfg = from_dict({"feed": "argmax", "schedule": {"step": {"kind": "linear", "k": 1, "c": 0.1},
-                                                     "position": {"kind": "exponential", "k": 0.5}}})
+    cfg = from_dict(
+        {
+            "feed": "argmax",
+            "schedule": {"step": {"kind": "linear", "k": 1, "c": 0.1}, "position": {"kind": "exponential", "k": 0.5}},
+        }
+    )
     np.testing.assert_allclose(np.asarray(cfg.schedule(2, 3)), [1.0, 0.8 * 0.5, 0.8 * 0.25], rtol=1e-6)
     with pytest.raises(ValueError, match=r"schedule 'constant' takes \['k'\], not \['c'\]"):
         from_dict({"schedule": {"step": {"kind": "constant", "k": 0.5, "c": 0.1}}})
@@ -303,7 +310,9 @@ def test_objective_logs_and_never_recompiles_for_a_new_step_or_schedule():
         params, opt_state, m = step_fn(params, opt_state, batches, i, 0)
         logs.append({k: float(v) for k, v in m.items()})
     # New numbers for the same family: still the same program (a new family is a new program).
-    new = objective.replace(cfg=objective.cfg.replace(schedule=GoldSchedule(step=make_schedule("linear", k=0.9, c=0.1))))
+    new = objective.replace(
+        cfg=objective.cfg.replace(schedule=GoldSchedule(step=make_schedule("linear", k=0.9, c=0.1)))
+    )
     params, opt_state, m = step_fn(params, opt_state, batches, 4, 0, new)
     logs.append({k: float(v) for k, v in m.items()})
     assert TRACE_COUNTS["train_step"] - before == 1

@@ -76,7 +76,9 @@ def test_changing_step_or_numbers_never_recompiles():
 
     base = GoldSchedule(step=make_schedule("linear", k=1.0, c=0.01), position=make_schedule("exponential", k=0.9))
     outs = [f(jnp.int32(i), base) for i in range(3)]
-    other = GoldSchedule(step=make_schedule("linear", k=0.8, c=0.02, eps_min=0.1), position=make_schedule("exponential", k=0.5))
+    other = GoldSchedule(
+        step=make_schedule("linear", k=0.8, c=0.02, eps_min=0.1), position=make_schedule("exponential", k=0.5)
+    )
     outs.append(f(jnp.int32(5), other))
     assert len(traces) == 1
     # and the traced values are the right ones

@@ -31,7 +31,8 @@ TOK = CharTokenizer([chr(c) for c in range(32, 127)] + [chr(c) for c in range(0x
 
 _COMPILES = collections.Counter()  # XLA compilations in this process, whatever asked for them
 jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *_, **__: _COMPILES.update([name]) if name == "/jax/core/compile/backend_compile_duration" else None)
+    lambda name, *_, **__: _COMPILES.update([name]) if name == "/jax/core/compile/backend_compile_duration" else None
+)
 
 
 def _engine_traces():
@@ -79,9 +80,17 @@ def test_engine_equals_solo_generate_with_slots_reused_and_nothing_compiled(mode
     reqs = []
     for i in range(10):
         n = int(rng.integers(1, 31))  # two prompt buckets (16, 32) and one output bucket: few solo programs
-        reqs.append(Request(prompt=[int(t) for t in rng.integers(0, 256, size=n)], max_new_tokens=int(rng.integers(1, 17)),
-                            temperature=[0.0, 0.7, 1.3][i % 3], top_k=[0, 5][i % 2], top_p=[1.0, 0.9][i % 2],
-                            seed=100 + i, eos_ids=(7,) if i == 4 else ()))
+        reqs.append(
+            Request(
+                prompt=[int(t) for t in rng.integers(0, 256, size=n)],
+                max_new_tokens=int(rng.integers(1, 17)),
+                temperature=[0.0, 0.7, 1.3][i % 3],
+                top_k=[0, 5][i % 2],
+                top_p=[1.0, 0.9][i % 2],
+                seed=100 + i,
+                eos_ids=(7,) if i == 4 else (),
+            )
+        )
     got = {i: [] for i in range(10)}
     reasons = {}
 
@@ -90,6 +99,7 @@ def test_engine_equals_solo_generate_with_slots_reused_and_nothing_compiled(mode
             got[i].extend(u.tokens)
             if u.finish_reason:
                 reasons[i] = u.finish_reason
+
         return on_update
 
     for i in range(4):
@@ -102,8 +112,16 @@ def test_engine_equals_solo_generate_with_slots_reused_and_nothing_compiled(mode
     engine.run_until_done()
     assert _engine_traces() == before
     for i, r in enumerate(reqs):
-        tokens, reason = _solo(model, list(r.prompt), r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                               top_p=r.top_p, seed=r.seed, eos=r.eos_ids)
+        tokens, reason = _solo(
+            model,
+            list(r.prompt),
+            r.max_new_tokens,
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            seed=r.seed,
+            eos=r.eos_ids,
+        )
         assert got[i] == tokens, i
         assert reasons[i] == reason
 
@@ -152,14 +170,20 @@ def test_openai_client_completion_stream_stop_seed_and_models(served, model):
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop, "never"])
     assert r.choices[0].text == greedy[: greedy.find(stop)] and r.choices[0].finish_reason == "stop"
 
-    sampled = [client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=1.0, seed=s).choices[0].text
-               for s in (7, 7, 8)]
+    sampled = [
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=1.0, seed=s).choices[0].text
+        for s in (7, 7, 8)
+    ]
     assert sampled[0] == sampled[1] != sampled[2]
     assert sampled[0] == TOK.decode(_solo(model, ids, 16, temperature=1.0, seed=7)[0])
 
-    r = client.completions.create(model="tiny", prompt=[prompt, "ab"], max_tokens=5, temperature=0, logprobs=2, echo=False)
+    r = client.completions.create(
+        model="tiny", prompt=[prompt, "ab"], max_tokens=5, temperature=0, logprobs=2, echo=False
+    )
     assert [c.index for c in r.choices] == [0, 1] and r.choices[0].text == greedy[:5]
-    assert len(r.choices[1].logprobs.token_logprobs) == 5 and all(len(t) == 2 for t in r.choices[1].logprobs.top_logprobs)
+    assert len(r.choices[1].logprobs.token_logprobs) == 5 and all(
+        len(t) == 2 for t in r.choices[1].logprobs.top_logprobs
+    )
 
 
 def test_32_requests_at_once_and_staggered_equal_solo_generate(served, model):
@@ -178,9 +202,19 @@ def test_32_requests_at_once_and_staggered_equal_solo_generate(served, model):
 
     def sample(i):  # top_k is our extension: the client sends it in extra_body
         s = sampled[i]
-        return served.client.completions.create(model="tiny", prompt=prompts[i], max_tokens=max_tokens[i], seed=s["seed"],
-                                                temperature=s["temperature"], top_p=s["top_p"],
-                                                extra_body={"top_k": s["top_k"]}).choices[0].text
+        return (
+            served.client.completions.create(
+                model="tiny",
+                prompt=prompts[i],
+                max_tokens=max_tokens[i],
+                seed=s["seed"],
+                temperature=s["temperature"],
+                top_p=s["top_p"],
+                extra_body={"top_k": s["top_k"]},
+            )
+            .choices[0]
+            .text
+        )
 
     with ThreadPoolExecutor(40) as pool:
         sampled_texts = list(pool.map(sample, range(8)))
@@ -194,8 +228,12 @@ def test_32_requests_at_once_and_staggered_equal_solo_generate(served, model):
 
 def _post(host, body: bytes | str, path="/v1/completions"):
     conn = http.client.HTTPConnection(*host, timeout=30)
-    conn.request("POST", path, body=body if isinstance(body, bytes) else body.encode(),
-                 headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        path,
+        body=body if isinstance(body, bytes) else body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     data = resp.read()
     conn.close()
@@ -209,7 +247,11 @@ BAD = [
     ({"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature=-1.0 must be a finite number >= 0"),
     ({"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p=0.0 must be in (0, 1]"),
     ({"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal to 1"),
-    ({"model": "tiny", "prompt": "abc", "max_tokens": 100}, 400, "exceeds the 64 tokens a slot holds; lower max_tokens to <= 61"),
+    (
+        {"model": "tiny", "prompt": "abc", "max_tokens": 100},
+        400,
+        "exceeds the 64 tokens a slot holds; lower max_tokens to <= 61",
+    ),
     ({"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
     ({"model": "tiny", "prompt": "a" * 100_000}, 400, "shorten the prompt to at most 63 tokens"),
     ({"model": "tiny", "prompt": "a", "temprature": 0.5}, 400, "unknown field 'temprature'"),
@@ -233,14 +275,21 @@ def test_bad_request_gets_its_status_and_message_then_a_good_one_succeeds(served
 
 def test_any_content_type_is_read_as_json_and_errors_have_openais_shape(served):
     conn = http.client.HTTPConnection(*served.host, timeout=30)
-    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 2}),
-                 headers={"Content-Type": "application/x-www-form-urlencoded"})  # what curl -d sends
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 2}),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )  # what curl -d sends
     resp = conn.getresponse()
     assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 2
     for method, path, status in (("GET", "/v1/completions", 405), ("POST", "/v1/chat/completions", 404)):
         conn.request(method, path)
         resp = conn.getresponse()
-        assert resp.status == status and "this server has POST /v1/completions" in json.loads(resp.read())["error"]["message"]
+        assert (
+            resp.status == status
+            and "this server has POST /v1/completions" in json.loads(resp.read())["error"]["message"]
+        )
     conn.close()
 
 
@@ -256,7 +305,9 @@ def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served, monke
 
         real = engine_module._chunk
         monkeypatch.setattr(engine_module, "_chunk", lambda *a: (time.sleep(0.1), real(*a))[1])  # 1.5 s a request
-        busy = [engine.submit(Request(prompt=[1], max_new_tokens=60, temperature=0.0), lambda u: None) for _ in range(8)]
+        busy = [
+            engine.submit(Request(prompt=[1], max_new_tokens=60, temperature=0.0), lambda u: None) for _ in range(8)
+        ]
         got, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "a"}))
         for h in busy:
             h.cancel()
@@ -266,8 +317,12 @@ def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served, monke
     assert got == 429 and "retry later" in reply["error"]["message"]
 
     conn = http.client.HTTPConnection(*served.host, timeout=30)
-    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 60,
-                                                             "stream": True}), headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 60, "stream": True}),
+        headers={"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     assert resp.readline().startswith(b"data: {")  # decoding has begun
     conn.sock.shutdown(2)  # the client goes away mid-stream
@@ -287,8 +342,12 @@ def test_full_queue_is_429_and_a_client_that_leaves_frees_its_slot(served, monke
     monkeypatch.setattr(engine_module, "_chunk", lambda *a: (time.sleep(0.1), real(*a))[1])
     before = engine.stats["finished"]
     conn = http.client.HTTPConnection(*served.host, timeout=30)
-    conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "y", "max_tokens": 60, "n": 8}),
-                 headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps({"model": "tiny", "prompt": "y", "max_tokens": 60, "n": 8}),
+        headers={"Content-Type": "application/json"},
+    )
     deadline = time.time() + 10
     while not engine.active and time.time() < deadline:
         time.sleep(0.01)
@@ -307,8 +366,11 @@ def test_a_client_that_hangs_up_mid_body_ends_its_request_quietly(served, caplog
     heads = [b"Content-Length: 1000\r\n\r\n", b"Transfer-Encoding: chunked\r\n\r\n40\r\n"]
     for head in heads:
         sock = socket.create_connection(served.host, timeout=10)
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: arjax\r\nContent-Type: application/json\r\n" + head
-                     + b'{"model": "tiny", "pro')
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: arjax\r\nContent-Type: application/json\r\n"
+            + head
+            + b'{"model": "tiny", "pro'
+        )
         time.sleep(0.2)  # the handler is waiting for the rest of the body
         sock.close()
         time.sleep(0.2)
@@ -317,7 +379,9 @@ def test_a_client_that_hangs_up_mid_body_ends_its_request_quietly(served, caplog
     logged = "\n".join(f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING)
     out, err = capfd.readouterr()
     for text in (logged, err, out):
-        assert "Traceback" not in text and "Exception in ASGI application" not in text and "ClientDisconnect" not in text, text
+        assert (
+            "Traceback" not in text and "Exception in ASGI application" not in text and "ClientDisconnect" not in text
+        ), text
 
 
 def _model_that_spells(text: str) -> Transformer:
@@ -347,8 +411,11 @@ def test_multibyte_characters_split_across_tokens_stream_without_replacement_cha
     server.start()
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        pieces = [c.choices[0].text for c in client.completions.create(model="spell", prompt="a", max_tokens=n,
-                                                                       temperature=0, stream=True) if c.choices]
+        pieces = [
+            c.choices[0].text
+            for c in client.completions.create(model="spell", prompt="a", max_tokens=n, temperature=0, stream=True)
+            if c.choices
+        ]
     finally:
         server.stop()
         engine.stop()
@@ -402,8 +469,11 @@ def test_shutting_down_ends_every_stream_properly_and_refuses_new_requests(model
     try:
         host = server.sock.getsockname()[:2]
         conn = http.client.HTTPConnection(*host, timeout=30)
-        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 60,
-                                                                 "stream": True}))
+        conn.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 60, "stream": True}),
+        )
         resp = conn.getresponse()
         assert resp.readline().startswith(b"data: {")
         engine.close()  # what a SIGINT / SIGTERM to `arjax serve` does first

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from arjax.decode import SamplingParams, filter_logits, generate, stream
+from arjax.decode import SamplingParams, filter_logits, generate, speculative, stream
 from arjax.decode import loop as decode_loop
-from arjax.decode import speculative
 from arjax.decode.speculative import DraftModel, PromptLookup, lookup_drafts
 from arjax.model import Transformer, get_config
 
@@ -33,8 +32,12 @@ def models():
 def test_greedy_speculative_equals_plain_greedy(models, name):
     target, other = models
     # (The tests share programs: one bucket of max_new_tokens, the same drafters.)
-    draft = {"self": DraftModel(target, k=4), "random": DraftModel(other, k=3),
-             "lookup": PromptLookup(ngram=2, k=4), "lookup_k1": PromptLookup(ngram=1, k=1)}[name]
+    draft = {
+        "self": DraftModel(target, k=4),
+        "random": DraftModel(other, k=3),
+        "lookup": PromptLookup(ngram=2, k=4),
+        "lookup_k1": PromptLookup(ngram=1, k=1),
+    }[name]
     ref = generate(target, PROMPTS, max_new_tokens=12)
     out = generate(target, PROMPTS, max_new_tokens=12, draft=draft)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
@@ -76,12 +79,20 @@ def test_streaming_and_sampling_values_do_not_recompile(models):
             break
     np.testing.assert_array_equal(final.tokens, whole.tokens)
     assert [len(p) for p in pieces] == list(whole.lengths)
-    assert all(p == whole.tokens[i, :len(p)].tolist() for i, p in enumerate(pieces))
+    assert all(p == whole.tokens[i, : len(p)].tolist() for i, p in enumerate(pieces))
     before = dict(decode_loop.TRACE_COUNTS)
     # New prompt lengths in the same bucket, new sampling values, new seeds: no new program.
-    generate(target, [[3, 4, 5], [1], [2, 2], [9, 8, 7, 6]], max_new_tokens=12, draft=draft, seed=3,
-             sampling=SamplingParams.make(4, temperature=0.7, top_k=5, top_p=0.9))
-    generate(target, PROMPTS, max_new_tokens=9, draft=draft, sampling=SamplingParams.make(4, temperature=1.3, min_p=0.1))
+    generate(
+        target,
+        [[3, 4, 5], [1], [2, 2], [9, 8, 7, 6]],
+        max_new_tokens=12,
+        draft=draft,
+        seed=3,
+        sampling=SamplingParams.make(4, temperature=0.7, top_k=5, top_p=0.9),
+    )
+    generate(
+        target, PROMPTS, max_new_tokens=9, draft=draft, sampling=SamplingParams.make(4, temperature=1.3, min_p=0.1)
+    )
     assert decode_loop.TRACE_COUNTS["spec_start"] == before["spec_start"]
     generate(target, PROMPTS, max_new_tokens=12, draft=DraftModel(target, k=2))  # a new k: one new program
     assert decode_loop.TRACE_COUNTS["spec_start"] == before["spec_start"] + 1
@@ -89,13 +100,30 @@ def test_streaming_and_sampling_values_do_not_recompile(models):
 
 def test_the_target_cache_holds_the_keys_and_values_of_plain_decoding(models):
     target, other = models
-    plan = decode_loop._plan(target, PROMPTS, max_new_tokens=12, sampling=None, eos_ids=(), pad_id=0, max_len=None,
-                             buckets=decode_loop.DEFAULT_BUCKETS, extra_slots=3)
+    plan = decode_loop._plan(
+        target,
+        PROMPTS,
+        max_new_tokens=12,
+        sampling=None,
+        eos_ids=(),
+        pad_id=0,
+        max_len=None,
+        buckets=decode_loop.DEFAULT_BUCKETS,
+        extra_slots=3,
+    )
     B = len(PROMPTS)
     g, p = nnx.split(target)
     dg, dp = nnx.split(other)
-    args = (jnp.asarray(plan.tokens), jnp.asarray(plan.positions), jax.random.key(0), jnp.int32(12),
-            SamplingParams.greedy(B), jnp.asarray(plan.eos_ids), jnp.int32(0), jnp.int32(12))
+    args = (
+        jnp.asarray(plan.tokens),
+        jnp.asarray(plan.positions),
+        jax.random.key(0),
+        jnp.int32(12),
+        SamplingParams.greedy(B),
+        jnp.asarray(plan.eos_ids),
+        jnp.int32(0),
+        jnp.int32(12),
+    )
     spec = decode_loop._spec_start(g, dg, plan.num_slots, plan.cache_len, 3, 0, p, dp, *args)
     plain = decode_loop._start(g, plan.num_slots, plan.cache_len, None, p, *args)
     np.testing.assert_array_equal(spec.tokens[:, :12], plain.tokens[:, :12])
@@ -142,15 +170,39 @@ def _exact_joint(target, prompt, sampling, V):
 def _draws(target, draft, prompt, sampling, n, batch=8192):
     """Counts of (t2, t3) over n draws: the jitted program called directly with one plan, a new seed each time."""
     V = target.cfg.vocab_size
-    plan = decode_loop._plan(target, [prompt] * batch, max_new_tokens=3, sampling=None, eos_ids=(), pad_id=0,
-                             max_len=None, buckets=(4,), extra_slots=draft.k)  # small buckets: a small cache, fast
+    plan = decode_loop._plan(
+        target,
+        [prompt] * batch,
+        max_new_tokens=3,
+        sampling=None,
+        eos_ids=(),
+        pad_id=0,
+        max_len=None,
+        buckets=(4,),
+        extra_slots=draft.k,
+    )  # small buckets: a small cache, fast
     (g, p), (dg, dp) = nnx.split(target), nnx.split(draft.model)
     rows = jax.tree.map(lambda x: jnp.repeat(x[:1], batch), sampling)
     counts = np.zeros((V, V))
     for seed in range(-(-n // batch)):
-        state = decode_loop._spec_start(g, dg, plan.num_slots, plan.cache_len, draft.k, 0, p, dp, jnp.asarray(plan.tokens),
-                                        jnp.asarray(plan.positions), jax.random.key(seed), jnp.int32(3), rows,
-                                        jnp.asarray(plan.eos_ids), jnp.int32(0), jnp.int32(3))
+        state = decode_loop._spec_start(
+            g,
+            dg,
+            plan.num_slots,
+            plan.cache_len,
+            draft.k,
+            0,
+            p,
+            dp,
+            jnp.asarray(plan.tokens),
+            jnp.asarray(plan.positions),
+            jax.random.key(seed),
+            jnp.int32(3),
+            rows,
+            jnp.asarray(plan.eos_ids),
+            jnp.int32(0),
+            jnp.int32(3),
+        )
         tokens = np.asarray(state.tokens)
         np.add.at(counts, (tokens[:, 1], tokens[:, 2]), 1)
     return counts
@@ -255,17 +307,34 @@ def test_the_cache_fits_every_block_near_a_learned_context():
     learned = Transformer(get_config("tiny"), rngs=nnx.Rngs(0))  # max_len 64
     short_draft = Transformer(get_config("tiny", n_layers=1, max_len=32), rngs=nnx.Rngs(1))
     plan = lambda model, prompts, new, k, cap=None, max_len=None: decode_loop._plan(  # noqa: E731
-        model, prompts, max_new_tokens=new, sampling=None, eos_ids=(), pad_id=0, max_len=max_len,
-        buckets=decode_loop.DEFAULT_BUCKETS, extra_slots=k, spec_cap=cap)
-    for prompts, new, k, cap, max_len in (([list(range(1, 21))], 30, 4, 64, None), ([[1, 2, 3]], 10, 4, 32, None),
-                                         ([[1, 2, 3] * 5], 40, 8, 64, None), ([[1, 2]], 10, 8, None, 24)):
+        model,
+        prompts,
+        max_new_tokens=new,
+        sampling=None,
+        eos_ids=(),
+        pad_id=0,
+        max_len=max_len,
+        buckets=decode_loop.DEFAULT_BUCKETS,
+        extra_slots=k,
+        spec_cap=cap,
+    )
+    for prompts, new, k, cap, max_len in (
+        ([list(range(1, 21))], 30, 4, 64, None),
+        ([[1, 2, 3]], 10, 4, 32, None),
+        ([[1, 2, 3] * 5], 40, 8, 64, None),
+        ([[1, 2]], 10, 8, None, 24),
+    ):
         p = plan(learned, prompts, new, k, cap, max_len)
         assert p.tokens.shape[1] + new + k <= p.cache_len <= min(c for c in (cap, max_len, 10**9) if c), (p.cache_len,)
-    with pytest.raises(ValueError, match=r"longest prompt \(16 tokens\) \+ max_new_tokens \(45\) \+ k \(4\) = 65 cache slots"):
+    with pytest.raises(
+        ValueError, match=r"longest prompt \(16 tokens\) \+ max_new_tokens \(45\) \+ k \(4\) = 65 cache slots"
+    ):
         generate(learned, [[1, 2, 3] * 5 + [1]], max_new_tokens=45, draft=PromptLookup(ngram=2, k=4))
     ref = generate(learned, [list(range(1, 21)), [5]], max_new_tokens=30)
     out = generate(learned, [list(range(1, 21)), [5]], max_new_tokens=30, draft=PromptLookup(ngram=2, k=4))
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     rope = Transformer(get_config("tiny", **LLAMA), rngs=nnx.Rngs(0))
-    out = generate(rope, [[1, 2, 3]], max_new_tokens=10, draft=DraftModel(short_draft, k=4))  # the draft's 32 caps the cache
+    out = generate(
+        rope, [[1, 2, 3]], max_new_tokens=10, draft=DraftModel(short_draft, k=4)
+    )  # the draft's 32 caps the cache
     np.testing.assert_array_equal(out.tokens, generate(rope, [[1, 2, 3]], max_new_tokens=10).tokens)

@@ -26,8 +26,15 @@ def rows(draw, block: bool):
     tokens = ints(0, V - 1, B * K).reshape(B, K)
     proposed = ints(1, K, B)
     logits = np.asarray(draw(st.lists(st.floats(-4, 4), min_size=B * K * V, max_size=B * K * V)), np.float32)
-    return dict(tokens=tokens, proposed=proposed, done=done, emitted=emitted, max_steps=max_steps, eos=eos,
-                logits=logits.reshape(B, K, V))
+    return dict(
+        tokens=tokens,
+        proposed=proposed,
+        done=done,
+        emitted=emitted,
+        max_steps=max_steps,
+        eos=eos,
+        logits=logits.reshape(B, K, V),
+    )
 
 
 def _expected_block(r, pad_id):
@@ -54,16 +61,25 @@ def _expected_block(r, pad_id):
 @settings(max_examples=30, deadline=None)
 @given(rows(block=True))
 def test_a_block_keeps_tokens_up_to_eos_and_the_budget(r):
-    em = emit(jnp.asarray(r["logits"]), jnp.asarray(r["tokens"]), done=jnp.asarray(r["done"]),
-              emitted=jnp.asarray(r["emitted"]), max_steps=r["max_steps"], eos=jnp.asarray(r["eos"]), pad_id=7,
-              proposed=jnp.asarray(r["proposed"]))
+    em = emit(
+        jnp.asarray(r["logits"]),
+        jnp.asarray(r["tokens"]),
+        done=jnp.asarray(r["done"]),
+        emitted=jnp.asarray(r["emitted"]),
+        max_steps=r["max_steps"],
+        eos=jnp.asarray(r["eos"]),
+        pad_id=7,
+        proposed=jnp.asarray(r["proposed"]),
+    )
     logp = jax.nn.log_softmax(r["logits"], axis=-1)
     reasons = np.asarray(em.stop_reason(jnp.zeros(len(r["done"]), jnp.int32)))
     for b, (kept, reason) in enumerate(_expected_block(r, pad_id=7)):
         n = len(kept)
         assert int(em.count[b]) == n
         assert list(np.asarray(em.tokens[b, :n])) == kept and (np.asarray(em.tokens[b, n:]) == 7).all()
-        np.testing.assert_allclose(np.asarray(em.logprobs[b, :n]), [logp[b, i, t] for i, t in enumerate(kept)], rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(em.logprobs[b, :n]), [logp[b, i, t] for i, t in enumerate(kept)], rtol=1e-5
+        )
         assert (np.asarray(em.logprobs[b, n:]) == 0).all()
         assert int(reasons[b]) == reason
         assert bool(em.done(jnp.asarray(r["done"]))[b]) == (bool(r["done"][b]) or reason != RUNNING)
@@ -77,11 +93,17 @@ def test_a_block_keeps_tokens_up_to_eos_and_the_budget(r):
 def test_one_token_per_row_is_the_block_rule_with_k_1(r):
     """The one-token case is written out (the plain loop's program is unchanged by the shared step);
     it must agree with the block rule on every field, EOS shared or per row, done rows, the budget."""
-    common = dict(done=jnp.asarray(r["done"]), emitted=jnp.asarray(r["emitted"]), max_steps=r["max_steps"],
-                  eos=jnp.asarray(r["eos"]), pad_id=3)
+    common = dict(
+        done=jnp.asarray(r["done"]),
+        emitted=jnp.asarray(r["emitted"]),
+        max_steps=r["max_steps"],
+        eos=jnp.asarray(r["eos"]),
+        pad_id=3,
+    )
     one = emit(jnp.asarray(r["logits"][:, 0]), jnp.asarray(r["tokens"][:, 0]), **common)
-    block = emit(jnp.asarray(r["logits"]), jnp.asarray(r["tokens"]), proposed=jnp.ones(len(r["done"]), jnp.int32),
-                 **common)
+    block = emit(
+        jnp.asarray(r["logits"]), jnp.asarray(r["tokens"]), proposed=jnp.ones(len(r["done"]), jnp.int32), **common
+    )
     np.testing.assert_array_equal(one.tokens, block.tokens[:, 0])
     np.testing.assert_allclose(one.logprobs, block.logprobs[:, 0], rtol=1e-6)
     np.testing.assert_array_equal(one.new, block.new)

@@ -41,7 +41,7 @@ def test_a_multi_token_stop_string_ends_the_row_before_it(byte_setup):
         out = generate(model, prompts, max_new_tokens=30, stop=[stop, "never-there"], tokenizer=tok, draft=draft)
         assert out.texts[0] == text[:at] and out.stop_reason[0] == "stop"
         assert out.lengths[0] == at + len(stop)  # the tokens end with the one that completed it
-        assert (out.tokens[0, out.lengths[0]:] == 0).all()
+        assert (out.tokens[0, out.lengths[0] :] == 0).all()
         assert out.stop_reason[1] == "length" and out.texts[1] == tok.decode(plain.tokens[1].tolist())
 
 
@@ -51,7 +51,7 @@ def test_streamed_text_never_shows_what_a_stop_string_removes(byte_setup):
     text = tok.decode(generate(model, prompts, max_new_tokens=30).tokens[0].tolist())
     stop = text[7:10]
     seen, out = _stream(model, tok, prompts, max_new_tokens=30, stop=[stop])
-    assert "".join(seen[0]) == out.texts[0] == text[:text.index(stop)]
+    assert "".join(seen[0]) == out.texts[0] == text[: text.index(stop)]
     running = ""
     for delta in seen[0]:
         running += delta
@@ -71,11 +71,11 @@ def test_a_stop_string_split_differently_than_it_was_written(tmp_path):
         pieces = [tok.decode(ids[:n]) for n in range(len(ids) + 1)]
         bounds = {len(p) for p in pieces}
         for start in range(1, len(text) - 3):
-            stop = text[start:start + 3]
+            stop = text[start : start + 3]
             if stop.strip() and any(start < b < start + 3 for b in bounds) and text.index(stop) == start:
                 split = [tok.decode([t]) for t in tok.encode(stop)]
                 generated = [tok.decode([t]) for t in ids]
-                if split != generated[:len(split)]:
+                if split != generated[: len(split)]:
                     out = generate(model, prompts, max_new_tokens=24, seed=seed, stop=[stop], tokenizer=tok)
                     assert out.stop_reason[0] == "stop" and out.texts[0] == text[:start]
                     return
@@ -96,11 +96,14 @@ def test_stop_string_bookkeeping_holds_back_a_possible_start():
     assert s.check(0, ids) and s.visible(0, ids) == "ab#c" and s.rows[0].cut == 7
 
 
-@pytest.mark.parametrize("stop, tokenizer, match", [
-    ([""], "tok", r"stop string '' is empty or not text"),
-    ([3], "tok", r"stop string 3 is empty or not text"),
-    (["\n"], None, r"stop strings need the tokenizer"),
-])
+@pytest.mark.parametrize(
+    "stop, tokenizer, match",
+    [
+        ([""], "tok", r"stop string '' is empty or not text"),
+        ([3], "tok", r"stop string 3 is empty or not text"),
+        (["\n"], None, r"stop strings need the tokenizer"),
+    ],
+)
 def test_bad_stop_strings_are_one_line_errors(byte_setup, stop, tokenizer, match):
     model, tok = byte_setup
     with pytest.raises(ValueError, match=match):

@@ -19,8 +19,11 @@ TINY = {
         {"name": "tf"},
         {
             "name": "ss",
-            "scheduled_sampling": {"method": "parallel", "feed": "argmax",
-                                   "schedule": {"step": {"kind": "linear", "k": 1.0, "c": 0.2, "eps_min": 0.2}}},
+            "scheduled_sampling": {
+                "method": "parallel",
+                "feed": "argmax",
+                "schedule": {"step": {"kind": "linear", "k": 1.0, "c": 0.2, "eps_min": 0.2}},
+            },
         },
     ],
     "seeds": [0, 1, 2],
@@ -32,7 +35,9 @@ TINY = {
 def test_config_is_strict_and_names_the_bad_key():
     cfg = study_from_dict(TINY)
     assert cfg.methods[1].scheduled_sampling.schedule.step.c == 0.2 and cfg.decodings[0].temperature == 0.0
-    assert cfg.train_config(cfg.methods[1], 7).seed == 7 and cfg.train_config(cfg.methods[0], 0).scheduled_sampling is None
+    assert (
+        cfg.train_config(cfg.methods[1], 7).seed == 7 and cfg.train_config(cfg.methods[0], 0).scheduled_sampling is None
+    )
     with pytest.raises(ValueError, match=r"unknown study.data keys \['lenght'\]"):
         study_from_dict({**TINY, "data": {"lenght": 6}})
     with pytest.raises(ValueError, match=r"study.train: TrainConfig.steps='10' \(str\) should be int"):
@@ -45,8 +50,15 @@ def test_config_is_strict_and_names_the_bad_key():
         study_from_dict({**TINY, "eval": {"prompt_len": 6}})
     with pytest.raises(ValueError, match=r"unknown study.methods\[0\] keys \['schedule'\]"):
         study_from_dict({**TINY, "methods": [{"name": "a", "schedule": {"kind": "linear", "c": 0.1}}]})
-    with pytest.raises(ValueError, match=r"study.methods\[0\].scheduled_sampling.schedule.step: schedule 'constant' takes"):
-        study_from_dict({**TINY, "methods": [{"name": "a", "scheduled_sampling": {"schedule": {"step": {"kind": "constant", "c": 1}}}}]})
+    with pytest.raises(
+        ValueError, match=r"study.methods\[0\].scheduled_sampling.schedule.step: schedule 'constant' takes"
+    ):
+        study_from_dict(
+            {
+                **TINY,
+                "methods": [{"name": "a", "scheduled_sampling": {"schedule": {"step": {"kind": "constant", "c": 1}}}}],
+            }
+        )
     with pytest.raises(ValueError, match=r"unknown study.model keys \['d_modle'\]"):
         study_from_dict({**TINY, "model": {"d_modle": 8}})
     with pytest.raises(ValueError, match="method names must be unique"):
@@ -128,8 +140,15 @@ def test_a_study_stopped_and_resumed_gives_the_same_results(uninterrupted, tmp_p
     # A run killed after 2 of its 4 steps: it continues from its checkpoint.
     oracle, train_tokens, test_tokens = study_lib.build_source(cfg)
     method = cfg.methods[1]
-    partial = loop.fit(cfg.train_config(method, 1), str(out / "runs" / "ss" / "seed1"), model_cfg=cfg.model_config(oracle.vocab_size),
-                       source=study_lib.Rows(train_tokens), val_windows=test_tokens[None], stop_after=2, quiet=True)
+    partial = loop.fit(
+        cfg.train_config(method, 1),
+        str(out / "runs" / "ss" / "seed1"),
+        model_cfg=cfg.model_config(oracle.vocab_size),
+        source=study_lib.Rows(train_tokens),
+        val_windows=test_tokens[None],
+        stop_after=2,
+        quiet=True,
+    )
     assert partial["final_step"] == 2
     assert main(["study", str(path), "--out", str(out), "--resume", "--quiet"]) == 0
     want = json.loads((root / "report" / "results.json").read_text())
@@ -161,8 +180,31 @@ def test_text_study_against_a_named_scorer(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("the cat sat on the mat. " * 200)
     scorer = tmp_path / "scorer"
-    assert main(["train", "--model", "tiny", "--tokenizer", "byte", "--data", str(text), "--steps", "2",
-                 "--batch-size", "4", "--seq-len", "16", "--set", "model.n_layers=1", "--out", str(scorer), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny",
+                "--tokenizer",
+                "byte",
+                "--data",
+                str(text),
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "16",
+                "--set",
+                "model.n_layers=1",
+                "--out",
+                str(scorer),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cfg = {
         "name": "text",
         "oracle": {"kind": "scorer", "scorer": str(scorer), "text": str(text)},

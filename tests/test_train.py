@@ -68,7 +68,9 @@ def test_weight_decay_leaves_masked_params_alone():
     updates, _ = tx.update(zeros, opt_state, params)
     new = nnx.to_pure_dict(optax.apply_updates(params, updates))
     old = nnx.to_pure_dict(params)
-    np.testing.assert_allclose(new["blocks"][0]["attn"]["q"]["kernel"], old["blocks"][0]["attn"]["q"]["kernel"] * (1 - 0.05), rtol=1e-6)
+    np.testing.assert_allclose(
+        new["blocks"][0]["attn"]["q"]["kernel"], old["blocks"][0]["attn"]["q"]["kernel"] * (1 - 0.05), rtol=1e-6
+    )
     for path in (("ln_f", "scale"), ("embed", "embedding")):
         np.testing.assert_array_equal(new[path[0]][path[1]], old[path[0]][path[1]])
     np.testing.assert_array_equal(new["blocks"][1]["mlp"]["up"]["bias"], old["blocks"][1]["mlp"]["up"]["bias"])
@@ -96,7 +98,8 @@ def test_dropout_key_depends_on_seed_and_step_only_and_seeds_share_one_program()
     assert TRACE_COUNTS["train_step"] - before == 1, "the seed is traced: every seed reuses the program"
     off = make_train_step(graphdef, tx)  # TeacherForcing() without dropout: the loss is deterministic
     assert float(off(jax.tree.map(jnp.copy, params), tx.init(params), batch, 5, 0)[2]["loss"]) == float(
-        off(jax.tree.map(jnp.copy, params), tx.init(params), batch, 6, 1)[2]["loss"])
+        off(jax.tree.map(jnp.copy, params), tx.init(params), batch, 6, 1)[2]["loss"]
+    )
 
 
 def test_bf16_compute_keeps_fp32_master_weights():

@@ -74,8 +74,9 @@ def make_manager(run_dir: str, *, max_to_keep: int | None = None, create: bool =
     """The orbax manager of a run. A writer (``create``) clears the temporary folders of saves that
     were interrupted (killed, disk full); they were never checkpoints."""
     # Synchronous: the next train step donates (reuses) the params buffers a background save would read.
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=create)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False, cleanup_tmp_directories=create
+    )
     return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
 
 
@@ -149,7 +150,9 @@ def fingerprints(tree) -> dict[str, str]:
 def _check_fingerprints(item: str, restored, recorded: dict[str, str]) -> None:
     got = fingerprints(restored)
     if set(got) != set(recorded):
-        raise DamagedCheckpoint(f"{item} holds arrays {sorted(set(got) ^ set(recorded))[:3]} its metadata does not list")
+        raise DamagedCheckpoint(
+            f"{item} holds arrays {sorted(set(got) ^ set(recorded))[:3]} its metadata does not list"
+        )
     bad = [k for k in recorded if got[k] != recorded[k]]
     if bad:
         raise DamagedCheckpoint(f"{len(bad)} array(s) of {item} differ from their fingerprints, e.g. {bad[0]!r}")
@@ -180,7 +183,12 @@ def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state=None, m
         manager.save(step, args=ocp.args.Composite(**items))
     except Exception as e:  # tensorstore reports a full disk as a ValueError; say what it is
         text = str(e)
-        if isinstance(e, OSError) or "No space left" in text or "os_error_code='28'" in text or "os_error_code='13'" in text:
+        if (
+            isinstance(e, OSError)
+            or "No space left" in text
+            or "os_error_code='28'" in text
+            or "os_error_code='13'" in text
+        ):
             code = getattr(e, "errno", None) or (errno.EACCES if "os_error_code='13'" in text else errno.ENOSPC)
             raise OSError(code, os.strerror(code), os.path.join(str(manager.directory), str(step))) from None
         raise
@@ -194,7 +202,9 @@ def _candidates(run_dir: str, step: int | None) -> list[int]:
     _check_run_dir(run_dir, exists=False)
     steps = all_steps(run_dir)
     if not steps:
-        raise ValueError(f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); train first with `arjax train --out {run_dir}`")
+        raise ValueError(
+            f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); train first with `arjax train --out {run_dir}`"
+        )
     return [step] if step is not None else steps[::-1]
 
 
@@ -215,7 +225,9 @@ def _read_meta(run_dir: str, step: int) -> dict[str, Any]:
         raise ValueError(f"{run_dir!r} has no checkpoint at step {step}; it has {all_steps(run_dir)}")
     try:
         with _orbax_reading():
-            meta = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = make_manager(run_dir, create=False).restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
     except Exception as e:  # orbax raises many types for missing or garbled files
         raise DamagedCheckpoint(f"its metadata cannot be read ({_short(e)})") from None
     if not isinstance(meta, dict) or "model_config" not in meta:
@@ -262,8 +274,11 @@ _NOISE = _OrbaxNoise()
 
 def _late_read(unraisable) -> bool:
     """A read that a failed restore abandoned, finishing after orbax closed its event loop."""
-    return unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError) and \
-        str(unraisable.exc_value) == "Event loop is closed"
+    return (
+        unraisable.object is None
+        and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+    )
 
 
 @contextlib.contextmanager
@@ -301,9 +316,15 @@ def _drop_orbax_leftovers() -> None:
         # Before any collection: a task collected with its exception unread is logged (by asyncio, not the hook).
         with warnings.catch_warnings():  # isinstance on every live object wakes lazy and deprecated proxies (torch's)
             warnings.simplefilter("ignore")
-            futures = [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Future) and obj.get_loop().is_closed()]
-        loops = {id(f.get_loop()): f.get_loop() for f in futures if isinstance(f, asyncio.Task)
-                 and "orbax" in getattr(getattr(f.get_coro(), "cr_code", None), "co_filename", "")}
+            futures = [
+                obj for obj in gc.get_objects() if isinstance(obj, asyncio.Future) and obj.get_loop().is_closed()
+            ]
+        loops = {
+            id(f.get_loop()): f.get_loop()
+            for f in futures
+            if isinstance(f, asyncio.Task)
+            and "orbax" in getattr(getattr(f.get_coro(), "cr_code", None), "co_filename", "")
+        }
         for loop in loops.values():
             if "call_soon_threadsafe" not in vars(loop):  # a read finishing later: nobody is waiting for it
                 loop.call_soon_threadsafe = lambda *args, **kwargs: None
@@ -340,8 +361,12 @@ def _restore_verified(run_dir: str, step: int, meta: dict[str, Any], targets: di
     if recorded is None and meta.get("format", 1) >= 2:
         raise DamagedCheckpoint("its metadata lists no fingerprints")
     if recorded is None:
-        warnings.warn(f"checkpoint step {step} in {run_dir!r} predates fingerprints (format {meta.get('format')}); "
-                      "loaded without verification", CheckpointWarning, stacklevel=3)
+        warnings.warn(
+            f"checkpoint step {step} in {run_dir!r} predates fingerprints (format {meta.get('format')}); "
+            "loaded without verification",
+            CheckpointWarning,
+            stacklevel=3,
+        )
     else:
         for name in targets:
             _check_fingerprints(name, restored[name], recorded.get(name, {}))
@@ -389,8 +414,11 @@ def restore_intact(
             where = _move_aside(run_dir, s) if move_damaged and jax.process_index() == 0 else None
             kept = f"moved to {where}" if where else "kept on disk"
             later = "; trying the previous one" if s != candidates[-1] else ""
-            warnings.warn(f"checkpoint step {s} in {run_dir!r} is damaged ({e}); it is {kept}{later}",
-                          CheckpointWarning, stacklevel=2)
+            warnings.warn(
+                f"checkpoint step {s} in {run_dir!r} is damaged ({e}); it is {kept}{later}",
+                CheckpointWarning,
+                stacklevel=2,
+            )
     raise ValueError(f"no intact checkpoint in {run_dir!r}: " + "; ".join(reasons))
 
 
@@ -423,7 +451,11 @@ def verify(run_dir: str) -> list[dict[str, Any]]:
                 if "opt_state" in names:
                     _restore_verified(run_dir, s, meta, {"opt_state": None})
             entry["ok"] = True
-            entry["detail"] = "unverified: predates fingerprints" if caught else f"{sum(len(v) for v in meta['fingerprints'].values())} arrays match their fingerprints"
+            entry["detail"] = (
+                "unverified: predates fingerprints"
+                if caught
+                else f"{sum(len(v) for v in meta['fingerprints'].values())} arrays match their fingerprints"
+            )
         except DamagedCheckpoint as e:
             entry["detail"] = f"damaged: {e}"
         report.append(entry)
@@ -463,7 +495,11 @@ def abstract_params(model_cfg: ModelConfig, plan=None):
     pure = nnx.to_pure_dict(state)
     plan = plan or sharding.single_device_plan()
     shardings = plan.param_shardings(pure)
-    return graphdef, state, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings)
+    return (
+        graphdef,
+        state,
+        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings),
+    )
 
 
 def restore_training_state(run_dir: str, *, params, opt_state, check: Callable[[int, dict[str, Any]], None]):
@@ -473,8 +509,9 @@ def restore_training_state(run_dir: str, *, params, opt_state, check: Callable[[
     leaves, treedef = jax.tree.flatten(opt_state)
     target_opt = [ocp.utils.to_shape_dtype_struct(x) for x in leaves]
 
-    step, meta, items = restore_intact(run_dir, lambda meta: {"params": target_params, "opt_state": target_opt},
-                                       check=check, move_damaged=True)
+    step, meta, items = restore_intact(
+        run_dir, lambda meta: {"params": target_params, "opt_state": target_opt}, check=check, move_damaged=True
+    )
     nnx.replace_by_pure_dict(params, items["params"])
     return step, meta, params, jax.tree.unflatten(treedef, list(items["opt_state"]))
 
@@ -506,7 +543,9 @@ def check_data(run_dir: str, meta: dict[str, Any], digest: str, *, found: str, e
     """``digest`` (a text's, or a prepared dataset's manifest digest) must be the run's ``data_sha256``."""
     want = meta.get("data_sha256")
     if want is not None and digest != want:
-        raise ValueError(f"{found} is not {expected} the run in {run_dir!r} was trained on (its SHA-256 differs); {fix}")
+        raise ValueError(
+            f"{found} is not {expected} the run in {run_dir!r} was trained on (its SHA-256 differs); {fix}"
+        )
 
 
 def check_tokenizer(run_dir: str, meta: dict[str, Any]) -> None:
@@ -540,8 +579,11 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, preset: str 
     def plan_for(model_cfg):
         # No divisibility check: a trained vocabulary (65 characters) that does not split over the model
         # axis is kept whole on every device instead (Plan.spec), which decoding can afford.
-        return None if mesh is None else sharding.make_plan(mesh, preset, model_cfg=model_cfg, allow_fewer=True,
-                                                            check_model=False)
+        return (
+            None
+            if mesh is None
+            else sharding.make_plan(mesh, preset, model_cfg=model_cfg, allow_fewer=True, check_model=False)
+        )
 
     step, meta, items = restore_intact(run_dir, targets, step=step)
     graphdef, state, _ = abstract_params(model_config_from_dict(meta["model_config"]))
@@ -561,8 +603,18 @@ def load_model(run_dir: str, step: int | None = None, *, mesh=None, preset: str 
 # Run-config keys a resumed run may change: they decide how far the run goes, how often it logs,
 # evaluates and saves, where its inputs now live and on which devices it runs (a checkpoint restores
 # onto any mesh), not what any step computes.
-RESUMABLE_KEYS = ("steps", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "max_to_keep", "data",
-                  "tokenizer_path", "mesh", "sharding")
+RESUMABLE_KEYS = (
+    "steps",
+    "eval_interval",
+    "eval_iters",
+    "log_interval",
+    "ckpt_interval",
+    "max_to_keep",
+    "data",
+    "tokenizer_path",
+    "mesh",
+    "sharding",
+)
 
 
 def latest_checkpoint(run_dir: str) -> int | None:
@@ -577,8 +629,10 @@ def check_resume(run_dir: str, resume: bool) -> int | None:
     if not run_dir:
         raise ValueError("the run directory is empty; pass --out with a directory")
     if "://" in run_dir:  # every host writes through the file system: a URL would be a local folder named gs:
-        raise ValueError(f"--out {run_dir!r} is a URL; arjax writes runs through the file system: mount the bucket "
-                         "(e.g. gcsfuse) or a shared NFS on every host and pass the mount's path")
+        raise ValueError(
+            f"--out {run_dir!r} is a URL; arjax writes runs through the file system: mount the bucket "
+            "(e.g. gcsfuse) or a shared NFS on every host and pass the mount's path"
+        )
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"run directory {run_dir!r} is a file; pass --out with a directory (new or a run to --resume)")
     latest = latest_checkpoint(run_dir)
@@ -611,12 +665,14 @@ def check_same_run(run_dir: str, saved: dict[str, Any], cfg: train_config.TrainC
             f"{', '.join(RESUMABLE_KEYS)}. Resume with the run's own settings (omit --config) or start a new --out"
         )
     if cfg.steps < start:
-        raise ValueError(f"steps={cfg.steps} is below the checkpoint's step {start} in {run_dir!r}; pass --steps {start} "
-                         "or more")
+        raise ValueError(
+            f"steps={cfg.steps} is below the checkpoint's step {start} in {run_dir!r}; pass --steps {start} or more"
+        )
 
 
-def training_meta(step: int, cfg: train_config.TrainConfig, model_cfg: ModelConfig,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def training_meta(
+    step: int, cfg: train_config.TrainConfig, model_cfg: ModelConfig, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What a training run stores beside its arrays after ``step`` updates (``save`` adds the
     format, step and fingerprints): what ``check_same_run`` compares on resume, plus ``extra``."""
     return {

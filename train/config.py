@@ -9,8 +9,17 @@ from typing import Any, Literal
 
 import yaml
 
+from arjax.model.config import (
+    ANY_INT,
+    NON_NEGATIVE,
+    POSITIVE,
+    ModelConfig,
+    bounds,
+    check_field_types,
+    get_config,
+    strict_from_dict,
+)
 from arjax.model.sharding import check_mesh_spec
-from arjax.model.config import ANY_INT, NON_NEGATIVE, POSITIVE, ModelConfig, bounds, check_field_types, get_config, strict_from_dict
 from arjax.train.exposure.scheduled_sampling import ScheduledSamplingConfig
 
 
@@ -44,13 +53,17 @@ class TrainConfig:
     beta1: float = dataclasses.field(default=0.9, metadata=bounds(0, 1, hi_open=True))
     beta2: float = dataclasses.field(default=0.95, metadata=bounds(0, 1, hi_open=True))
     # global-norm clip; None turns it off
-    grad_clip: float | None = dataclasses.field(default=1.0, metadata=bounds(0, lo_open=True, fix="use null to turn clipping off"))
+    grad_clip: float | None = dataclasses.field(
+        default=1.0, metadata=bounds(0, lo_open=True, fix="use null to turn clipping off")
+    )
     decay_embeddings: bool = False  # nanoGPT decays the (tied) embedding; we default to not
     # initialisation, batch sampling, dropout and scheduled-sampling coins all derive from it; any int
     seed: int = dataclasses.field(default=0, metadata=ANY_INT)
     # Evaluation, logging and checkpoints (all in optimizer steps).
     eval_interval: int = dataclasses.field(default=250, metadata=POSITIVE)
-    eval_iters: int = dataclasses.field(default=20, metadata=POSITIVE)  # validation batches of batch_size windows per evaluation
+    eval_iters: int = dataclasses.field(
+        default=20, metadata=POSITIVE
+    )  # validation batches of batch_size windows per evaluation
     # how often the host fetches the loss (each fetch is a device sync)
     log_interval: int = dataclasses.field(default=10, metadata=POSITIVE)
     ckpt_interval: int = dataclasses.field(default=500, metadata=POSITIVE)
@@ -68,11 +81,15 @@ class TrainConfig:
         if self.mesh is not None:
             check_mesh_spec(self.mesh)
         if self.min_lr > self.lr:
-            raise ValueError(f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}; the decay ends at min_lr, so use min_lr <= lr")
+            raise ValueError(
+                f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}; the decay ends at min_lr, so use min_lr <= lr"
+            )
         # A prepared directory carries its tokenizer (one that does not exist yet is reported when training starts).
         if self.tokenizer == "hf" and not self.tokenizer_path and (self.data is None or os.path.isfile(self.data)):
-            raise ValueError("tokenizer: hf needs tokenizer_path, a directory with a Hugging Face tokenizer.json (or data: "
-                             "a directory from `arjax data prepare`, which carries its tokenizer)")
+            raise ValueError(
+                "tokenizer: hf needs tokenizer_path, a directory with a Hugging Face tokenizer.json (or data: "
+                "a directory from `arjax data prepare`, which carries its tokenizer)"
+            )
         model_cfg = self.model_config(vocab_size=None)  # unknown preset or bad overrides fail here, at load time
         ss = self.scheduled_sampling
         if ss is not None and model_cfg.dropout > 0 and ss.method == "sequential" and not ss.soft:
@@ -92,14 +109,14 @@ class TrainConfig:
     def context_len(self, model_cfg: ModelConfig) -> int:
         """Training window length; checked against the model's max_len."""
         T = self.seq_len or model_cfg.max_len
-        if T > model_cfg.max_len:
+        if model_cfg.max_len < T:
             raise ValueError(
                 f"seq_len={T} exceeds the model's max_len={model_cfg.max_len}; lower seq_len or set "
                 f"model_overrides: {{max_len: {T}}}"
             )
         return T
 
-    def replace(self, **overrides: Any) -> "TrainConfig":
+    def replace(self, **overrides: Any) -> TrainConfig:
         return from_dict({**self.to_dict(), **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,8 +134,10 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"),
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"
+    ),
     list("-+0123456789."),
 )
 

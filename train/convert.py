@@ -42,8 +42,9 @@ def _fresh_dir(out_dir: str, overwrite: bool, *, sources: tuple[str, ...]) -> It
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out {out_dir!r} is a file; choose a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"--out {out_dir!r} is not empty; pass --overwrite to replace its contents, or choose a new "
-                         "directory")
+        raise ValueError(
+            f"--out {out_dir!r} is not empty; pass --overwrite to replace its contents, or choose a new directory"
+        )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.arjax-tmp-{os.getpid()}")

@@ -41,8 +41,10 @@ def read_text(path: str | None, errors: str = "strict") -> str:
     if os.path.isdir(path):
         raise ValueError(f"data file {path!r} is a directory; pass --data with a UTF-8 text file")
     if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} does not exist; pass --data with a UTF-8 text file or a directory from "
-                         "`arjax data prepare` (or omit it for the default corpus)")
+        raise ValueError(
+            f"data file {path!r} does not exist; pass --data with a UTF-8 text file or a directory from "
+            "`arjax data prepare` (or omit it for the default corpus)"
+        )
     with open(path, "rb") as f:
         raw = f.read()
     try:

@@ -24,12 +24,15 @@ def load_for_decoding(*, ckpt: str | None = None, hf_dir: str | None = None, mes
     tensor-parallel on that mesh; decoding's KV cache follows them (rows and KV heads split). The
     model is float; ``arjax.model.quantize`` makes an int8 one from it."""
     if (ckpt is None) == (hf_dir is None):
-        raise ValueError("load_for_decoding takes exactly one of ckpt= (an arjax run directory) or hf_dir= (a "
-                         "Hugging Face checkpoint directory)")
+        raise ValueError(
+            "load_for_decoding takes exactly one of ckpt= (an arjax run directory) or hf_dir= (a "
+            "Hugging Face checkpoint directory)"
+        )
     if hf_dir is not None:
         if mesh is not None:
-            raise ValueError("a mesh needs an arjax run; convert the Hugging Face checkpoint first (arjax convert "
-                             "--from-hf)")
+            raise ValueError(
+                "a mesh needs an arjax run; convert the Hugging Face checkpoint first (arjax convert --from-hf)"
+            )
         return load_hf(hf_dir)
     model, tokenizer, _ = load_model(ckpt, mesh=mesh, preset="tp")
     return model, tokenizer
@@ -63,21 +66,29 @@ def load_draft(run_dir: str, tokenizer, *, k: int) -> DraftModel:
     (the draft must use the same one)."""
     draft_model, draft_tok, _ = load_model(run_dir)
     if tokenizer_identity(draft_tok) != tokenizer_identity(tokenizer):
-        raise ValueError(f"the draft in {run_dir!r} uses another tokenizer than the target; a draft must share the "
-                         "target's tokenizer and vocabulary")
+        raise ValueError(
+            f"the draft in {run_dir!r} uses another tokenizer than the target; a draft must share the "
+            "target's tokenizer and vocabulary"
+        )
     return DraftModel(draft_model, k=k)
 
 
 def tokenizer_identity(tokenizer) -> tuple:
     """What identifies a tokenizer here: its kind, size and every token's text."""
     size = tokenizer.vocab_size
-    return (getattr(tokenizer, "kind", type(tokenizer).__name__), size,
-            tuple(tokenizer.decode([i]) for i in range(min(size, 1 << 16))))
+    return (
+        getattr(tokenizer, "kind", type(tokenizer).__name__),
+        size,
+        tuple(tokenizer.decode([i]) for i in range(min(size, 1 << 16))),
+    )
 
 
 def weights_digest(model: Transformer, tokenizer) -> str:
     """What identifies a model's text (a batch job records it): its config, every weight's fingerprint, its
     tokenizer."""
-    body = {"config": model.cfg.to_dict(), "weights": fingerprints(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
-            "tokenizer": tokenizer_identity(tokenizer)}
+    body = {
+        "config": model.cfg.to_dict(),
+        "weights": fingerprints(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+        "tokenizer": tokenizer_identity(tokenizer),
+    }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

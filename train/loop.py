@@ -55,8 +55,9 @@ def init_train_state(model_cfg: ModelConfig, tx, plan: sharding.Plan, key: jax.A
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
     param_shardings = plan.param_shardings(abstract)
     opt_shardings = plan.opt_shardings(tx, jax.eval_shape(tx.init, abstract), param_shardings)
-    params = jax.jit(lambda k: nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(k)))[1],
-                     out_shardings=param_shardings)(key)
+    params = jax.jit(lambda k: nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(k)))[1], out_shardings=param_shardings)(
+        key
+    )
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     return graphdef, params, opt_state, (param_shardings, opt_shardings)
 
@@ -65,8 +66,12 @@ def step_memory(compiled, plan: sharding.Plan, cfg: TrainConfig) -> str:
     """Per-device memory of the compiled step, as one line; a warning naming the knobs when it will not fit."""
     try:
         stats = compiled.memory_analysis()
-        need = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-                + stats.temp_size_in_bytes)
+        need = (
+            stats.argument_size_in_bytes
+            + stats.output_size_in_bytes
+            - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes
+        )
     except Exception:  # noqa: BLE001 (not every backend reports it, nor in one way)
         return "per-device memory: not reported by this backend"
     have = perf.device_memory_bytes(plan.mesh.devices.flat[0])
@@ -77,7 +82,8 @@ def step_memory(compiled, plan: sharding.Plan, cfg: TrainConfig) -> str:
             f"batch_size ({cfg.batch_size}) and raise accum_steps ({cfg.accum_steps}) to keep the tokens per step, "
             "shorten "
             "seq_len, use model_overrides: {dtype: bfloat16}, or shard the weights (mesh fsdp or model > 1)",
-            stacklevel=3)
+            stacklevel=3,
+        )
     return line
 
 
@@ -93,23 +99,41 @@ def check_memory(cfg: TrainConfig, model_cfg: ModelConfig, seq_len: int, *, eval
     tokens = A * B * (T + 1)
     seq = f"seq_len={T}" if cfg.seq_len is not None else f"seq_len=max_len={T}"  # no seq_len: the model's context
     batch_fix = "lower batch_size or accum_steps"
-    needs = memory.param_needs(model_cfg, copies=4, shards=memory.shards_of(sizes, ("fsdp", "model")),
-                               what="the weights, gradients and AdamW moments", settings="model.",
-                               shardable=True)
+    needs = memory.param_needs(
+        model_cfg,
+        copies=4,
+        shards=memory.shards_of(sizes, ("fsdp", "model")),
+        what="the weights, gradients and AdamW moments",
+        settings="model.",
+        shardable=True,
+    )
     needs += [
-        memory.Need(f"one micro-batch's activations (batch_size={B} x {seq} x d_model={model_cfg.d_model} x "
-                    f"n_layers={L}, {model_cfg.dtype})", memory.activation_bytes(model_cfg, B, T) // rows,
-                    "lower batch_size (raise accum_steps to keep the tokens per step) or seq_len"),
-        memory.Need(f"a step's batch (accum_steps={A} x batch_size={B} x {T + 1} tokens)", 4 * tokens // rows,
-                    batch_fix),
+        memory.Need(
+            f"one micro-batch's activations (batch_size={B} x {seq} x d_model={model_cfg.d_model} x "
+            f"n_layers={L}, {model_cfg.dtype})",
+            memory.activation_bytes(model_cfg, B, T) // rows,
+            "lower batch_size (raise accum_steps to keep the tokens per step) or seq_len",
+        ),
+        memory.Need(
+            f"a step's batch (accum_steps={A} x batch_size={B} x {T + 1} tokens)", 4 * tokens // rows, batch_fix
+        ),
         # The host reads its rows of each batch (int32 windows and their int64 row indices).
-        memory.Need(f"a step's batch on the host (accum_steps={A} x batch_size={B} x {T + 1} tokens)",
-                    4 * tokens + 8 * A * B, batch_fix, per_device=False),
+        memory.Need(
+            f"a step's batch on the host (accum_steps={A} x batch_size={B} x {T + 1} tokens)",
+            4 * tokens + 8 * A * B,
+            batch_fix,
+            per_device=False,
+        ),
     ]
     if eval_windows:
-        needs.append(memory.Need(f"the validation windows (eval_iters={cfg.eval_iters} x batch_size={B} x {T + 1} "
-                                 "tokens)", 4 * eval_windows * (T + 1), "lower eval_iters or batch_size",
-                                 per_device=False))
+        needs.append(
+            memory.Need(
+                f"the validation windows (eval_iters={cfg.eval_iters} x batch_size={B} x {T + 1} tokens)",
+                4 * eval_windows * (T + 1),
+                "lower eval_iters or batch_size",
+                per_device=False,
+            )
+        )
     memory.check_needs(needs, jax.devices()[:n_devices])
 
 
@@ -148,16 +172,25 @@ def fit(
     start = 0
     if resume:  # the newest intact checkpoint; damaged newer ones are moved aside (kept) with a warning
         start, _, params, opt_state = ckpt.restore_training_state(
-            run_dir, params=params, opt_state=opt_state,
-            check=lambda step, saved: ckpt.check_same_run(run_dir, saved, cfg, model_cfg))
+            run_dir,
+            params=params,
+            opt_state=opt_state,
+            check=lambda step, saved: ckpt.check_same_run(run_dir, saved, cfg, model_cfg),
+        )
     os.makedirs(run_dir, exist_ok=True)
     manager = ckpt.make_manager(run_dir, max_to_keep=cfg.max_to_keep)
 
     objective = objective_for(cfg, pad_id=pad_id, dropout=model_cfg.dropout > 0)
     step_fn = sharded_train_step(graphdef, tx, plan, *shardings)
     feed = batch_feeder(source, plan, accum_steps=A, batch_size=B, seed=cfg.seed)
-    compiled = compiled_train_step(step_fn, plan, params, opt_state, jax.ShapeDtypeStruct(
-        (A, B, T + 1), np.int32, sharding=plan.batch_sharding(3, 1)), objective)
+    compiled = compiled_train_step(
+        step_fn,
+        plan,
+        params,
+        opt_state,
+        jax.ShapeDtypeStruct((A, B, T + 1), np.int32, sharding=plan.batch_sharding(3, 1)),
+        objective,
+    )
     eval_step = make_eval_step(graphdef, pad_id=pad_id)
     val_windows = place_eval_windows(val_windows, plan)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -169,8 +202,10 @@ def fit(
     n_params = count_params(model_cfg)
     main = sharding.is_main_process()
     with RunLog(run_dir, start=start, resume=resume, total=cfg.steps, quiet=quiet, label=label, writer=main) as log:
-        log.info(f"model: {n_params / 1e6:.2f}M params ({model_cfg.n_layers} layers x {model_cfg.d_model}), vocab "
-                 f"{model_cfg.vocab_size}, context {T}; {A * B * T:,} tokens per step")
+        log.info(
+            f"model: {n_params / 1e6:.2f}M params ({model_cfg.n_layers} layers x {model_cfg.d_model}), vocab "
+            f"{model_cfg.vocab_size}, context {T}; {A * B * T:,} tokens per step"
+        )
         log.info(f"{sharding.describe(plan)}; {memory_line}")
         if cfg.scheduled_sampling is not None:
             log.info(cfg.scheduled_sampling.describe())
@@ -178,11 +213,19 @@ def fit(
                 warnings.warn(
                     "scheduled_sampling.schedule keeps the gold probability at 1, so no input is ever the model's: "
                     "this trains teacher forcing at the cost of scheduled sampling; set scheduled_sampling.schedule, "
-                    "e.g. {step: {kind: linear, k: 1.0, c: 1.0e-4, eps_min: 0.75}}", stacklevel=2)
-        meter = StepMeter(log, start=start, tokens_per_step=A * B * T, n_devices=plan.mesh.size,
-                          flops_per_token=perf.flops_per_token(model_cfg, T),
-                          peak=perf.device_peak_flops(plan.mesh.devices.flat[0], model_cfg.dtype),
-                          schedule=schedule, metric_names=objective.metric_names)
+                    "e.g. {step: {kind: linear, k: 1.0, c: 1.0e-4, eps_min: 0.75}}",
+                    stacklevel=2,
+                )
+        meter = StepMeter(
+            log,
+            start=start,
+            tokens_per_step=A * B * T,
+            n_devices=plan.mesh.size,
+            flops_per_token=perf.flops_per_token(model_cfg, T),
+            peak=perf.device_peak_flops(plan.mesh.devices.flat[0], model_cfg.dtype),
+            schedule=schedule,
+            metric_names=objective.metric_names,
+        )
         val_losses: list[tuple[int, float]] = []
 
         # The device never waits for the host: the next step's batch is built and placed while this
@@ -214,8 +257,13 @@ def fit(
                     val_losses.append((done, val))
                 if saving:
                     log.flush()
-                    ckpt.save(manager, done, params=params, opt_state=opt_state,
-                              meta=ckpt.training_meta(done, cfg, model_cfg, meta))
+                    ckpt.save(
+                        manager,
+                        done,
+                        params=params,
+                        opt_state=opt_state,
+                        meta=ckpt.training_meta(done, cfg, model_cfg, meta),
+                    )
         manager.wait_until_finished()
     return {
         "losses": meter.history.get("loss", []),
@@ -231,8 +279,9 @@ def fit(
     }
 
 
-def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: int | None = None,
-          quiet: bool = False) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: int | None = None, quiet: bool = False
+) -> dict[str, Any]:
     """Train ``cfg`` on its text corpus, or on a prepared dataset, into ``run_dir`` (see ``fit`` for what comes back).
 
     ``cfg.data`` names a text file (tokenized here), a directory written by `arjax data prepare`
@@ -244,13 +293,19 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
     ckpt.check_resume(run_dir, resume)
     saved = ckpt.read_meta(run_dir)[1] if resume else None
     tok_dir = ckpt.tokenizer_dir(run_dir)
-    fix = (f"--data {cfg.data or 'pydoc'!r} must be the run's own data; resume with the same data or start a new --out")
+    fix = f"--data {cfg.data or 'pydoc'!r} must be the run's own data; resume with the same data or start a new --out"
     if cfg.data is not None and os.path.isdir(cfg.data):  # a prepared dataset (or a clear error saying how to make one)
         prepared = open_prepared(cfg.data)
         check_run_config(prepared, cfg)
         if resume:  # the same shards and tokenizer as the run's, checked before either is used
-            ckpt.check_data(run_dir, saved, prepared.digest, found=f"the prepared data in {cfg.data!r}",
-                            expected="the data", fix=fix)
+            ckpt.check_data(
+                run_dir,
+                saved,
+                prepared.digest,
+                found=f"the prepared data in {cfg.data!r}",
+                expected="the data",
+                fix=fix,
+            )
             ckpt.check_tokenizer(run_dir, saved)
         tokenizer, train_ids, val_ids, data_sha256 = prepared.tokenizer, prepared.train, prepared.val, prepared.digest
     else:
@@ -265,8 +320,11 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
         split = data_lib.tokenize_and_split(text, tokenizer, val_fraction=cfg.val_fraction)
         train_ids, val_ids, data_sha256 = split.train, split.val, ckpt.text_digest(text)
     model_cfg = cfg.model_config(vocab_size=tokenizer.vocab_size)
-    check_fits(tokenizer, model_cfg.vocab_size,
-               fix="remove vocab_size from model_overrides (it then follows the tokenizer) or raise it")
+    check_fits(
+        tokenizer,
+        model_cfg.vocab_size,
+        fix="remove vocab_size from model_overrides (it then follows the tokenizer) or raise it",
+    )
     T = cfg.context_len(model_cfg)
     check_memory(cfg, model_cfg, T, eval_windows=cfg.eval_iters * cfg.batch_size)
     source = data_lib.Windows(train_ids, T)
@@ -280,8 +338,18 @@ def train(cfg: TrainConfig, run_dir: str, *, resume: bool = False, stop_after: i
         kind = getattr(tokenizer, "kind", "?")
         print(f"data: {len(train_ids):,} train / {len(val_ids):,} val tokens ({kind} tokenizer)")
     return fit(
-        cfg, run_dir, model_cfg=model_cfg, source=source, val_windows=val_windows, pad_id=tokenizer.pad_id,
-        resume=resume, stop_after=stop_after, quiet=quiet,
-        meta={"tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__), "data_sha256": data_sha256,
-              "tokenizer_sha256": ckpt.tokenizer_digest(run_dir)},
+        cfg,
+        run_dir,
+        model_cfg=model_cfg,
+        source=source,
+        val_windows=val_windows,
+        pad_id=tokenizer.pad_id,
+        resume=resume,
+        stop_after=stop_after,
+        quiet=quiet,
+        meta={
+            "tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__),
+            "data_sha256": data_sha256,
+            "tokenizer_sha256": ckpt.tokenizer_digest(run_dir),
+        },
     )

@@ -21,7 +21,9 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def next_token_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Mean NLL over the positions where ``mask`` is true, and the number of such positions.
 
     ``targets[:, t]`` is the token that should follow input position t (inputs shifted by one);
@@ -46,8 +48,9 @@ def loss_chunk_tokens(vocab_size: int, n_tokens: int, chunk_bytes: int = LOSS_CH
     return max(256, 1 << fits.bit_length() - 1 if fits else 0)
 
 
-def hidden_loss(model, h: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *,
-                chunk_bytes: int = LOSS_CHUNK_BYTES) -> tuple[jax.Array, jax.Array]:
+def hidden_loss(
+    model, h: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *, chunk_bytes: int = LOSS_CHUNK_BYTES
+) -> tuple[jax.Array, jax.Array]:
     """``next_token_loss(model.logits(h), targets, mask)`` from hidden states h [B, T, D], chunk by chunk.
 
     The head matmul takes the compute dtype's operands and accumulates in float32

@@ -123,5 +123,3 @@ def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float) -> 
     if peak <= 0:
         raise ValueError(f"peak={peak} FLOP/s must be positive")
     return tokens_per_s_per_device * flops_per_token / peak
-
-

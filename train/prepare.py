@@ -122,7 +122,9 @@ def _hf_dataset_files(directory: str) -> list[str]:
             with open(state, encoding="utf-8") as f:
                 names = [entry["filename"] for entry in json.load(f)["_data_files"]]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{state!r} is not a Hugging Face dataset state file ({e}); save the dataset again") from None
+            raise ValueError(
+                f"{state!r} is not a Hugging Face dataset state file ({e}); save the dataset again"
+            ) from None
     else:
         names = sorted(n for n in os.listdir(directory) if n.endswith(".arrow"))
     files = [os.path.join(directory, n) for n in names]
@@ -149,14 +151,20 @@ def _expand(inputs: Sequence[str]) -> list[_Source]:
         if os.path.isfile(os.path.join(given, MANIFEST)):
             raise ValueError(f"--data {given!r} is a prepared dataset already; train on it directly (data: {given})")
         if os.path.isfile(os.path.join(given, "dataset_dict.json")):
-            raise ValueError(f"--data {given!r} is a Hugging Face DatasetDict; pass one split's directory, e.g. {os.path.join(given, 'train')}")
-        if os.path.isfile(os.path.join(given, "state.json")) or os.path.isfile(os.path.join(given, "dataset_info.json")):
+            raise ValueError(
+                f"--data {given!r} is a Hugging Face DatasetDict; pass one split's directory, e.g. {os.path.join(given, 'train')}"
+            )
+        if os.path.isfile(os.path.join(given, "state.json")) or os.path.isfile(
+            os.path.join(given, "dataset_info.json")
+        ):
             sources.extend(_Source(p, "arrow") for p in _hf_dataset_files(given))
             continue
         found = []
         for dirpath, dirnames, files in os.walk(given):
             if MANIFEST in files:
-                raise ValueError(f"{dirpath!r}, inside --data {given!r}, is a prepared dataset; leave it out of the inputs")
+                raise ValueError(
+                    f"{dirpath!r}, inside --data {given!r}, is a prepared dataset; leave it out of the inputs"
+                )
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found.extend(os.path.join(dirpath, n) for n in sorted(files) if not n.startswith("."))
         if not found:
@@ -237,7 +245,9 @@ class _BatchesOf:
 def _check_text_column(schema, path: str, field: str) -> None:
     pa = _pyarrow()
     if field not in schema.names:
-        raise ValueError(f"{path!r} has no column {field!r} (columns: {', '.join(schema.names)}); pass --text-field NAME")
+        raise ValueError(
+            f"{path!r} has no column {field!r} (columns: {', '.join(schema.names)}); pass --text-field NAME"
+        )
     kind = schema.field(field).type
     if pa.types.is_dictionary(kind):  # parquet's dictionary-encoded strings
         kind = kind.value_type
@@ -252,7 +262,11 @@ def _units(source: _Source, *, chunk_bytes: int, text_field: str, whole_text: bo
             cuts = _line_cuts(source.path, size, chunk_bytes)
         else:
             cuts = _text_cuts(source.path, size, size if whole_text else chunk_bytes) if size else [0, 0]
-        return [_Unit(source, a, b, continues=source.format == "text" and a > 0) for a, b in itertools.pairwise(cuts) if b > a]
+        return [
+            _Unit(source, a, b, continues=source.format == "text" and a > 0)
+            for a, b in itertools.pairwise(cuts)
+            if b > a
+        ]
     if source.format == "parquet":
         pa = _pyarrow()
         try:
@@ -306,7 +320,9 @@ def _documents(unit: _Unit, text_field: str) -> tuple[list[str], int]:
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise _RowError(path, row, f"not JSON ({e}); each line must be one JSON object with a {text_field!r} field") from None
+                raise _RowError(
+                    path, row, f"not JSON ({e}); each line must be one JSON object with a {text_field!r} field"
+                ) from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
                 raise _RowError(path, row, f"no {text_field!r} field (found: {keys}); pass --text-field NAME")
@@ -378,7 +394,9 @@ def _encode(job: _Job, docs: list[str]) -> np.ndarray:
     # encode_batch is tokenizer.encode for each document, in Rust threads.
     encoded = [e.ids for e in tok.tokenizer.encode_batch(docs, add_special_tokens=tok.add_special_tokens)]
     separator = np.asarray(job.separator, np.int64)
-    pieces = [piece for i, ids in enumerate(encoded) for piece in ([separator] if i else []) + [np.asarray(ids, np.int64)]]
+    pieces = [
+        piece for i, ids in enumerate(encoded) for piece in ([separator] if i else []) + [np.asarray(ids, np.int64)]
+    ]
     return np.concatenate(pieces)
 
 
@@ -395,7 +413,9 @@ def _work(job: _Job, unit: _Unit) -> tuple[Any, int, int]:
     return ids.astype(job.dtype), n_docs, rows
 
 
-def _in_order(pool: concurrent.futures.Executor | None, job: _Job, units: list[_Unit], window: int) -> Iterator[tuple[Any, int, int]]:
+def _in_order(
+    pool: concurrent.futures.Executor | None, job: _Job, units: list[_Unit], window: int
+) -> Iterator[tuple[Any, int, int]]:
     """``_work`` of each unit, in order; with a pool at most ``window`` results wait in memory."""
     if pool is None:
         yield from (_work(job, unit) for unit in units)
@@ -449,7 +469,7 @@ class _ShardWriter:
             self._file.write(data)
             self._hash.update(data)
             self._count += len(take)
-            ids = ids[len(take):]
+            ids = ids[len(take) :]
             if self._count == self.shard_tokens:
                 self._finish()
 
@@ -476,15 +496,19 @@ def _check_out(out_dir: str, overwrite: bool, inputs: Sequence[str]) -> None:
     out = os.path.realpath(out_dir)
     for given in map(os.path.realpath, inputs):
         if os.path.commonpath([given, out]) in (given, out):
-            raise ValueError(f"--out {out_dir!r} is, holds or lies inside --data {given!r}; choose a directory apart from the inputs")
+            raise ValueError(
+                f"--out {out_dir!r} is, holds or lies inside --data {given!r}; choose a directory apart from the inputs"
+            )
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out_dir!r} is a file; choose a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"--out {out_dir!r} is not empty; pass --overwrite to replace it, or choose a new directory")
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
         # --overwrite replaces a prepared dataset, never a folder of something else.
-        raise ValueError(f"--out {out_dir!r} holds files but no prepared dataset ({MANIFEST}); --overwrite replaces only "
-                         "a directory written by `arjax data prepare`: choose a new or empty directory")
+        raise ValueError(
+            f"--out {out_dir!r} holds files but no prepared dataset ({MANIFEST}); --overwrite replaces only "
+            "a directory written by `arjax data prepare`: choose a new or empty directory"
+        )
 
 
 def _fresh_out(out_dir: str) -> str:
@@ -525,9 +549,19 @@ def _replace(tmp: str, out_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare(inputs: Sequence[str], out_dir: str, *, tokenizer: str = "byte", tokenizer_path: str | None = None,
-            text_field: str = "text", val_fraction: float = 0.1, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            workers: int | None = None, overwrite: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, Any]:
+def prepare(
+    inputs: Sequence[str],
+    out_dir: str,
+    *,
+    tokenizer: str = "byte",
+    tokenizer_path: str | None = None,
+    text_field: str = "text",
+    val_fraction: float = 0.1,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int | None = None,
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, Any]:
     """Tokenize ``inputs`` (text/JSONL/parquet files, dataset directories) into ``out_dir``; returns the manifest.
 
     Everything is written into a temporary sibling of ``out_dir`` that replaces it when complete,
@@ -545,8 +579,11 @@ def prepare(inputs: Sequence[str], out_dir: str, *, tokenizer: str = "byte", tok
         raise ValueError(f"--tokenizer-path applies to --tokenizer hf only, not {tokenizer!r}; drop it")
     if not isinstance(text_field, str) or not text_field:
         raise ValueError("--text-field is empty; pass the name of the field or column holding the text")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (
-            math.isfinite(val_fraction) and 0 < val_fraction < 1):
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, (int, float))
+        or not (math.isfinite(val_fraction) and 0 < val_fraction < 1)
+    ):
         raise ValueError(f"--val-fraction {val_fraction!r} must be a number in (0, 1), e.g. 0.1")
     shard_tokens = _check_int("shard-tokens", shard_tokens, 1, 2**40)
     workers = _check_int("workers", default_workers() if workers is None else workers, 1, 1024)
@@ -562,7 +599,11 @@ def prepare(inputs: Sequence[str], out_dir: str, *, tokenizer: str = "byte", tok
     _check_out(out_dir, overwrite, list(inputs) + ([tokenizer_path] if tokenizer_path else []))
     sources = _expand(inputs)
     tok = build_tokenizer("hf", path=tokenizer_path) if tokenizer == "hf" else None  # a bad directory fails early
-    units = [u for s in sources for u in _units(s, chunk_bytes=chunk_bytes, text_field=text_field, whole_text=tokenizer == "hf")]
+    units = [
+        u
+        for s in sources
+        for u in _units(s, chunk_bytes=chunk_bytes, text_field=text_field, whole_text=tokenizer == "hf")
+    ]
     everything_empty = f"no text in --data {' '.join(inputs)}: every document is empty"
 
     tmp = _fresh_out(out_dir)
@@ -570,7 +611,9 @@ def prepare(inputs: Sequence[str], out_dir: str, *, tokenizer: str = "byte", tok
         cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         pool = None
         if workers > 1 and len(units) > 1:  # spawn: the parent may run JAX threads, which a fork would copy mid-flight
-            pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(units)), mp_context=multiprocessing.get_context("spawn"))
+            pool = concurrent.futures.ProcessPoolExecutor(
+                min(workers, len(units)), mp_context=multiprocessing.get_context("spawn")
+            )
             cleanup.callback(pool.shutdown, wait=True, cancel_futures=True)
         window = 2 * workers
         if tokenizer == "char":  # a first pass: the vocabulary is every character of the joined text
@@ -590,17 +633,36 @@ def prepare(inputs: Sequence[str], out_dir: str, *, tokenizer: str = "byte", tok
         tok = load_tokenizer(tok_dir)  # what workers and trainers will use
         dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
         if tokenizer == "hf":
-            separator = [tok.eos_id] if tok.eos_id is not None else tok.tokenizer.encode(SEPARATOR_TEXT, add_special_tokens=False).ids
+            separator = (
+                [tok.eos_id]
+                if tok.eos_id is not None
+                else tok.tokenizer.encode(SEPARATOR_TEXT, add_special_tokens=False).ids
+            )
         elif tokenizer == "byte" or docs > 1:
             separator = tok.encode(SEPARATOR_TEXT)
         else:  # one document: no separator (and "\n" need not be in the char vocabulary)
             separator = []
-        job = _Job("tokens", text_field, kind=tokenizer, chars="".join(getattr(tok, "chars", "")),
-                   tokenizer_dir=tok_dir, separator=tuple(separator), dtype=dtype)
+        job = _Job(
+            "tokens",
+            text_field,
+            kind=tokenizer,
+            chars="".join(getattr(tok, "chars", "")),
+            tokenizer_dir=tok_dir,
+            separator=tuple(separator),
+            dtype=dtype,
+        )
 
         writer = _ShardWriter(tmp, dtype, shard_tokens)
-        per_source = {s.path: {"path": os.path.abspath(s.path), "format": s.format, "bytes": os.path.getsize(s.path),
-                               "documents": 0, "tokens": 0} for s in sources}
+        per_source = {
+            s.path: {
+                "path": os.path.abspath(s.path),
+                "format": s.format,
+                "bytes": os.path.getsize(s.path),
+                "documents": 0,
+                "tokens": 0,
+            }
+            for s in sources
+        }
         total, docs = 0, 0
         for unit, (ids, n_docs, _) in _run(job, units, pool, window):
             if not len(ids):
@@ -620,10 +682,15 @@ def prepare(inputs: Sequence[str], out_dir: str, *, tokenizer: str = "byte", tok
         if total - n_val < 1:
             raise ValueError(f"--data has only {total} tokens; a train and a validation split need at least 2")
         manifest = {
-            "format": FORMAT, "version": VERSION,
+            "format": FORMAT,
+            "version": VERSION,
             "tokenizer": {"kind": tokenizer, "sha256": ckpt.tokenizer_digest(tmp)},
-            "vocab_size": tok.vocab_size, "dtype": dtype, "tokens": total, "documents": docs,
-            "separator": list(separator), "text_field": text_field,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype,
+            "tokens": total,
+            "documents": docs,
+            "separator": list(separator),
+            "text_field": text_field,
             "split": {"val_fraction": val_fraction, "train": [0, total - n_val], "val": [total - n_val, total]},
             "shards": shards,
             "sources": list(per_source.values()),
@@ -635,8 +702,21 @@ def prepare(inputs: Sequence[str], out_dir: str, *, tokenizer: str = "byte", tok
 
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES", "DEFAULT_SHARD_TOKENS", "SEPARATOR_TEXT", "default_workers", "prepare",
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_SHARD_TOKENS",
+    "SEPARATOR_TEXT",
+    "default_workers",
+    "prepare",
     # the format, and its reader re-exported from arjax.train.shards
-    "FORMAT", "KINDS", "MANIFEST", "SHARD_PREFIX", "SHARD_SUFFIX", "VERSION", "Prepared", "TokenArray",
-    "check_run_config", "manifest_digest", "open_prepared",
+    "FORMAT",
+    "KINDS",
+    "MANIFEST",
+    "SHARD_PREFIX",
+    "SHARD_SUFFIX",
+    "VERSION",
+    "Prepared",
+    "TokenArray",
+    "check_run_config",
+    "manifest_digest",
+    "open_prepared",
 ]

@@ -54,8 +54,13 @@ class _Progress:
         if quiet:
             return
         self.bar = Progress(
-            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
         )
         self.task = self.bar.add_task(label, total=total, completed=start, info="compiling...")
         self.bar.start()
@@ -103,13 +108,24 @@ class RunLog:
     A context manager: the bar, the file and the writer are closed on any exit.
     """
 
-    def __init__(self, run_dir: str, *, start: int, resume: bool, total: int, quiet: bool, label: str = "train",
-                 writer: bool = True):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        start: int,
+        resume: bool,
+        total: int,
+        quiet: bool,
+        label: str = "train",
+        writer: bool = True,
+    ):
         self.path = os.path.join(run_dir, METRICS_FILE)
         self._file = self._tb = self._bar = None
         if writer and resume and start > 0 and not os.path.isfile(self.path):
-            warnings.warn(f"{self.path} is missing: the steps before {start} are not in it; it starts again at step "
-                          f"{start + 1}", stacklevel=3)
+            warnings.warn(
+                f"{self.path} is missing: the steps before {start} are not in it; it starts again at step {start + 1}",
+                stacklevel=3,
+            )
         if writer:  # one process writes the logs; every process trains and writes its shards of each checkpoint
             _keep_logged_steps(self.path, start)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held for the run; closed by close())
@@ -173,8 +189,18 @@ class StepMeter:
     tokens/s, and so is the first interval (compilation) from the run's average ``tokens_per_s``.
     """
 
-    def __init__(self, log: RunLog, *, start: int, tokens_per_step: int, n_devices: int, flops_per_token: float,
-                 peak: tuple[float, str] | None, schedule, metric_names: tuple[str, ...]):
+    def __init__(
+        self,
+        log: RunLog,
+        *,
+        start: int,
+        tokens_per_step: int,
+        n_devices: int,
+        flops_per_token: float,
+        peak: tuple[float, str] | None,
+        schedule,
+        metric_names: tuple[str, ...],
+    ):
         self.log, self.start, self.tokens_per_step, self.n_devices = log, start, tokens_per_step, n_devices
         self.flops_per_token, self.peak, self.schedule = flops_per_token, peak, schedule
         self.metric_names = metric_names
@@ -207,8 +233,16 @@ class StepMeter:
             m = {k: float(v) for k, v in m.items()}
             for k, v in m.items():
                 self.history.setdefault(k, []).append(v)
-            self.log.write({"step": s + 1, "loss": m.pop("loss"), "lr": float(self.schedule(s)),
-                            "grad_norm": m.pop("grad_norm"), **speed, **{k: v for k, v in m.items() if k != "tokens"}})
+            self.log.write(
+                {
+                    "step": s + 1,
+                    "loss": m.pop("loss"),
+                    "lr": float(self.schedule(s)),
+                    "grad_norm": m.pop("grad_norm"),
+                    **speed,
+                    **{k: v for k, v in m.items() if k != "tokens"},
+                }
+            )
         self.log.flush()
         last = fetched[-1][1]
         extra = "".join(f"  {_BAR_NAMES.get(k, k)} {float(last[k]):.3f}" for k in self.metric_names if k in _BAR_NAMES)

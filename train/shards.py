@@ -73,8 +73,8 @@ class TokenArray:
         done = 0
         while a + done < b:
             lo = a + done - int(self._offsets[i])
-            piece = self._shard(i)[lo: min(self._counts[i], lo + b - a - done)]
-            out[done: done + len(piece)] = piece
+            piece = self._shard(i)[lo : min(self._counts[i], lo + b - a - done)]
+            out[done : done + len(piece)] = piece
             done += len(piece)
             i += 1
         return out
@@ -87,7 +87,7 @@ class TokenArray:
                 return np.zeros(0, np.int32)
             lo, hi = min(r[0], r[-1]), max(r[0], r[-1]) + 1
             span = self._read(lo, hi)
-            return span if r.step == 1 else span[r[0] - lo:: r.step]
+            return span if r.step == 1 else span[r[0] - lo :: r.step]
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
             i = int(key) + (n if key < 0 else 0)
             if not 0 <= i < n:
@@ -129,8 +129,10 @@ def _read_manifest(path: str) -> dict:
     if not os.path.isdir(path):
         raise ValueError(f"prepared dataset {path!r} does not exist; run `arjax data prepare --data FILE --out {path}`")
     if not os.path.isfile(where):
-        raise ValueError(f"{path!r} is a directory but not a prepared dataset (no {MANIFEST}); prepare it with "
-                         f"`arjax data prepare --data {path} --out DIR`, or pass a text file")
+        raise ValueError(
+            f"{path!r} is a directory but not a prepared dataset (no {MANIFEST}); prepare it with "
+            f"`arjax data prepare --data {path} --out DIR`, or pass a text file"
+        )
     try:
         with open(where, encoding="utf-8") as f:
             manifest = json.load(f)
@@ -143,8 +145,10 @@ def _read_manifest(path: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise bad(f"format is not {FORMAT!r}")
     if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise ValueError(f"{where} has format version {manifest.get('version')!r}; this arjax reads version {VERSION}: "
-                         "upgrade arjax, or prepare the data again with this one")
+        raise ValueError(
+            f"{where} has format version {manifest.get('version')!r}; this arjax reads version {VERSION}: "
+            "upgrade arjax, or prepare the data again with this one"
+        )
 
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -152,20 +156,35 @@ def _read_manifest(path: str) -> dict:
     tok, split, shards = manifest.get("tokenizer"), manifest.get("split"), manifest.get("shards")
     if not (isinstance(tok, dict) and tok.get("kind") in KINDS and isinstance(tok.get("sha256"), str)):
         raise bad("tokenizer")
-    if (manifest.get("dtype") not in ("uint16", "uint32") or not is_int(manifest.get("vocab_size"))
-            or not is_int(manifest.get("tokens"))):
+    if (
+        manifest.get("dtype") not in ("uint16", "uint32")
+        or not is_int(manifest.get("vocab_size"))
+        or not is_int(manifest.get("tokens"))
+    ):
         raise bad("dtype, vocab_size or tokens")
     if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("file"), str) and os.path.basename(s["file"]) == s["file"]
-            and is_int(s.get("tokens")) and isinstance(s.get("sha256"), str) for s in shards):
+        isinstance(s, dict)
+        and isinstance(s.get("file"), str)
+        and os.path.basename(s["file"]) == s["file"]
+        and is_int(s.get("tokens"))
+        and isinstance(s.get("sha256"), str)
+        for s in shards
+    ):
         raise bad("shards")
     n = manifest["tokens"]
     if sum(s["tokens"] for s in shards) != n:
         raise bad(f"the shards hold {sum(s['tokens'] for s in shards)} tokens, not {n}")
-    if not (isinstance(split, dict) and all(isinstance(split.get(k), list) and len(split[k]) == 2
-                                            and all(map(is_int, split[k])) for k in ("train", "val"))
-            and split["train"][0] == 0 and split["train"][1] == split["val"][0] and split["val"][1] == n
-            and 0 < split["train"][1] < n):
+    if not (
+        isinstance(split, dict)
+        and all(
+            isinstance(split.get(k), list) and len(split[k]) == 2 and all(map(is_int, split[k]))
+            for k in ("train", "val")
+        )
+        and split["train"][0] == 0
+        and split["train"][1] == split["val"][0]
+        and split["val"][1] == n
+        and 0 < split["train"][1] < n
+    ):
         raise bad("split")
     return manifest
 
@@ -193,34 +212,46 @@ def open_prepared(path: str, *, verify: bool = False) -> Prepared:
             raise ValueError(f"shard {file} is missing; the prepared dataset is incomplete: {_FIX}")
         size, want = os.path.getsize(file), s["tokens"] * itemsize
         if size != want:
-            raise ValueError(f"shard {file} has {size} bytes, not the {want} ({s['tokens']} tokens of "
-                             f"{manifest['dtype']}) "
-                             f"its manifest records: it is truncated or was replaced; {_FIX}")
+            raise ValueError(
+                f"shard {file} has {size} bytes, not the {want} ({s['tokens']} tokens of "
+                f"{manifest['dtype']}) "
+                f"its manifest records: it is truncated or was replaced; {_FIX}"
+            )
         if verify and _sha256_file(file) != s["sha256"]:
             raise ValueError(f"shard {file} does not match the SHA-256 in its manifest: its bytes changed; {_FIX}")
-    extra = sorted(n for n in os.listdir(path)
-                   if n.startswith(SHARD_PREFIX) and n.endswith(SHARD_SUFFIX) and n not in listed)
+    extra = sorted(
+        n for n in os.listdir(path) if n.startswith(SHARD_PREFIX) and n.endswith(SHARD_SUFFIX) and n not in listed
+    )
     if extra:
-        raise ValueError(f"{os.path.join(path, extra[0])} is a shard the manifest does not list (from another "
-                         f"prepare?); {_FIX}")
+        raise ValueError(
+            f"{os.path.join(path, extra[0])} is a shard the manifest does not list (from another prepare?); {_FIX}"
+        )
     tok_dir = ckpt.tokenizer_dir(path)
     if not os.path.isdir(tok_dir):
         raise ValueError(f"the prepared dataset {path!r} has no tokenizer/ directory; {_FIX}")
     if ckpt.tokenizer_digest(path) != manifest["tokenizer"]["sha256"]:
-        raise ValueError(f"the tokenizer in {tok_dir} is not the one the shards were made with (its files changed); "
-                         f"restore it from a copy, or {_FIX}")
+        raise ValueError(
+            f"the tokenizer in {tok_dir} is not the one the shards were made with (its files changed); "
+            f"restore it from a copy, or {_FIX}"
+        )
     tokenizer = load_tokenizer(tok_dir)
     kind, vocab = manifest["tokenizer"]["kind"], manifest["vocab_size"]
     if getattr(tokenizer, "kind", None) != kind or tokenizer.vocab_size != vocab:
-        raise ValueError(f"the tokenizer in {tok_dir} is not the {manifest['tokenizer']['kind']} tokenizer of "
-                         f"{manifest['vocab_size']} tokens the manifest records; {_FIX}")
+        raise ValueError(
+            f"the tokenizer in {tok_dir} is not the {manifest['tokenizer']['kind']} tokenizer of "
+            f"{manifest['vocab_size']} tokens the manifest records; {_FIX}"
+        )
     paths = [os.path.join(path, s["file"]) for s in manifest["shards"]]
     counts = [s["tokens"] for s in manifest["shards"]]
     (a, b), (c, d) = manifest["split"]["train"], manifest["split"]["val"]
-    return Prepared(path=path, manifest=manifest, tokenizer=tokenizer,
-                    train=TokenArray(paths, counts, manifest["dtype"], a, b),
-                    val=TokenArray(paths, counts, manifest["dtype"], c, d),
-                    digest=manifest_digest(manifest))
+    return Prepared(
+        path=path,
+        manifest=manifest,
+        tokenizer=tokenizer,
+        train=TokenArray(paths, counts, manifest["dtype"], a, b),
+        val=TokenArray(paths, counts, manifest["dtype"], c, d),
+        digest=manifest_digest(manifest),
+    )
 
 
 def check_run_config(prepared: Prepared, cfg) -> None:
@@ -230,19 +261,25 @@ def check_run_config(prepared: Prepared, cfg) -> None:
 
     kind = prepared.manifest["tokenizer"]["kind"]
     if cfg.tokenizer != kind:
-        raise ValueError(f"data: {prepared.path!r} was prepared with the {kind} tokenizer but the run config says "
-                         f"tokenizer: {cfg.tokenizer}; set tokenizer: {kind}, or prepare the data with "
-                         f"--tokenizer {cfg.tokenizer}")
+        raise ValueError(
+            f"data: {prepared.path!r} was prepared with the {kind} tokenizer but the run config says "
+            f"tokenizer: {cfg.tokenizer}; set tokenizer: {kind}, or prepare the data with "
+            f"--tokenizer {cfg.tokenizer}"
+        )
     want = prepared.manifest["split"]["val_fraction"]
     if cfg.val_fraction != want:
-        raise ValueError(f"data: {prepared.path!r} was prepared with val_fraction {want} but the run config says "
-                         f"{cfg.val_fraction}; set val_fraction: {want}, or prepare the data with "
-                         f"--val-fraction {cfg.val_fraction}")
+        raise ValueError(
+            f"data: {prepared.path!r} was prepared with val_fraction {want} but the run config says "
+            f"{cfg.val_fraction}; set val_fraction: {want}, or prepare the data with "
+            f"--val-fraction {cfg.val_fraction}"
+        )
     if cfg.tokenizer_path:
         with tempfile.TemporaryDirectory() as tmp:  # the same files, saved the same way, or another tokenizer
             build_tokenizer("hf", path=cfg.tokenizer_path).save(ckpt.tokenizer_dir(tmp))
             same = ckpt.tokenizer_digest(tmp) == prepared.manifest["tokenizer"]["sha256"]
         if not same:
-            raise ValueError(f"tokenizer_path {cfg.tokenizer_path!r} is not the tokenizer {prepared.path!r} was "
-                             "prepared with; "
-                             "drop tokenizer_path (a prepared dataset carries its tokenizer)")
+            raise ValueError(
+                f"tokenizer_path {cfg.tokenizer_path!r} is not the tokenizer {prepared.path!r} was "
+                "prepared with; "
+                "drop tokenizer_path (a prepared dataset carries its tokenizer)"
+            )

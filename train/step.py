@@ -123,8 +123,10 @@ def compiled_train_step(step_fn, plan, params, opt_state, batches, objective):
     """``step_fn`` (from ``sharded_train_step`` with ``plan``) compiled ahead for these shapes, cached: the caller
     reads the per-device memory (``.memory_analysis()``) before step 0, and every later fit of the
     same shapes reuses the executable instead of compiling it again."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            (params, opt_state, batches))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        (params, opt_state, batches),
+    )
     cache_key = (step_fn, jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract)), jax.tree.structure(objective))
     if cache_key not in _COMPILED:
         step0 = jnp.zeros((), jnp.int32)
@@ -153,8 +155,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, objective=None):
                 f"batches has shape {getattr(batches, 'shape', None)}; pass [A micro-batches, B, T+1] "
                 "(add a leading axis of 1 for one batch)"
             )
-        return _train_step(graphdef, tx, params, opt_state, jnp.asarray(batches, jnp.int32),
-                           jnp.asarray(step, jnp.int32), seed_key(key), default if objective is None else objective)
+        return _train_step(
+            graphdef,
+            tx,
+            params,
+            opt_state,
+            jnp.asarray(batches, jnp.int32),
+            jnp.asarray(step, jnp.int32),
+            seed_key(key),
+            default if objective is None else objective,
+        )
 
     return train_step
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from arjax.model.memory import Need, check_needs
 from arjax.train.data import read_text
@@ -73,7 +74,7 @@ class CharTokenizer:
         self._index = {c: i for i, c in enumerate(chars)}
 
     @classmethod
-    def fit(cls, text: str) -> "CharTokenizer":
+    def fit(cls, text: str) -> CharTokenizer:
         if not text:
             raise ValueError("cannot build a character vocabulary from empty text; check the --data file")
         return cls(sorted(set(text)))
@@ -150,9 +151,13 @@ def load_tokenizer(directory: str):
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{meta_path} is not a valid tokenizer file ({e}); restore the run's tokenizer/ from a copy") from None
+        raise ValueError(
+            f"{meta_path} is not a valid tokenizer file ({e}); restore the run's tokenizer/ from a copy"
+        ) from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path} holds a {type(meta).__name__}, not a tokenizer description; restore it from a copy")
+        raise ValueError(
+            f"{meta_path} holds a {type(meta).__name__}, not a tokenizer description; restore it from a copy"
+        )
     kind = meta.get("kind")
     if kind == "byte":
         return ByteTokenizer()
@@ -177,8 +182,15 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, tokenizer, *, eos_token: str | None = None, bos_token: str | None = None,
-                 pad_token: str | None = None, add_special_tokens: bool = True):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        pad_token: str | None = None,
+        add_special_tokens: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.special_tokens = {"eos_token": eos_token, "bos_token": bos_token, "pad_token": pad_token}
         # Whether encode() runs the post-processor (e.g. Llama's BOS), as transformers' tokenizer(text) does.
@@ -296,8 +308,16 @@ def train_bpe(data_file: str, vocab_size: int, out_dir: str | None = None) -> HF
         )
     # The trainer reserves its tables for vocab_size entries up front (a hash map of token strings to
     # ids and a list of them): an absurd size aborts the process inside the allocator.
-    check_needs([Need(f"the BPE trainer's tables for vocab_size={vocab_size}", vocab_size * _BPE_BYTES_PER_TOKEN,
-                      "lower --vocab-size (GPT-2 has 50257 tokens)", per_device=False)])
+    check_needs(
+        [
+            Need(
+                f"the BPE trainer's tables for vocab_size={vocab_size}",
+                vocab_size * _BPE_BYTES_PER_TOKEN,
+                "lower --vocab-size (GPT-2 has 50257 tokens)",
+                per_device=False,
+            )
+        ]
+    )
     if os.path.isdir(data_file):
         raise ValueError(f"training text {data_file!r} is a directory; pass a UTF-8 text file (--data FILE)")
     if not os.path.isfile(data_file):

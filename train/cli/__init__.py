@@ -37,7 +37,7 @@ def build_parser() -> Parser:
         prog="arjax",
         description="arjax: train and sample autoregressive language models in JAX. "
         "Start with `arjax train --config tpu_configs/cpu-demo.yaml --out runs/demo`, then "
-        "`arjax generate --ckpt runs/demo --prompt \"The \"`.",
+        '`arjax generate --ckpt runs/demo --prompt "The "`.',
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train.register(sub)
@@ -55,8 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(), quiet:
             # Our warnings (a damaged checkpoint skipped, a schedule that never mixes), every time, one line each.
             warnings.simplefilter("always", CheckpointWarning)
-            warnings.showwarning = lambda message, *_, **__: print(f"arjax {args.command}: warning: {message}",
-                                                                   file=sys.stderr)
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"arjax {args.command}: warning: {message}", file=sys.stderr
+            )
             return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("ARJAX_DEBUG"):
@@ -68,4 +69,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"arjax {args.command}: interrupted", file=sys.stderr)
         return 130
-

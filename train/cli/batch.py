@@ -53,8 +53,18 @@ SETTINGS_SUFFIX = ".settings.json"
 SETTINGS_FORMAT = 1
 # What a line's text depends on, in the order a refusal looks for the first difference ("model", the
 # path the weights came from, is shown but not compared: a run directory may move).
-_COMPARED = ("weights", "quantize", "kv_cache_dtype", *SAMPLING_NAMES, "seed", "max_new_tokens", "max_len", "eos",
-             "stop", "logprobs")
+_COMPARED = (
+    "weights",
+    "quantize",
+    "kv_cache_dtype",
+    *SAMPLING_NAMES,
+    "seed",
+    "max_new_tokens",
+    "max_len",
+    "eos",
+    "stop",
+    "logprobs",
+)
 # A sampling field missing from an older settings file was not there to set: its lines were written with its
 # default (the value that turns it off).
 _DEFAULTS = {f.name: f.default for f in SAMPLING_FIELDS}
@@ -65,8 +75,9 @@ def cmd_batch(args) -> int:
     if args.prompt:
         raise UsageError("pass prompts with --prompt or in --input FILE, not both")
     if args.draft_ckpt or args.prompt_lookup or args.mesh:
-        raise UsageError("--input runs on the serving engine, which has no speculative decoding or --mesh; drop those "
-                         "flags")
+        raise UsageError(
+            "--input runs on the serving engine, which has no speculative decoding or --mesh; drop those flags"
+        )
     sampling_flags(args)  # refused before anything loads
     model, tokenizer = load_from_flags(args)
     weights = weights_digest(model, tokenizer)  # as loaded: --quantize is recorded apart
@@ -75,25 +86,36 @@ def cmd_batch(args) -> int:
     args.slots = 32 if args.slots is None else args.slots
     eos, _ = eos_and_pad(args, tokenizer)
     if args.max_len is not None and not 2 <= args.max_len <= model.cfg.max_len:
-        raise UsageError(f"--max-len {args.max_len} is out of range; give 2 to the model's context "
-                         f"({model.cfg.max_len})")
+        raise UsageError(
+            f"--max-len {args.max_len} is out of range; give 2 to the model's context ({model.cfg.max_len})"
+        )
 
     def make_engine(max_len):
         args.max_len = max_len
-        with out_of_memory(f"{args.slots} slots of {max_len} tokens",  # allocating the slots' cache: too big fails here
-                           "lower --slots (or --max-len, or the longest prompt + max_new_tokens)"):
+        with out_of_memory(
+            f"{args.slots} slots of {max_len} tokens",  # allocating the slots' cache: too big fails here
+            "lower --slots (or --max-len, or the longest prompt + max_new_tokens)",
+        ):
             return engine_from_flags(args, model, tokenizer, max_queue=0)
 
     source = f"--ckpt {os.path.abspath(args.ckpt)}" if args.ckpt else f"--hf {os.path.abspath(args.hf)}"
-    return run_batch(args, make_engine, tokenizer, eos=eos, stops=stop_strings(args), context=model.cfg.max_len,
-                     vocab_size=model.cfg.vocab_size,
-                     model={"model": source, "weights": weights, "dtype": model.cfg.dtype})
+    return run_batch(
+        args,
+        make_engine,
+        tokenizer,
+        eos=eos,
+        stops=stop_strings(args),
+        context=model.cfg.max_len,
+        vocab_size=model.cfg.vocab_size,
+        model={"model": source, "weights": weights, "dtype": model.cfg.dtype},
+    )
 
 
 def _read_input(path: str) -> list[dict]:
     if not os.path.isfile(path):
-        raise UsageError(f"--input {path!r} does not exist or is not a file; give a JSONL file of "
-                         "{\"prompt\": ...} lines")
+        raise UsageError(
+            f'--input {path!r} does not exist or is not a file; give a JSONL file of {{"prompt": ...}} lines'
+        )
     items, seen = [], {}
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
@@ -107,18 +129,19 @@ def _read_input(path: str) -> list[dict]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{where} is not JSON ({e.msg}); each line must be an object like "
-                             "{\"prompt\": \"...\"}") from None
+            raise UsageError(
+                f'{where} is not JSON ({e.msg}); each line must be an object like {{"prompt": "..."}}'
+            ) from None
         if not isinstance(item, dict):
-            raise UsageError(f"{where} is a JSON {type(item).__name__}, not an object; write {{\"prompt\": \"...\"}}")
+            raise UsageError(f'{where} is a JSON {type(item).__name__}, not an object; write {{"prompt": "..."}}')
         unknown = sorted(set(item) - _LINE_KEYS)
         if unknown:
             raise UsageError(f"{where} has unknown key {unknown[0]!r}; a line may hold {', '.join(sorted(_LINE_KEYS))}")
         if not isinstance(item.get("prompt"), str) or not item["prompt"]:
-            raise UsageError(f"{where}: \"prompt\" must be a non-empty string")
+            raise UsageError(f'{where}: "prompt" must be a non-empty string')
         item.setdefault("id", number)
         if isinstance(item["id"], bool) or not isinstance(item["id"], (str, int)):
-            raise UsageError(f"{where}: \"id\" must be a string or an integer, got {item['id']!r}")
+            raise UsageError(f'{where}: "id" must be a string or an integer, got {item["id"]!r}')
         if item["id"] in seen:
             first = seen[item["id"]]
             raise UsageError(f"{where} repeats id {item['id']!r} (first on line {first}); ids must be unique")
@@ -153,25 +176,37 @@ def _read_done(path: str, prompts: dict) -> set:
             key = record["id"]
             known = key in prompts
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise UsageError(f"--output {path!r} line {number} is not an output record; give a new --output "
-                             "(or remove that line)") from None
+            raise UsageError(
+                f"--output {path!r} line {number} is not an output record; give a new --output (or remove that line)"
+            ) from None
         if not known:
-            raise UsageError(f"--output {path!r} holds id {key!r}, which --input has not: is it another job's "
-                             "output? give a new --output")
+            raise UsageError(
+                f"--output {path!r} holds id {key!r}, which --input has not: is it another job's "
+                "output? give a new --output"
+            )
         if record.get("prompt") != prompts[key]:
-            raise UsageError(f"--output {path!r} line {number} (id {key!r}) was written for another prompt than "
-                             "--input has now; give a new --output (or restore the input)")
+            raise UsageError(
+                f"--output {path!r} line {number} (id {key!r}) was written for another prompt than "
+                "--input has now; give a new --output (or restore the input)"
+            )
         done.add(key)
     return done
 
 
 def job_settings(args, *, model: dict[str, Any], eos: list[int], stops: list[str]) -> dict[str, Any]:
     """What this job's lines are written with (``model``: ``model``, ``weights`` and ``dtype`` from the caller)."""
-    settings = {"model": model["model"], "weights": model["weights"], "quantize": args.quantize,
-                "kv_cache_dtype": args.kv_cache_dtype or model["dtype"],
-                **{name: getattr(args, name) for name in SAMPLING_NAMES}, "seed": args.seed,
-                "max_new_tokens": args.max_new_tokens, "eos": list(eos), "stop": list(stops),
-                "logprobs": bool(args.logprobs)}
+    settings = {
+        "model": model["model"],
+        "weights": model["weights"],
+        "quantize": args.quantize,
+        "kv_cache_dtype": args.kv_cache_dtype or model["dtype"],
+        **{name: getattr(args, name) for name in SAMPLING_NAMES},
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "eos": list(eos),
+        "stop": list(stops),
+        "logprobs": bool(args.logprobs),
+    }
     if args.max_new_tokens is None:  # then --max-len bounds each line's default budget (not otherwise)
         settings["max_len"] = args.max_len
     return settings
@@ -202,13 +237,20 @@ def _read_settings(out_path: str) -> list[dict[str, Any]] | None:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         written_with = data["written_with"]
-        if data.get("format") != SETTINGS_FORMAT or not written_with or not all(
-                isinstance(w, dict) and isinstance(w.get("from_line"), int) and "settings" in w for w in written_with):
+        if (
+            data.get("format") != SETTINGS_FORMAT
+            or not written_with
+            or not all(
+                isinstance(w, dict) and isinstance(w.get("from_line"), int) and "settings" in w for w in written_with
+            )
+        ):
             raise ValueError("not a settings file of this arjax")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"cannot read {path!r}, the settings --output {out_path!r} was written with "
-                         f"({getattr(e, 'strerror', None) or e}); pass --force-settings to continue anyway, or give a "
-                         "new --output") from None
+        raise UsageError(
+            f"cannot read {path!r}, the settings --output {out_path!r} was written with "
+            f"({getattr(e, 'strerror', None) or e}); pass --force-settings to continue anyway, or give a "
+            "new --output"
+        ) from None
     return written_with
 
 
@@ -229,25 +271,33 @@ def _check_settings(out_path: str, settings: dict[str, Any], *, lines: int, forc
         written_with.pop()
     last = written_with[-1]["settings"]
     if not last and not force:
-        raise UsageError(f"--output {out_path!r} has {lines} lines but no record of the settings they were written "
-                         f"with ({os.path.basename(_settings_path(out_path))}; an older arjax wrote none): pass "
-                         "--force-settings to continue with this run's settings (recorded from here on), or give a "
-                         "new --output")
+        raise UsageError(
+            f"--output {out_path!r} has {lines} lines but no record of the settings they were written "
+            f"with ({os.path.basename(_settings_path(out_path))}; an older arjax wrote none): pass "
+            "--force-settings to continue with this run's settings (recorded from here on), or give a "
+            "new --output"
+        )
     differs = [k for k in _COMPARED if (last or {}).get(k, _DEFAULTS.get(k)) != settings.get(k)]
     if not differs:
         return None if written_with == recorded else written_with
     if not force:
         key = differs[0]
         if key == "weights":
-            what = (f"was written by a model with other weights ({last.get('model')}, digest "
-                    f"{str(last['weights'])[:12]}) than this run's ({settings['model']}, digest "
-                    f"{settings['weights'][:12]}): rerun with that model")
+            what = (
+                f"was written by a model with other weights ({last.get('model')}, digest "
+                f"{str(last['weights'])[:12]}) than this run's ({settings['model']}, digest "
+                f"{settings['weights'][:12]}): rerun with that model"
+            )
         else:
-            what = (f"was written with {_shown(key, last.get(key, _DEFAULTS.get(key)))}; this run has "
-                    f"{_shown(key, settings.get(key))}: "
-                    "rerun with the same flags")
-        raise UsageError(f"--output {out_path!r} {what}, pass --force-settings to continue anyway (mixing settings), "
-                         "or give a new --output")
+            what = (
+                f"was written with {_shown(key, last.get(key, _DEFAULTS.get(key)))}; this run has "
+                f"{_shown(key, settings.get(key))}: "
+                "rerun with the same flags"
+            )
+        raise UsageError(
+            f"--output {out_path!r} {what}, pass --force-settings to continue anyway (mixing settings), "
+            "or give a new --output"
+        )
     return written_with + [{"from_line": lines + 1, "time": now, "settings": settings, "forced": True}]
 
 
@@ -255,10 +305,12 @@ def _write_settings(out_path: str, written_with: list[dict[str, Any]]) -> None:
     """The settings file, replaced whole (a kill leaves the old one or the new one, never half of one)."""
     path = _settings_path(out_path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    body = {"format": SETTINGS_FORMAT,
-            "about": f"the settings each part of {os.path.basename(out_path)} was written with, from its from_line "
-                     "on (arjax generate --input --output); a rerun must use the last ones or pass --force-settings",
-            "written_with": written_with}
+    body = {
+        "format": SETTINGS_FORMAT,
+        "about": f"the settings each part of {os.path.basename(out_path)} was written with, from its from_line "
+        "on (arjax generate --input --output); a rerun must use the last ones or pass --force-settings",
+        "written_with": written_with,
+    }
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(body, indent=1, ensure_ascii=False) + "\n")
@@ -280,8 +332,17 @@ class _Rate(ProgressColumn):
         return Text(f"{self.counter['tokens'] / elapsed:,.0f} tok/s" if elapsed > 0 else "", style="cyan")
 
 
-def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str], context: int, vocab_size: int,
-              model: dict[str, Any]) -> int:
+def run_batch(
+    args,
+    make_engine,
+    tokenizer,
+    *,
+    eos: list[int],
+    stops: list[str],
+    context: int,
+    vocab_size: int,
+    model: dict[str, Any],
+) -> int:
     """Every line of ``args.input`` not yet in ``args.output``, through an engine; one output line each.
 
     ``make_engine(max_len)`` builds the engine once the lines are read: its slots hold the longest
@@ -300,8 +361,9 @@ def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str],
     if not os.path.isdir(parent):
         raise UsageError(f"--output {out_path!r}: the directory {parent!r} does not exist; create it first")
     done = _read_done(out_path, {it["id"]: it["prompt"] for it in items})
-    written_with = _check_settings(out_path, job_settings(args, model=model, eos=eos, stops=stops), lines=len(done),
-                                   force=args.force_settings)
+    written_with = _check_settings(
+        out_path, job_settings(args, model=model, eos=eos, stops=stops), lines=len(done), force=args.force_settings
+    )
     todo = [it for it in items if it["id"] not in done]
     limit = args.max_len or context
 
@@ -317,15 +379,25 @@ def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str],
             stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
             if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
                 raise ValueError(f'"stop" must be a string or a list of strings, got {it["stop"]!r}')
-            sampling = check_sampling({name: it.get(name, getattr(args, name)) for name in SAMPLING_NAMES},
-                                      vocab_size=vocab_size)
-            req = Request(prompt=ids, max_new_tokens=max_new, **sampling, seed=it.get("seed", args.seed + it["_index"]),
-                          eos_ids=eos, stop=stop, top_logprobs=0)
+            sampling = check_sampling(
+                {name: it.get(name, getattr(args, name)) for name in SAMPLING_NAMES}, vocab_size=vocab_size
+            )
+            req = Request(
+                prompt=ids,
+                max_new_tokens=max_new,
+                **sampling,
+                seed=it.get("seed", args.seed + it["_index"]),
+                eos_ids=eos,
+                stop=stop,
+                top_logprobs=0,
+            )
         except (ValueError, TypeError) as e:
             raise UsageError(f"{where}: {e}") from None
         requests.append((it, req, where))
-    need = max((len(r.prompt) + r.max_new_tokens if isinstance(r.max_new_tokens, int) else 2 for _, r, _ in requests),
-               default=2)
+    need = max(
+        (len(r.prompt) + r.max_new_tokens if isinstance(r.max_new_tokens, int) else 2 for _, r, _ in requests),
+        default=2,
+    )
     engine = make_engine(args.max_len or min(context, max(2, need)))
     for _, req, where in requests:
         try:
@@ -336,20 +408,32 @@ def run_batch(args, make_engine, tokenizer, *, eos: list[int], stops: list[str],
 
     engine.max_queue = max(engine.max_queue, len(requests))
     counter = {"tokens": 0}
-    progress = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), _Rate(counter),
-                        TimeRemainingColumn(), disable=not sys.stderr.isatty(), console=None, transient=False)
+    progress = Progress(
+        TextColumn("generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(counter),
+        TimeRemainingColumn(),
+        disable=not sys.stderr.isatty(),
+        console=None,
+        transient=False,
+    )
     t0 = time.perf_counter()
     try:
         if written_with is not None:
             _write_settings(out_path, written_with)  # before the first line it describes
         written = _run(args, engine, requests, out_path, progress, counter, total=len(items), done=len(done))
     except OSError as e:  # disk full, permission: the lines written so far are kept
-        raise UsageError(f"cannot write --output {out_path!r} ({e.strerror or e}); free space or choose another "
-                         "--output, then run the same command again: finished lines are kept and skipped") from None
+        raise UsageError(
+            f"cannot write --output {out_path!r} ({e.strerror or e}); free space or choose another "
+            "--output, then run the same command again: finished lines are kept and skipped"
+        ) from None
     seconds = time.perf_counter() - t0
-    print(f"arjax generate: {written} prompts done ({len(done)} were already in {out_path!r}), "
-          f"{counter['tokens']} tokens in {seconds:.1f} s ({counter['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)",
-          file=sys.stderr)
+    print(
+        f"arjax generate: {written} prompts done ({len(done)} were already in {out_path!r}), "
+        f"{counter['tokens']} tokens in {seconds:.1f} s ({counter['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -369,8 +453,13 @@ def _run(args, engine, requests, out_path, progress, counter, *, total: int, don
                 counter["tokens"] += len(u.tokens)
                 if u.finish_reason is None:
                     return
-                record = {"id": item["id"], "prompt": item["prompt"], "text": "".join(text),
-                          "tokens": u.completion_tokens, "stop_reason": u.finish_reason}
+                record = {
+                    "id": item["id"],
+                    "prompt": item["prompt"],
+                    "text": "".join(text),
+                    "tokens": u.completion_tokens,
+                    "stop_reason": u.finish_reason,
+                }
                 if args.logprobs:
                     record["logprobs"] = logprobs
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -63,8 +63,10 @@ def os_error_message(e: OSError) -> str:
     """One line for an OS error: what happened to which path, and what to do about it."""
     path = e.filename if e.filename is not None else "a file"
     if e.errno == errno.ENOSPC:
-        return (f"no space left on the device while writing {path!r}; free some space and run the command again (a "
-                "training run continues from its last intact checkpoint with --resume)")
+        return (
+            f"no space left on the device while writing {path!r}; free some space and run the command again (a "
+            "training run continues from its last intact checkpoint with --resume)"
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write or read {path!r} ({e.strerror}); choose a location you have access to, e.g. another --out"
     if e.errno in (errno.ENOTDIR, errno.EEXIST):
@@ -96,23 +98,31 @@ class Help(argparse.HelpFormatter):
 
 def add_mesh_flags(parser, default: str = "the config's, else data-parallel over every device") -> None:
     """``--mesh AXIS=SIZE,...``: the devices a command runs on (arjax.model.sharding)."""
-    parser.add_argument("--mesh", metavar="AXIS=N,...",
-                        help="device mesh, e.g. data=4,model=2 (axes data, fsdp, model; -1 takes the devices left "
-                             f"over; default: {default})")
+    parser.add_argument(
+        "--mesh",
+        metavar="AXIS=N,...",
+        help="device mesh, e.g. data=4,model=2 (axes data, fsdp, model; -1 takes the devices left "
+        f"over; default: {default})",
+    )
 
 
 def add_model_flags(p) -> None:
     """Where the model comes from: `generate` and `serve`."""
     p.add_argument("--ckpt", metavar="DIR", help="run directory written by `arjax train --out DIR`")
-    p.add_argument("--hf", metavar="DIR",
-                   help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument(
+        "--hf", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)"
+    )
 
 
 def add_quant_flags(p) -> None:
     """int8 weights and the KV cache's dtype: `generate` and `serve`."""
     p.add_argument("--quantize", choices=["int8"], help="decode with int8 weights (a scale per output channel)")
-    p.add_argument("--kv-cache-dtype", choices=["int8", "bfloat16", "float32"], metavar="{int8,bfloat16,float32}",
-                   help="KV cache dtype; int8 keeps a scale per token and head (default: the model's dtype)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["int8", "bfloat16", "float32"],
+        metavar="{int8,bfloat16,float32}",
+        help="KV cache dtype; int8 keeps a scale per token and head (default: the model's dtype)",
+    )
 
 
 def add_sampling_flags(p) -> None:
@@ -131,10 +141,12 @@ def load_from_flags(args):
     if bool(args.ckpt) == bool(args.hf):
         raise UsageError("pass exactly one of --ckpt DIR (an arjax run) or --hf DIR (a Hugging Face checkpoint)")
     if args.hf and args.mesh:
-        raise UsageError("--mesh works with --ckpt; convert the Hugging Face checkpoint first (arjax convert "
-                         "--from-hf)")
-    return load_for_decoding(ckpt=args.ckpt or None, hf_dir=args.hf or None,
-                             mesh=parse_mesh(args.mesh) if args.mesh else None)
+        raise UsageError(
+            "--mesh works with --ckpt; convert the Hugging Face checkpoint first (arjax convert --from-hf)"
+        )
+    return load_for_decoding(
+        ckpt=args.ckpt or None, hf_dir=args.hf or None, mesh=parse_mesh(args.mesh) if args.mesh else None
+    )
 
 
 def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
@@ -145,8 +157,16 @@ def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
             raise UsageError(f"{flag} {value} is out of range; give 1 to 65536")
     if args.max_len is not None and not 2 <= args.max_len < 2**31:
         raise UsageError(f"--max-len {args.max_len} is out of range; give at least 2 (prompt + new tokens per request)")
-    return Engine(model, slots=args.slots, max_len=args.max_len, chunk_steps=args.chunk_steps, tokenizer=tokenizer,
-                  pad_id=pad, max_queue=max_queue, kv_cache_dtype=args.kv_cache_dtype)
+    return Engine(
+        model,
+        slots=args.slots,
+        max_len=args.max_len,
+        chunk_steps=args.chunk_steps,
+        tokenizer=tokenizer,
+        pad_id=pad,
+        max_queue=max_queue,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
 
 
 @contextlib.contextmanager
@@ -183,8 +203,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_set(items: Sequence[str], *, examples: str, nested_example: str,
-              aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+def parse_set(
+    items: Sequence[str], *, examples: str, nested_example: str, aliases: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """``--set key=value`` (the value parsed as YAML, as the config files read it) -> nested overrides.
 
     A dotted key sets a nested key (``scheduled_sampling.feed=argmax``); ``aliases`` renames a

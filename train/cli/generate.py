@@ -29,11 +29,14 @@ from arjax.train.load import load_draft
 def _live_panels(texts, rows):
     """On a terminal, a batch streams as one rich panel per prompt, each growing in place (``rows``: the
     texts so far, a list the caller appends to)."""
+
     def render():
-        return Group(*(
-            Panel(Text(texts[i], style="bold") + Text(shown), title=f"[{i + 1}]", title_align="left")
-            for i, shown in enumerate(rows)
-        ))
+        return Group(
+            *(
+                Panel(Text(texts[i], style="bold") + Text(shown), title=f"[{i + 1}]", title_align="left")
+                for i, shown in enumerate(rows)
+            )
+        )
 
     live = Live(render(), auto_refresh=False)
     live.start()
@@ -57,8 +60,10 @@ def cmd_generate(args) -> int:
     if args.input:  # a file of prompts through the engine: the runner the dispatcher registered (batch.py)
         return args.batch_job(args)
     if args.output or args.logprobs or args.slots is not None or args.max_len is not None or args.force_settings:
-        raise UsageError("--output, --logprobs, --slots, --max-len and --force-settings belong to batch jobs; add "
-                         "--input prompts.jsonl")
+        raise UsageError(
+            "--output, --logprobs, --slots, --max-len and --force-settings belong to batch jobs; add "
+            "--input prompts.jsonl"
+        )
     sampling_flags(args)  # refused before anything loads
     model, tokenizer = load_from_flags(args)
     if args.quantize:
@@ -81,12 +86,25 @@ def cmd_generate(args) -> int:
         longest = max(len(p) for p in prompts)
         room = context - longest - drafted
         if room < 1:
-            raise UsageError(f"the longest prompt has {longest} tokens{f' (+ {drafted} drafted)' if drafted else ''}, "
-                             f"the model's whole context ({context}); shorten it")
+            raise UsageError(
+                f"the longest prompt has {longest} tokens{f' (+ {drafted} drafted)' if drafted else ''}, "
+                f"the model's whole context ({context}); shorten it"
+            )
         max_new = min(200, room)
-    gen = stream_text(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new, sampling=sampling, eos_ids=eos,
-                      seed=args.seed, pad_id=pad, chunk_steps=args.chunk_steps, kv_cache_dtype=args.kv_cache_dtype,
-                      stop=stops, draft=draft)
+    gen = stream_text(
+        model,
+        prompts,
+        tokenizer=tokenizer,
+        max_new_tokens=max_new,
+        sampling=sampling,
+        eos_ids=eos,
+        seed=args.seed,
+        pad_id=pad,
+        chunk_steps=args.chunk_steps,
+        kv_cache_dtype=args.kv_cache_dtype,
+        stop=stops,
+        draft=draft,
+    )
     shown = [""] * B  # each row's text so far (stream_text holds back half characters and possible stop strings)
     out = sys.stdout
     live, render = _live_panels(texts, shown) if B > 1 and out.isatty() else (None, None)
@@ -117,12 +135,16 @@ def cmd_generate(args) -> int:
         out.write("\n")
     out.write("\n" + "=" * 72 + "\n")
     for i in range(B):
-        out.write(f"--- [{i + 1}] prompt {texts[i]!r}: {int(result.lengths[i])} new tokens, stopped on {result.stop_reason[i]}\n")
+        out.write(
+            f"--- [{i + 1}] prompt {texts[i]!r}: {int(result.lengths[i])} new tokens, stopped on {result.stop_reason[i]}\n"
+        )
         if B > 1 and live is None:  # the live panels already show the full texts
             out.write(texts[i] + shown[i] + "\n")
     if draft is not None:
-        out.write(f"speculative decoding: {result.acceptance_rate:.0%} of drafts accepted, "
-                  f"{result.tokens_per_pass:.2f} tokens per target pass\n")
+        out.write(
+            f"speculative decoding: {result.acceptance_rate:.0%} of drafts accepted, "
+            f"{result.tokens_per_pass:.2f} tokens per target pass\n"
+        )
     out.flush()
     return 0
 
@@ -137,34 +159,81 @@ def register(sub, *, batch_job) -> None:
         formatter_class=Help,
     )
     add_model_flags(p)
-    p.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch (default: a single newline)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N",
-                   help="tokens to generate per prompt (default: 200, or what the model's context leaves after the prompt "
-                        "and, when speculative, the drafted tokens)")
+    p.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="prompt text; repeat for a batch (default: a single newline)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="tokens to generate per prompt (default: 200, or what the model's context leaves after the prompt "
+        "and, when speculative, the drafted tokens)",
+    )
     add_sampling_flags(p)
     p.add_argument("--seed", type=int, metavar="N", default=0, help="sampling seed (same seed, same text)")
-    p.add_argument("--eos", type=int, action="append", metavar="ID", help="token id that ends a row, repeatable (default: the tokenizer's EOS, if any)")
-    p.add_argument("--stop", action="append", metavar="TEXT",
-                   help="text that ends a row when it appears (however it was tokenized), e.g. '\\n\\n'; the output ends "
-                        "before it; repeatable, combines with --eos")
-    p.add_argument("--draft-ckpt", metavar="DIR", help="speculative decoding with this run as the draft model (same tokenizer)")
-    p.add_argument("--prompt-lookup", action="store_true", help="speculative decoding with drafts copied from the prompt and output")
-    p.add_argument("--draft-k", type=int, metavar="K", default=4, help="tokens drafted per target pass (speculative decoding)")
-    p.add_argument("--ngram", type=int, metavar="N", default=3, help="--prompt-lookup: the n-gram matched in the text so far")
-    p.add_argument("--chunk-steps", type=int, metavar="N", default=8, help="decode steps per streamed chunk (smaller: smoother output, more overhead)")
+    p.add_argument(
+        "--eos",
+        type=int,
+        action="append",
+        metavar="ID",
+        help="token id that ends a row, repeatable (default: the tokenizer's EOS, if any)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="text that ends a row when it appears (however it was tokenized), e.g. '\\n\\n'; the output ends "
+        "before it; repeatable, combines with --eos",
+    )
+    p.add_argument(
+        "--draft-ckpt", metavar="DIR", help="speculative decoding with this run as the draft model (same tokenizer)"
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        action="store_true",
+        help="speculative decoding with drafts copied from the prompt and output",
+    )
+    p.add_argument(
+        "--draft-k", type=int, metavar="K", default=4, help="tokens drafted per target pass (speculative decoding)"
+    )
+    p.add_argument(
+        "--ngram", type=int, metavar="N", default=3, help="--prompt-lookup: the n-gram matched in the text so far"
+    )
+    p.add_argument(
+        "--chunk-steps",
+        type=int,
+        metavar="N",
+        default=8,
+        help="decode steps per streamed chunk (smaller: smoother output, more overhead)",
+    )
     add_quant_flags(p)
     add_mesh_flags(p, default="one device; e.g. model=4 decodes with tensor-parallel weights on 4 devices")
     jobs = p.add_argument_group("batch jobs (a file of prompts through the continuous-batching engine)")
-    jobs.add_argument("--input", metavar="FILE", help="JSONL of {\"prompt\": ..., \"id\": ...} lines (per-line "
-                      f"max_new_tokens, {', '.join(f.name for f in SAMPLING_FIELDS)}, seed, stop override the flags)")
-    jobs.add_argument("--output", metavar="FILE", help="JSONL written one line per prompt as each finishes; rerunning "
-                      "skips the ids already there. FILE.settings.json records the model, sampling flags, seed and "
-                      "limits, and a rerun with other ones is refused")
-    jobs.add_argument("--force-settings", action="store_true",
-                      help="continue an --output written with other settings anyway: the lines still to do use this "
-                      "run's, and FILE.settings.json records from which line on (the file is then mixed)")
+    jobs.add_argument(
+        "--input",
+        metavar="FILE",
+        help='JSONL of {"prompt": ..., "id": ...} lines (per-line '
+        f"max_new_tokens, {', '.join(f.name for f in SAMPLING_FIELDS)}, seed, stop override the flags)",
+    )
+    jobs.add_argument(
+        "--output",
+        metavar="FILE",
+        help="JSONL written one line per prompt as each finishes; rerunning "
+        "skips the ids already there. FILE.settings.json records the model, sampling flags, seed and "
+        "limits, and a rerun with other ones is refused",
+    )
+    jobs.add_argument(
+        "--force-settings",
+        action="store_true",
+        help="continue an --output written with other settings anyway: the lines still to do use this "
+        "run's, and FILE.settings.json records from which line on (the file is then mixed)",
+    )
     jobs.add_argument("--logprobs", action="store_true", help="add each token's log-probability to the output lines")
     jobs.add_argument("--slots", type=int, metavar="N", help="prompts decoded at once (default: 32)")
-    jobs.add_argument("--max-len", type=int, metavar="N",
-                      help="cache slots per prompt, prompt + new tokens (default: the model's max_len)")
+    jobs.add_argument(
+        "--max-len",
+        type=int,
+        metavar="N",
+        help="cache slots per prompt, prompt + new tokens (default: the model's max_len)",
+    )
     p.set_defaults(func=cmd_generate, batch_job=batch_job)

@@ -23,8 +23,9 @@ def cmd_serve(args) -> int:
     try:
         from arjax.decode import server
     except ImportError as e:
-        raise UsageError(f"arjax serve needs FastAPI and uvicorn ({e.name} is missing): pip install "
-                         "'arjax[serve]'") from None
+        raise UsageError(
+            f"arjax serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'arjax[serve]'"
+        ) from None
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is out of range; give 0 to 65535 (0: any free port)")
     if not 0 <= args.max_queue < 2**31:
@@ -32,29 +33,40 @@ def cmd_serve(args) -> int:
     sock = server.bind(args.host, args.port)  # before loading: a taken port fails fast
     model, tokenizer = load_from_flags(args)
     if args.max_len is not None and args.max_len > model.cfg.max_len:
-        raise UsageError(f"--max-len {args.max_len} exceeds the model's context ({model.cfg.max_len} tokens); give at "
-                         f"most {model.cfg.max_len}")
+        raise UsageError(
+            f"--max-len {args.max_len} exceeds the model's context ({model.cfg.max_len} tokens); give at "
+            f"most {model.cfg.max_len}"
+        )
     if args.quantize:
         model = quantize(model, args.quantize)  # int8 weights, per output channel (arjax.model.quant)
     model_id = args.model_name or os.path.basename(os.path.abspath(args.ckpt or args.hf))
     max_len = args.max_len or model.cfg.max_len
     cache = kv_cache_bytes(model.cfg, args.slots, max_len, args.kv_cache_dtype)
-    with out_of_memory(f"{args.slots} slots of {max_len} tokens", "lower --slots or --max-len",
-                       detail=f" (the KV cache alone is {cache / 2**30:.2f} GiB)"):
+    with out_of_memory(
+        f"{args.slots} slots of {max_len} tokens",
+        "lower --slots or --max-len",
+        detail=f" (the KV cache alone is {cache / 2**30:.2f} GiB)",
+    ):
         engine = engine_from_flags(args, model, tokenizer, max_queue=args.max_queue)
         seconds = engine.warmup()
 
     def ready(running) -> None:
-        print(f"arjax serve: {model_id!r} on {running.url} (OpenAI-compatible: {running.url}/v1/completions); "
-              f"{engine.num_slots} slots of {engine.max_len} tokens (KV cache {engine.cache_bytes / 2**20:,.1f} MiB), "
-              f"compiled in {seconds:.1f} s", flush=True)
+        print(
+            f"arjax serve: {model_id!r} on {running.url} (OpenAI-compatible: {running.url}/v1/completions); "
+            f"{engine.num_slots} slots of {engine.max_len} tokens (KV cache {engine.cache_bytes / 2**20:,.1f} MiB), "
+            f"compiled in {seconds:.1f} s",
+            flush=True,
+        )
 
     t0 = time.perf_counter()
     try:
         server.serve(engine, tokenizer, model_id, sock, on_ready=ready)  # until Ctrl-C or SIGTERM
     finally:
-        print(f"arjax serve: stopped after {time.perf_counter() - t0:.0f} s, {engine.stats['finished']} requests, "
-              f"{engine.stats['tokens']} tokens", file=sys.stderr)
+        print(
+            f"arjax serve: stopped after {time.perf_counter() - t0:.0f} s, {engine.stats['finished']} requests, "
+            f"{engine.stats['tokens']} tokens",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -71,14 +83,32 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one, printed at startup)")
     p.add_argument("--model-name", metavar="NAME", help="the model id clients pass (default: the directory's name)")
-    p.add_argument("--max-queue", type=int, metavar="N", default=256,
-                   help="requests waiting for a slot before new ones get HTTP 429")
-    p.add_argument("--slots", type=int, metavar="N", default=16,
-                   help="requests decoded at once (the static batch); more wait in a queue")
-    p.add_argument("--max-len", type=int, metavar="N",
-                   help="cache slots per request, prompt + new tokens (default: the model's max_len)")
-    p.add_argument("--chunk-steps", type=int, metavar="N", default=8,
-                   help="decode steps between admitting requests and handing out text (smaller: lower latency, "
-                        "more overhead)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="N",
+        default=256,
+        help="requests waiting for a slot before new ones get HTTP 429",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        metavar="N",
+        default=16,
+        help="requests decoded at once (the static batch); more wait in a queue",
+    )
+    p.add_argument(
+        "--max-len",
+        type=int,
+        metavar="N",
+        help="cache slots per request, prompt + new tokens (default: the model's max_len)",
+    )
+    p.add_argument(
+        "--chunk-steps",
+        type=int,
+        metavar="N",
+        default=8,
+        help="decode steps between admitting requests and handing out text (smaller: lower latency, more overhead)",
+    )
     add_quant_flags(p)
     p.set_defaults(func=cmd_serve, mesh=None)

@@ -14,7 +14,9 @@ def cmd_study(args) -> int:
     from arjax.train.exposure.study import run_study, study_from_dict
 
     base = load_yaml(args.config, "study config", "docs/studies/")
-    sets = parse_set(args.set or [], examples="--set train.steps=100 or --set seeds=[0]", nested_example="--set train.steps=100")
+    sets = parse_set(
+        args.set or [], examples="--set train.steps=100 or --set seeds=[0]", nested_example="--set train.steps=100"
+    )
     try:
         cfg = study_from_dict(merge(base, sets))
     except (TypeError, ValueError) as e:
@@ -37,10 +39,18 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help="study YAML (see docs/studies/)")
     p.add_argument("--out", metavar="DIR", default=None, help="report folder (default: studies/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue the study in --out: finished runs are read back, an interrupted one continues from its checkpoint")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a key of the study config, repeatable; a dotted key reaches a nested one, the value "
-                        "is YAML (--set train.steps=100 --set seeds=[0] --set eval.n_rollouts=64); unknown keys are "
-                        "errors. --resume needs the same overrides")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the study in --out: finished runs are read back, an interrupted one continues from its checkpoint",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the study config, repeatable; a dotted key reaches a nested one, the value "
+        "is YAML (--set train.steps=100 --set seeds=[0] --set eval.n_rollouts=64); unknown keys are "
+        "errors. --resume needs the same overrides",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_study)

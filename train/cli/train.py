@@ -15,10 +15,23 @@ from arjax.train.loop import train
 
 # CLI flag -> TrainConfig field, for the common overrides.
 _TRAIN_FLAGS = {
-    "data": "data", "data_errors": "data_errors", "model": "model", "tokenizer": "tokenizer", "steps": "steps", "batch_size": "batch_size",
-    "seq_len": "seq_len", "accum_steps": "accum_steps", "lr": "lr", "warmup_steps": "warmup_steps",
-    "min_lr": "min_lr", "weight_decay": "weight_decay", "seed": "seed", "eval_interval": "eval_interval",
-    "ckpt_interval": "ckpt_interval", "log_interval": "log_interval", "sharding": "sharding",
+    "data": "data",
+    "data_errors": "data_errors",
+    "model": "model",
+    "tokenizer": "tokenizer",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "seq_len": "seq_len",
+    "accum_steps": "accum_steps",
+    "lr": "lr",
+    "warmup_steps": "warmup_steps",
+    "min_lr": "min_lr",
+    "weight_decay": "weight_decay",
+    "seed": "seed",
+    "eval_interval": "eval_interval",
+    "ckpt_interval": "ckpt_interval",
+    "log_interval": "log_interval",
+    "sharding": "sharding",
 }
 
 
@@ -28,8 +41,12 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     A dotted key sets a nested key: ``scheduled_sampling.feed=argmax``,
     ``scheduled_sampling.schedule.step.c=1e-4``; ``model.KEY`` is short for ``model_overrides.KEY``.
     """
-    return common.parse_set(items, examples="--set weight_decay=0.05 or --set model.dropout=0.1",
-                            nested_example="--set scheduled_sampling.feed=argmax", aliases={"model": "model_overrides"})
+    return common.parse_set(
+        items,
+        examples="--set weight_decay=0.05 or --set model.dropout=0.1",
+        nested_example="--set scheduled_sampling.feed=argmax",
+        aliases={"model": "model_overrides"},
+    )
 
 
 def train_config_from_args(args) -> TrainConfig:
@@ -45,7 +62,9 @@ def train_config_from_args(args) -> TrainConfig:
         # Resuming without --config: continue with the run's own saved config, not the defaults.
         meta = read_meta(args.out)[1]
         if "train_config" not in meta:
-            raise UsageError(f"{args.out!r} holds converted weights (no run config, no optimizer state); it cannot be resumed")
+            raise UsageError(
+                f"{args.out!r} holds converted weights (no run config, no optimizer state); it cannot be resumed"
+            )
         base = meta["train_config"]
     else:
         base = {}
@@ -68,8 +87,10 @@ def cmd_train(args) -> int:
     if cfg.scheduled_sampling is not None and result["history"].get("mix_rate"):
         ss = f", mixing rate {result['history']['mix_rate'][-1]:.3f}"
     if is_main_process():  # one summary for a run of several processes
-        print(f"trained to step {result['final_step']}: train loss {loss:.4f}{ss}, val loss {val:.4f}, "
-              f"{result['tokens_per_s']:,.0f} tokens/s; checkpoint in {args.out}")
+        print(
+            f"trained to step {result['final_step']}: train loss {loss:.4f}{ss}, val loss {val:.4f}, "
+            f"{result['tokens_per_s']:,.0f} tokens/s; checkpoint in {args.out}"
+        )
     return 0
 
 
@@ -86,10 +107,12 @@ def cmd_checkpoints(args) -> int:
         raise UsageError(f"{args.run!r} holds no checkpoint (looked in {args.run}/checkpoints)")
     for r in report:
         status = "ok     " if r["ok"] else "DAMAGED"
-        print(f"step {r['step']:>8}  {status}  {'+'.join(r['items']) or '-':<16} {r['bytes'] / 1e6:9.2f} MB  {r['detail']}")
+        print(
+            f"step {r['step']:>8}  {status}  {'+'.join(r['items']) or '-':<16} {r['bytes'] / 1e6:9.2f} MB  {r['detail']}"
+        )
     intact = [r["step"] for r in report if r["ok"]]
     weights = [r["step"] for r in report if r["params_ok"]]
-    use = (f"generate and eval use step {weights[-1]}" if weights else "generate and eval find no intact weights")
+    use = f"generate and eval use step {weights[-1]}" if weights else "generate and eval find no intact weights"
     use += f", --resume uses step {intact[-1]}" if intact else ", --resume finds no intact checkpoint"
     print(f"{len(intact)} of {len(report)} checkpoints intact; {use}")
     return 0 if intact and report[-1]["ok"] else 1
@@ -105,34 +128,91 @@ def register(sub) -> None:
         "`arjax generate --ckpt OUT` then needs nothing else.",
         formatter_class=Help,
     )
-    p.add_argument("--config", metavar="YAML", help="run config file, e.g. tpu_configs/cpu-demo.yaml (default: built-in defaults)")
-    p.add_argument("--out", metavar="DIR", default="runs/default", help="run directory for checkpoints, tokenizer and metrics")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (exactly reproducible); without --config it reuses the run's saved config")
-    p.add_argument("--data", metavar="FILE|DIR", help="UTF-8 text file, or a directory written by `arjax data prepare`, to train on (default: the config's; none means Python's bundled pydoc topics)")
-    p.add_argument("--data-errors", choices=("strict", "replace"), help="bytes of --data that are not UTF-8: refuse the file (strict) or read them as U+FFFD (replace) (default: the config's, else strict)")
-    p.add_argument("--model", metavar="PRESET", help="model preset name, e.g. demo, tiny, shakespeare-char, gpt2-small (default: the config's)")
+    p.add_argument(
+        "--config", metavar="YAML", help="run config file, e.g. tpu_configs/cpu-demo.yaml (default: built-in defaults)"
+    )
+    p.add_argument(
+        "--out", metavar="DIR", default="runs/default", help="run directory for checkpoints, tokenizer and metrics"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint (exactly reproducible); without --config it reuses the run's saved config",
+    )
+    p.add_argument(
+        "--data",
+        metavar="FILE|DIR",
+        help="UTF-8 text file, or a directory written by `arjax data prepare`, to train on (default: the config's; none means Python's bundled pydoc topics)",
+    )
+    p.add_argument(
+        "--data-errors",
+        choices=("strict", "replace"),
+        help="bytes of --data that are not UTF-8: refuse the file (strict) or read them as U+FFFD (replace) (default: the config's, else strict)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="PRESET",
+        help="model preset name, e.g. demo, tiny, shakespeare-char, gpt2-small (default: the config's)",
+    )
     p.add_argument("--tokenizer", choices=("byte", "char", "hf"), help="tokenizer kind (default: the config's)")
     p.add_argument("--steps", type=int, metavar="N", help="number of optimizer updates (default: the config's)")
     p.add_argument("--batch-size", type=int, metavar="N", help="windows per micro-batch (default: the config's)")
-    p.add_argument("--seq-len", type=int, metavar="N", help="tokens per training window (default: the config's, else the model's max_len)")
-    p.add_argument("--accum-steps", type=int, metavar="N", help="micro-batches accumulated per update (default: the config's)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        metavar="N",
+        help="tokens per training window (default: the config's, else the model's max_len)",
+    )
+    p.add_argument(
+        "--accum-steps", type=int, metavar="N", help="micro-batches accumulated per update (default: the config's)"
+    )
     p.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default: the config's)")
     p.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup steps (default: the config's)")
-    p.add_argument("--min-lr", type=float, metavar="LR", help="learning rate at the end of the cosine decay (default: the config's)")
+    p.add_argument(
+        "--min-lr",
+        type=float,
+        metavar="LR",
+        help="learning rate at the end of the cosine decay (default: the config's)",
+    )
     p.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay (default: the config's)")
-    p.add_argument("--seed", type=int, metavar="N", help="seed for init, batch sampling, dropout and scheduled-sampling coins (default: the config's)")
-    p.add_argument("--eval-interval", type=int, metavar="N", help="steps between validation evaluations (default: the config's)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed for init, batch sampling, dropout and scheduled-sampling coins (default: the config's)",
+    )
+    p.add_argument(
+        "--eval-interval", type=int, metavar="N", help="steps between validation evaluations (default: the config's)"
+    )
     p.add_argument("--ckpt-interval", type=int, metavar="N", help="steps between checkpoints (default: the config's)")
-    p.add_argument("--log-interval", type=int, metavar="N", help="steps between loss fetches/log lines (default: the config's)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any other TrainConfig key, repeatable; model.KEY=VALUE overrides the model preset, "
-                   "dotted keys reach nested ones, e.g. scheduled_sampling.feed=argmax")
+    p.add_argument(
+        "--log-interval", type=int, metavar="N", help="steps between loss fetches/log lines (default: the config's)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other TrainConfig key, repeatable; model.KEY=VALUE overrides the model preset, "
+        "dotted keys reach nested ones, e.g. scheduled_sampling.feed=argmax",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_mesh_flags(p)
-    p.add_argument("--sharding", choices=PRESET_NAMES, help="how parameters are placed on the mesh (default: the config's, else auto)")
-    p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS; TPU pods need none)")
-    p.add_argument("--num-processes", type=int, metavar="N", help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's id, 0..N-1 (or JAX_PROCESS_ID)")
+    p.add_argument(
+        "--sharding",
+        choices=PRESET_NAMES,
+        help="how parameters are placed on the mesh (default: the config's, else auto)",
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS; TPU pods need none)",
+    )
+    p.add_argument(
+        "--num-processes", type=int, metavar="N", help="multi-host: number of processes (or JAX_NUM_PROCESSES)"
+    )
+    p.add_argument(
+        "--process-id", type=int, metavar="I", help="multi-host: this process's id, 0..N-1 (or JAX_PROCESS_ID)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -142,7 +222,9 @@ def register(sub) -> None:
         formatter_class=Help,
     )
     p.add_argument("--ckpt", metavar="DIR", required=True, help="run directory written by `arjax train --out DIR`")
-    p.add_argument("--data", metavar="FILE", help="text file to evaluate on, all of it (default: the run's own validation split)")
+    p.add_argument(
+        "--data", metavar="FILE", help="text file to evaluate on, all of it (default: the run's own validation split)"
+    )
     p.add_argument("--batch-size", type=int, metavar="N", help="windows per batch (default: the run's batch_size)")
     p.add_argument("--iters", type=int, metavar="N", help="number of batches (default: the run's eval_iters)")
     p.set_defaults(func=cmd_eval)

@@ -52,7 +52,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -133,12 +133,15 @@ def js_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return 0.5 * _xlogy_ratio(log_p, log_mid) + 0.5 * _xlogy_ratio(log_q, log_mid)
 
 
-def step_losses(oracle_lp: jax.Array, model_lp: jax.Array, policy_lp: jax.Array, oracle_policy_lp: jax.Array) -> dict[str, jax.Array]:
+def step_losses(
+    oracle_lp: jax.Array, model_lp: jax.Array, policy_lp: jax.Array, oracle_policy_lp: jax.Array
+) -> dict[str, jax.Array]:
     """Every per-step loss of the module docstring at each context: [B, T, V] x4 -> {name: [B, T]}.
 
     ``oracle_lp`` = log o, ``model_lp`` = log m (temperature 1), ``policy_lp`` = log m^F,
     ``oracle_policy_lp`` = log o^F (the oracle decoded with the same strategy).
     """
+
     def cross_entropy(log_p, log_q):  # -sum p log q, with 0 * log 0 = 0
         p = jnp.exp(log_p)
         return jnp.where(p > 0, -p * log_q, 0.0).sum(-1)
@@ -181,14 +184,18 @@ def rollout(model, prompts, *, length: int, decoding: Decoding, seed: int) -> np
     """Free-running continuations from the jitted decoder: ``prompts`` [B, P] (BOS first for an oracle;
     equal lengths, so no padding) continued by ``length`` tokens -> [B, P + length] int32."""
     prompts = np.asarray(prompts, np.int32)
-    out = generate(model, prompts.tolist(), max_new_tokens=length, sampling=sampling_params(decoding, len(prompts)), seed=seed)
+    out = generate(
+        model, prompts.tolist(), max_new_tokens=length, sampling=sampling_params(decoding, len(prompts)), seed=seed
+    )
     toks = np.asarray(out.tokens)[:, :length].astype(np.int32)
     if toks.shape[1] != length:
         raise RuntimeError(f"the decoder returned {toks.shape[1]} tokens, expected {length} (no EOS is set)")
     return np.concatenate([prompts, toks], axis=1)
 
 
-def losses_along(oracle, scorer: ModelScorer, tokens: np.ndarray, decoding: Decoding, chunk: int = 256) -> dict[str, np.ndarray]:
+def losses_along(
+    oracle, scorer: ModelScorer, tokens: np.ndarray, decoding: Decoding, chunk: int = 256
+) -> dict[str, np.ndarray]:
     """Per-step losses at every context of ``tokens`` [B, L+1] (BOS first) -> {name: [B, L]} numpy.
 
     Position t (0-based) is the prediction of x_{t+1} from [BOS, x_1..x_t].
@@ -316,7 +323,9 @@ def evaluate(
     test_tokens = np.asarray(test_tokens, np.int32)
     length = test_tokens.shape[1] - 1
     if not 0 <= prompt_len < length:
-        raise ValueError(f"prompt_len={prompt_len} must be in [0, {length}) for sequences of {length} tokens; shorten the prompt")
+        raise ValueError(
+            f"prompt_len={prompt_len} must be in [0, {length}) for sequences of {length} tokens; shorten the prompt"
+        )
     if n_rollouts <= 0:
         raise ValueError(f"n_rollouts={n_rollouts} must be positive")
     p, gen = prompt_len, length - prompt_len
@@ -342,8 +351,12 @@ def evaluate(
         for loss in ex_losses:
             est, lo, hi = bootstrap_ci(ex_stat, fr[loss], tf[loss], n_boot=n_boot, seed=seed)
             acc = accumulated_error(fr[loss], tf[loss])
-            ex[loss] = {"ex_acc_err": est.tolist(), "lo": lo.tolist(), "hi": hi.tolist(),
-                        **{k: acc[k].tolist() for k in ("R", "l_eps", "acc_err")}}
+            ex[loss] = {
+                "ex_acc_err": est.tolist(),
+                "lo": lo.tolist(),
+                "hi": hi.tolist(),
+                **{k: acc[k].tolist() for k in ("R", "l_eps", "acc_err")},
+            }
         # The same decoding applied to the oracle (when it is a model the decoder can run): the error
         # of the model's roll-in against the roll-in a perfect model would make with this decoding,
         # which removes the shift that the decoding strategy itself causes.

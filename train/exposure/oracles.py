@@ -229,7 +229,7 @@ class TransformerOracle:
         self._graphdef, self._params = nnx.split(model)
 
     @classmethod
-    def random(cls, cfg, *, seed: int = 0, init_std: float = 0.3, temperature: float = 1.0) -> "TransformerOracle":
+    def random(cls, cfg, *, seed: int = 0, init_std: float = 0.3, temperature: float = 1.0) -> TransformerOracle:
         """A transformer with random weights drawn at ``init_std`` (larger than the training init, so
         the conditionals are far from uniform and depend on the context)."""
         if not temperature > 0:

@@ -95,8 +95,20 @@ def summarise(cfg: StudyConfig, runs: list) -> dict:
                 gap = [np.mean(np.asarray(d["free_running"][loss]) - np.asarray(d["teacher_forced"][loss])) for d in ds]
                 # Against the oracle decoded alike; undefined wherever the ordinary ExAccErr is (a vanishing loss).
                 vs = [d["ex_vs_oracle_decoded"] for d in ds]
-                vs = [{loss: {"ex_acc_err": [a if b is not None else None for a, b in zip(v[loss]["ex_acc_err"], x["ex_acc_err"])]}}
-                      for v, x in zip(vs, e)] if vs[0] else vs
+                vs = (
+                    [
+                        {
+                            loss: {
+                                "ex_acc_err": [
+                                    a if b is not None else None for a, b in zip(v[loss]["ex_acc_err"], x["ex_acc_err"])
+                                ]
+                            }
+                        }
+                        for v, x in zip(vs, e)
+                    ]
+                    if vs[0]
+                    else vs
+                )
                 at_L_vs = mean_ci([v[loss]["ex_acc_err"][-1] for v in vs]) if vs[0] else None
                 ex[loss] = {
                     "at_L_vs_oracle_decoded": at_L_vs,
@@ -112,7 +124,9 @@ def summarise(cfg: StudyConfig, runs: list) -> dict:
                 "nll_oracle": mean_ci([d["nll_oracle"] for d in ds]),
                 "kl_free_running": _curve_ci([d["free_running"]["kl"] for d in ds]),
                 "eb_c_tv_at_end": mean_ci([_nanmean(d["eb_c"]["tv"][-quarter:]) for d in ds]),
-                "reverse_kl_per_token": mean_ci([d["reverse_kl_per_token"] for d in ds]) if ds[0]["reverse_kl_per_token"] is not None else None,
+                "reverse_kl_per_token": mean_ci([d["reverse_kl_per_token"] for d in ds])
+                if ds[0]["reverse_kl_per_token"] is not None
+                else None,
                 "seq_rep_2": mean_ci([d["repetition"]["seq_rep_2"] for d in ds]),
                 "rep_4": mean_ci([d["repetition"]["rep_4"] for d in ds]),
                 "valid_rate": mean_ci([d["valid_rate"] for d in ds]) if ds[0].get("valid_rate") is not None else None,
@@ -134,7 +148,9 @@ def summarise(cfg: StudyConfig, runs: list) -> dict:
                 pairs.append((a, b))
             for loss in cfg.eval.ex_losses:
                 comparisons[f"{m.name} - {tf} [{dec.name}, {loss}]"] = {
-                    "ex_acc_err_at_L": mean_ci([b["ex"][loss]["ex_acc_err"][-1] - a["ex"][loss]["ex_acc_err"][-1] for a, b in pairs]),
+                    "ex_acc_err_at_L": mean_ci(
+                        [b["ex"][loss]["ex_acc_err"][-1] - a["ex"][loss]["ex_acc_err"][-1] for a, b in pairs]
+                    ),
                     "R_at_L": mean_ci([b["ex"][loss]["R"][-1] - a["ex"][loss]["R"][-1] for a, b in pairs]),
                     "l_eps_at_L": mean_ci([b["ex"][loss]["l_eps"][-1] - a["ex"][loss]["l_eps"][-1] for a, b in pairs]),
                 }
@@ -162,7 +178,9 @@ def make_plots(cfg: StudyConfig, runs: list, summary: dict, out_dir: str) -> lis
             ax.fill_between(ls, m - c, m + c, color=line.get_color(), alpha=0.2)
 
     losses = cfg.eval.ex_losses
-    fig, axes = plt.subplots(len(losses), len(cfg.decodings), figsize=(4.2 * len(cfg.decodings), 3.2 * len(losses)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(losses), len(cfg.decodings), figsize=(4.2 * len(cfg.decodings), 3.2 * len(losses)), squeeze=False
+    )
     for row, loss in zip(axes, losses):
         for ax, dec in zip(row, cfg.decodings):
             for name, s in methods.items():
@@ -181,7 +199,11 @@ def make_plots(cfg: StudyConfig, runs: list, summary: dict, out_dir: str) -> lis
                 if name != "oracle":
                     band(ax, s["decodings"][dec.name]["ex"][losses[0]]["curve_vs_oracle_decoded"], name)
             ax.axhline(0, color="grey", lw=0.5)
-            ax.set(title=f"{dec.name}, loss {losses[0]}, vs oracle decoded alike", xlabel="generation length l", ylabel="ExAccErr(l) [%]")
+            ax.set(
+                title=f"{dec.name}, loss {losses[0]}, vs oracle decoded alike",
+                xlabel="generation length l",
+                ylabel="ExAccErr(l) [%]",
+            )
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         files.append(_save(fig, out_dir, "ex_acc_err_vs_oracle_decoded.png"))
@@ -193,7 +215,9 @@ def make_plots(cfg: StudyConfig, runs: list, summary: dict, out_dir: str) -> lis
             continue
         band(ax, s["kl_teacher_forced"], f"{name} teacher-forced")
         band(ax, s["decodings"][free_dec.name]["kl_free_running"], f"{name} free-running ({free_dec.name})", ls=":")
-    ax.set(xlabel="generated position l (after the prompt)", ylabel="KL(o || m) per token [nats]", title="per-position KL")
+    ax.set(
+        xlabel="generated position l (after the prompt)", ylabel="KL(o || m) per token [nats]", title="per-position KL"
+    )
     ax.legend(fontsize=6)
     fig.tight_layout()
     files.append(_save(fig, out_dir, "kl_per_position.png"))
@@ -204,8 +228,12 @@ def make_plots(cfg: StudyConfig, runs: list, summary: dict, out_dir: str) -> lis
         for r in ss_runs:
             h = r["history"]
             (line,) = ax.plot(h["step"], 1 - np.asarray(h["gold_prob"]), label=f"{r['method']} s{r['seed']} scheduled")
-            ax.plot(h["step"], h["mix_rate"], ls=":", color=line.get_color(), label=f"{r['method']} s{r['seed']} realised")
-        ax.set(xlabel="training step", ylabel="fraction of inputs fed by the model", title="schedule vs realised mixing")
+            ax.plot(
+                h["step"], h["mix_rate"], ls=":", color=line.get_color(), label=f"{r['method']} s{r['seed']} realised"
+            )
+        ax.set(
+            xlabel="training step", ylabel="fraction of inputs fed by the model", title="schedule vs realised mixing"
+        )
         ax.legend(fontsize=5)
         fig.tight_layout()
         files.append(_save(fig, out_dir, "mixing_rate.png"))
@@ -214,9 +242,18 @@ def make_plots(cfg: StudyConfig, runs: list, summary: dict, out_dir: str) -> lis
     for name in methods:
         rs = [r["eval"] for r in runs if r["method"] == name]
         for dec, marker in zip(cfg.decodings, "os^dv*"):
-            ax.scatter([r["nll_test"] for r in rs], [r["decodings"][dec.name]["nll_oracle"] for r in rs], marker=marker, s=18,
-                       label=f"{name} / {dec.name}")
-    ax.set(xlabel="NLL-test (teacher-forced, nats/token)", ylabel="NLL-oracle of samples (nats/token)", title="NLL-oracle vs NLL-test")
+            ax.scatter(
+                [r["nll_test"] for r in rs],
+                [r["decodings"][dec.name]["nll_oracle"] for r in rs],
+                marker=marker,
+                s=18,
+                label=f"{name} / {dec.name}",
+            )
+    ax.set(
+        xlabel="NLL-test (teacher-forced, nats/token)",
+        ylabel="NLL-oracle of samples (nats/token)",
+        title="NLL-oracle vs NLL-test",
+    )
     ax.legend(fontsize=6)
     fig.tight_layout()
     files.append(_save(fig, out_dir, "nll_oracle_vs_nll_test.png"))
@@ -274,7 +311,7 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
         f"with per-step losses {', '.join(f'`{x}`' for x in cfg.eval.ex_losses)} (exact definitions in `arjax.train.exposure.metrics`: "
         "`regret` = oracle NLL of the decoder's token minus that of the oracle decoded the same way, zero for a perfect model; "
         "`kl` = KL(o||m) at the context, zero for a perfect model; `oracle_nll` = expected oracle NLL of the token the decoder "
-        "emits, which also moves with how predictable the visited contexts are). \"vs oracle decoded alike\" replaces eps's "
+        'emits, which also moves with how predictable the visited contexts are). "vs oracle decoded alike" replaces eps\'s '
         "oracle roll-in (oracle samples) by the oracle decoded with the same strategy, so that the shift caused by the "
         "decoding strategy itself is not counted as exposure bias. The `oracle` row decodes the oracle itself (one run, no CI): what decoding alone does with a perfect model.",
         "",
@@ -290,20 +327,50 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
     for dec in cfg.decodings:
         head = ["method"]
         for loss in cfg.eval.ex_losses:
-            head += [f"ExAccErr@{q} [{loss}]", f"ExAccErr@{L} [{loss}]", f"growth {q}->{L} [{loss}]", f"free - TF per step [{loss}]",
-                     f"ExAccErr@{L} vs oracle decoded alike [{loss}]"]
-        head += ["top-1 agreement TF", "top-1 agreement free", "NLL-oracle", "EB-C (TV, last quarter)", "seq-rep-2", "rep-4", "valid roll-outs"]
-        lines += ["", f"## Decoding `{dec.name}` (temperature {dec.temperature}, top-k {dec.top_k}, top-p {dec.top_p})", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            head += [
+                f"ExAccErr@{q} [{loss}]",
+                f"ExAccErr@{L} [{loss}]",
+                f"growth {q}->{L} [{loss}]",
+                f"free - TF per step [{loss}]",
+                f"ExAccErr@{L} vs oracle decoded alike [{loss}]",
+            ]
+        head += [
+            "top-1 agreement TF",
+            "top-1 agreement free",
+            "NLL-oracle",
+            "EB-C (TV, last quarter)",
+            "seq-rep-2",
+            "rep-4",
+            "valid roll-outs",
+        ]
+        lines += [
+            "",
+            f"## Decoding `{dec.name}` (temperature {dec.temperature}, top-k {dec.top_k}, top-p {dec.top_p})",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for name, m in s["methods"].items():
             d = m["decodings"][dec.name]
             row = [name]
             for loss in cfg.eval.ex_losses:
                 e = d["ex"][loss]
-                row += [_fmt(e["at_quarter"], 1, True), _fmt(e["at_L"], 1, True), _fmt(e["growth"], 1, True), _fmt(e["gap"]),
-                        _fmt(e["at_L_vs_oracle_decoded"], 1, True)]
-            row += [_fmt(d["agree_teacher_forced"]), _fmt(d["agree_free_running"]), _fmt(d["nll_oracle"]), _fmt(d["eb_c_tv_at_end"], 2), _fmt(d["seq_rep_2"]), _fmt(d["rep_4"]),
-                    _fmt(d.get("valid_rate"))]
+                row += [
+                    _fmt(e["at_quarter"], 1, True),
+                    _fmt(e["at_L"], 1, True),
+                    _fmt(e["growth"], 1, True),
+                    _fmt(e["gap"]),
+                    _fmt(e["at_L_vs_oracle_decoded"], 1, True),
+                ]
+            row += [
+                _fmt(d["agree_teacher_forced"]),
+                _fmt(d["agree_free_running"]),
+                _fmt(d["nll_oracle"]),
+                _fmt(d["eb_c_tv_at_end"], 2),
+                _fmt(d["seq_rep_2"]),
+                _fmt(d["rep_4"]),
+                _fmt(d.get("valid_rate")),
+            ]
             lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## What the numbers say (each statement is the sign of a 95% CI over seeds)", ""]
     for name, m in s["methods"].items():
@@ -323,5 +390,13 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
             f"Δ l·eps({L}) (teacher forced) = {_fmt(c['l_eps_at_L'])}, {_verdict(c['l_eps_at_L'])}."
         )
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Config", "", "```yaml", yaml.safe_dump(jsonable(dataclasses.asdict(cfg)), sort_keys=False).strip(), "```", ""]
+    lines += [
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        yaml.safe_dump(jsonable(dataclasses.asdict(cfg)), sort_keys=False).strip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

@@ -65,18 +65,28 @@ class ScheduledSamplingConfig:
 
     method: Literal["parallel", "sequential"] = struct.field(pytree_node=False, default="parallel")
     # parallel only: 2 = two-pass (Mihaylova & Martins), K > 2 = Duckworth et al.
-    num_passes: int = struct.field(pytree_node=False, default=2, metadata=bounds(2, fix="parallel scheduled sampling needs at least 2 passes"))
+    num_passes: int = struct.field(
+        pytree_node=False, default=2, metadata=bounds(2, fix="parallel scheduled sampling needs at least 2 passes")
+    )
     feed: Literal["argmax", "sample", "soft", "soft_topk", "gumbel"] = struct.field(pytree_node=False, default="sample")
     # sampling temperature (sample, soft, soft_topk) or Gumbel-softmax tau (gumbel)
-    temperature: float = struct.field(pytree_node=False, default=1.0, metadata=bounds(0, lo_open=True, fix="use feed 'argmax' for greedy feedback"))
-    top_k: int = struct.field(pytree_node=False, default=0, metadata=NON_NEGATIVE)  # soft_topk only: the mixture is over the k most likely tokens
+    temperature: float = struct.field(
+        pytree_node=False, default=1.0, metadata=bounds(0, lo_open=True, fix="use feed 'argmax' for greedy feedback")
+    )
+    top_k: int = struct.field(
+        pytree_node=False, default=0, metadata=NON_NEGATIVE
+    )  # soft_topk only: the mixture is over the k most likely tokens
     # gumbel only: feed the one-hot argmax, gradient of the soft sample (straight-through)
     gumbel_hard: bool = struct.field(pytree_node=False, default=False)
     granularity: Literal["token", "sequence", "prefix"] = struct.field(pytree_node=False, default="token")
     # Gradient into the earlier pass through what is fed back (mixtures only: a drawn token has none).
     grad_through_pass1: bool = struct.field(pytree_node=False, default=False)
-    pass1_weight: float = struct.field(pytree_node=False, default=0.0, metadata=NON_NEGATIVE)  # weight of the teacher-forced (pass 1) loss
-    pass2_weight: float = struct.field(pytree_node=False, default=1.0, metadata=NON_NEGATIVE)  # weight of the scheduled (last pass / sequential) loss
+    pass1_weight: float = struct.field(
+        pytree_node=False, default=0.0, metadata=NON_NEGATIVE
+    )  # weight of the teacher-forced (pass 1) loss
+    pass2_weight: float = struct.field(
+        pytree_node=False, default=1.0, metadata=NON_NEGATIVE
+    )  # weight of the scheduled (last pass / sequential) loss
     # The gold probability over training steps (and optionally positions); a bare Schedule is its step part.
     schedule: GoldSchedule = struct.field(default_factory=lambda: GoldSchedule(step=constant(1.0)))
 
@@ -85,7 +95,9 @@ class ScheduledSamplingConfig:
             object.__setattr__(self, "schedule", as_gold_schedule(self.schedule))
         check_field_types(self)
         if self.method == "sequential" and self.num_passes != 2:
-            raise ValueError(f"num_passes={self.num_passes} applies to method='parallel' only; leave it at 2 for 'sequential'")
+            raise ValueError(
+                f"num_passes={self.num_passes} applies to method='parallel' only; leave it at 2 for 'sequential'"
+            )
         if self.feed == "soft_topk" and self.top_k < 1:
             raise ValueError(f"feed='soft_topk' needs top_k >= 1, got top_k={self.top_k}")
         if self.feed != "soft_topk" and self.top_k != 0:
@@ -93,7 +105,9 @@ class ScheduledSamplingConfig:
         if self.gumbel_hard and self.feed != "gumbel":
             raise ValueError(f"gumbel_hard=True needs feed='gumbel', got feed={self.feed!r}")
         if self.pass1_weight + self.pass2_weight == 0:
-            raise ValueError("loss weights pass1_weight and pass2_weight are both 0; give one of them a positive weight")
+            raise ValueError(
+                "loss weights pass1_weight and pass2_weight are both 0; give one of them a positive weight"
+            )
 
     @property
     def soft(self) -> bool:
@@ -226,7 +240,9 @@ def _sequential(model, inputs, targets, use_model, key, cfg, dropout_rng):
         logits, fed = _sequential_soft(model, inputs, use_model, key, cfg, dropout_rng)
     else:
         if dropout_rng is not None:
-            raise ValueError("method='sequential' with token feeds runs decode_step, which has no dropout; use dropout=0")
+            raise ValueError(
+                "method='sequential' with token feeds runs decode_step, which has no dropout; use dropout=0"
+            )
         logits, fed = _sequential_decode(model, inputs, use_model, key, cfg)
     return logits1, logits, fed
 
@@ -371,8 +387,9 @@ class ScheduledSampling:
         gold_prob = self.cfg.schedule(step, T)  # [T], traced
         coin_key, dropout_key = jax.random.split(key)
         mask = None if self.pad_id is None else batch[:, 1:] != self.pad_id
-        loss, aux = ss_loss(model, batch, coin_key, gold_prob, self.cfg, mask=mask,
-                            dropout_rng=dropout_key if self.dropout else None)
+        loss, aux = ss_loss(
+            model, batch, coin_key, gold_prob, self.cfg, mask=mask, dropout_rng=dropout_key if self.dropout else None
+        )
         n, n_rep = aux["n_tokens"], aux["n_replaceable"].astype(jnp.float32)
         metrics = {
             "pass1_loss": (aux["pass1_loss"] * n, n),

@@ -145,9 +145,13 @@ class GoldSchedule:
         if self.combine not in COMBINES:
             raise ValueError(f"GoldSchedule combine={self.combine!r}; choose one of {COMBINES}")
         if not isinstance(self.step, Schedule):
-            raise TypeError(f"GoldSchedule step={self.step!r} should be a schedule, e.g. {{kind: linear, k: 1.0, c: 1.0e-4}}")
+            raise TypeError(
+                f"GoldSchedule step={self.step!r} should be a schedule, e.g. {{kind: linear, k: 1.0, c: 1.0e-4}}"
+            )
         if self.position is not None and not isinstance(self.position, Schedule):
-            raise TypeError(f"GoldSchedule position={self.position!r} should be a schedule or null, e.g. {{kind: exponential, k: 0.99}}")
+            raise TypeError(
+                f"GoldSchedule position={self.position!r} should be a schedule or null, e.g. {{kind: exponential, k: 0.99}}"
+            )
 
     def __call__(self, step, seq_len: int) -> jax.Array:
         """[T] float32 gold probability for input positions 0..T-1 at training step ``step`` (may be traced).
@@ -165,7 +169,7 @@ class GoldSchedule:
         return p.at[0].set(1.0)
 
 
-def as_gold_schedule(schedule: "Schedule | GoldSchedule | float") -> GoldSchedule:
+def as_gold_schedule(schedule: Schedule | GoldSchedule | float) -> GoldSchedule:
     """Accept a bare step schedule or a constant probability where a GoldSchedule is wanted."""
     if isinstance(schedule, GoldSchedule):
         return schedule

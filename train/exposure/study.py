@@ -109,14 +109,27 @@ class EvalSpec:
 
 # The study's training settings are TrainConfig keys; these defaults suit tiny oracle models.
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "steps": 500, "batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "weight_decay": 0.0,
-    "log_interval": 10, "ckpt_interval": 250, "max_to_keep": 1,
+    "steps": 500,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "min_lr": 3e-4,
+    "warmup_steps": 20,
+    "weight_decay": 0.0,
+    "log_interval": 10,
+    "ckpt_interval": 250,
+    "max_to_keep": 1,
 }
 # TrainConfig keys the study sets itself, from its other sections.
 _STUDY_OWNED = {
-    "model": "study.model", "model_overrides": "study.model", "data": "study.data and study.oracle",
-    "tokenizer": "study.oracle", "tokenizer_path": "study.oracle", "val_fraction": "study.data.n_test",
-    "seq_len": "study.data.length", "eval_iters": "study.data.n_test", "seed": "study.seeds",
+    "model": "study.model",
+    "model_overrides": "study.model",
+    "data": "study.data and study.oracle",
+    "tokenizer": "study.oracle",
+    "tokenizer_path": "study.oracle",
+    "val_fraction": "study.data.n_test",
+    "seq_len": "study.data.length",
+    "eval_iters": "study.data.n_test",
+    "seed": "study.seeds",
     "scheduled_sampling": "study.methods",
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -136,7 +149,9 @@ class StudyConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        for what, name in [("study name", self.name)] + [(f"methods[{i}].name", m.name) for i, m in enumerate(self.methods)]:
+        for what, name in [("study name", self.name)] + [
+            (f"methods[{i}].name", m.name) for i, m in enumerate(self.methods)
+        ]:
             if not isinstance(name, str) or not _NAME.fullmatch(name) or name in ("runs", "oracle"):
                 raise ValueError(
                     f"{what}={name!r} must be a plain name (letters, digits, '.', '_', '-'; not 'runs' or 'oracle'): "
@@ -153,7 +168,9 @@ class StudyConfig:
         if self.oracle.kind not in ("transformer", "hmm", "dyck", "scorer"):
             raise ValueError(f"oracle.kind={self.oracle.kind!r}; choose one of transformer, hmm, dyck, scorer")
         if self.oracle.kind == "scorer" and not (self.oracle.scorer and self.oracle.text):
-            raise ValueError("oracle.kind='scorer' needs oracle.scorer (an `arjax train` run dir) and oracle.text (a corpus file)")
+            raise ValueError(
+                "oracle.kind='scorer' needs oracle.scorer (an `arjax train` run dir) and oracle.text (a corpus file)"
+            )
         bad = [x for x in self.eval.ex_losses if x not in metrics.STEP_LOSSES]
         if bad or not self.eval.ex_losses:
             raise ValueError(f"eval.ex_losses={list(self.eval.ex_losses)}: choose from {metrics.STEP_LOSSES}")
@@ -180,7 +197,9 @@ class StudyConfig:
         d = {**TRAIN_DEFAULTS, **self.train}
         d.setdefault("eval_interval", d["steps"])  # one evaluation, at the end
         try:
-            cfg = train_config_from_dict({**d, "seed": seed, "scheduled_sampling": method.scheduled_sampling, "eval_iters": 1})
+            cfg = train_config_from_dict(
+                {**d, "seed": seed, "scheduled_sampling": method.scheduled_sampling, "eval_iters": 1}
+            )
         except (TypeError, ValueError) as e:
             raise ValueError(f"study.train: {e}") from None
         dropout = (model_cfg or self.model_config(self.oracle.vocab_size)).dropout
@@ -220,7 +239,9 @@ def build_source(cfg: StudyConfig):
         )
         oracle = oracles.TransformerOracle.random(mcfg, seed=o.seed, init_std=o.init_std, temperature=o.temperature)
     elif o.kind == "hmm":
-        oracle = oracles.HMMOracle(vocab_size=o.vocab_size, n_states=o.n_states, seed=o.seed, concentration=o.concentration)
+        oracle = oracles.HMMOracle(
+            vocab_size=o.vocab_size, n_states=o.n_states, seed=o.seed, concentration=o.concentration
+        )
     else:
         oracle = oracles.DyckOracle(n_types=o.n_types, max_depth=o.max_depth, p_open=o.p_open, noise=o.noise)
     chunk = min(256, d.n_train, d.n_test)  # one sampler shape for both sets
@@ -272,8 +293,18 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def run_one(cfg: StudyConfig, method: MethodSpec, seed: int, oracle, train_tokens, test_tokens, run_dir: str,
-            *, quiet: bool = True, log=print) -> dict:
+def run_one(
+    cfg: StudyConfig,
+    method: MethodSpec,
+    seed: int,
+    oracle,
+    train_tokens,
+    test_tokens,
+    run_dir: str,
+    *,
+    quiet: bool = True,
+    log=print,
+) -> dict:
     """Train (or finish training) and evaluate one (method, seed) in ``run_dir``; its result is persisted there."""
     done_path = os.path.join(run_dir, "result.json")
     if os.path.isfile(done_path):
@@ -287,12 +318,29 @@ def run_one(cfg: StudyConfig, method: MethodSpec, seed: int, oracle, train_token
     t0 = time.time()
     val = np.asarray(test_tokens[: min(len(test_tokens), 256)], np.int32)[None]  # [1, n, L+1]
     resume = latest_checkpoint(run_dir) is not None  # killed mid-training: continue from its checkpoint
-    out = loop.fit(tcfg, run_dir, model_cfg=model_cfg, source=Rows(np.asarray(train_tokens, np.int32)), val_windows=val,
-                   resume=resume, quiet=quiet, label=f"{method.name} s{seed}")
+    out = loop.fit(
+        tcfg,
+        run_dir,
+        model_cfg=model_cfg,
+        source=Rows(np.asarray(train_tokens, np.int32)),
+        val_windows=val,
+        resume=resume,
+        quiet=quiet,
+        label=f"{method.name} s{seed}",
+    )
     history = _history(run_dir, tcfg.log_interval, tcfg.steps)
     log(f"  trained {method.name} seed={seed}: loss {history['loss'][-1]:.3f} in {time.time() - t0:.0f}s")
-    res = metrics.evaluate(out["model"], oracle, test_tokens, cfg.decodings, n_rollouts=ev.n_rollouts, prompt_len=ev.prompt_len,
-                           seed=seed, n_boot=ev.n_boot, ex_losses=ev.ex_losses)
+    res = metrics.evaluate(
+        out["model"],
+        oracle,
+        test_tokens,
+        cfg.decodings,
+        n_rollouts=ev.n_rollouts,
+        prompt_len=ev.prompt_len,
+        seed=seed,
+        n_boot=ev.n_boot,
+        ex_losses=ev.ex_losses,
+    )
     result = {"method": method.name, "seed": seed, "history": history, "eval": res}
     _write_json(done_path, result)
     return result
@@ -334,7 +382,9 @@ def run_study(cfg: StudyConfig, out_dir: str, *, resume: bool = False, quiet: bo
     t0 = time.time()
     oracle, train_tokens, test_tokens = build_source(cfg)
     H = oracles.entropy_rate(oracle, test_tokens)
-    log(f"{cfg.name}: oracle {cfg.oracle.kind}, entropy {H:.3f} nats/token, {len(train_tokens)} train / {len(test_tokens)} test sequences")
+    log(
+        f"{cfg.name}: oracle {cfg.oracle.kind}, entropy {H:.3f} nats/token, {len(train_tokens)} train / {len(test_tokens)} test sequences"
+    )
     ev = cfg.eval
     runs = []
     if ev.include_oracle and cfg.oracle.kind == "transformer" and cfg.oracle.temperature == 1.0:
@@ -344,8 +394,17 @@ def run_study(cfg: StudyConfig, out_dir: str, *, resume: bool = False, quiet: bo
             with open(path, encoding="utf-8") as f:
                 runs.append(json.load(f))
         else:
-            res = metrics.evaluate(oracle.model, oracle, test_tokens, cfg.decodings, n_rollouts=ev.n_rollouts, prompt_len=ev.prompt_len,
-                                   seed=0, n_boot=ev.n_boot, ex_losses=ev.ex_losses)
+            res = metrics.evaluate(
+                oracle.model,
+                oracle,
+                test_tokens,
+                cfg.decodings,
+                n_rollouts=ev.n_rollouts,
+                prompt_len=ev.prompt_len,
+                seed=0,
+                n_boot=ev.n_boot,
+                ex_losses=ev.ex_losses,
+            )
             runs.append({"method": "oracle", "seed": 0, "history": None, "eval": res})
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _write_json(path, runs[-1])
@@ -354,8 +413,13 @@ def run_study(cfg: StudyConfig, out_dir: str, *, resume: bool = False, quiet: bo
             run_dir = os.path.join(out_dir, "runs", method.name, f"seed{seed}")
             r = run_one(cfg, method, seed, oracle, train_tokens, test_tokens, run_dir, quiet=quiet, log=log)
             res = r["eval"]
-            log(f"  evaluated {method.name} seed={seed}: NLL-test {res['nll_test']:.3f}, "
-                + ", ".join(f"ExAccErr[{d}]@{res['length']} {x['ex'][ev.ex_losses[0]]['ex_acc_err'][-1]:+.1f}%" for d, x in res["decodings"].items()))
+            log(
+                f"  evaluated {method.name} seed={seed}: NLL-test {res['nll_test']:.3f}, "
+                + ", ".join(
+                    f"ExAccErr[{d}]@{res['length']} {x['ex'][ev.ex_losses[0]]['ex_acc_err'][-1]:+.1f}%"
+                    for d, x in res["decodings"].items()
+                )
+            )
             runs.append(r)
     results = {
         "config": jsonable(dataclasses.asdict(cfg)),
