@@ -16,7 +16,9 @@ from flax import nnx
 
 from arjax.decode.sampling import SamplingParams
 from arjax.decode.speculative import DraftModel, PromptLookup, check_draft, spec_loop, spec_start
-from arjax.decode.step import (  # noqa: F401 (DecodeState, prefill and init_state are this module's API too)
+
+# DecodeState, prefill and init_state are this module's API too (imported from here by users and tests).
+from arjax.decode.step import (
     STOP_NAMES,
     STOP_STRING,
     DecodeState,
@@ -109,7 +111,7 @@ def _start_impl(
     B = tokens.shape[0]
     cache = init_cache(model.cfg, B, cache_len, cache_dtype)
     if cache_sharding is not None:
-        constrain = lambda kv: tuple(jax.lax.with_sharding_constraint(x, cache_sharding) for x in kv)  # noqa: E731
+        constrain = lambda kv: tuple(jax.lax.with_sharding_constraint(x, cache_sharding) for x in kv)
         cache = cache.replace(k=constrain(cache.k), v=constrain(cache.v))
     logits, cache = prefill(model, tokens, positions, cache)
     state = init_state(
@@ -450,7 +452,7 @@ def _run(
     graphdef, params = nnx.split(model)
     chunk = plan.max_new_tokens if chunk_steps is None else int(chunk_steps)
     N = plan.max_new_tokens
-    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
     eos, pad = jnp.asarray(plan.eos_ids), i32(pad_id)
     tokens, positions = jnp.asarray(plan.tokens), jnp.asarray(plan.positions)
 
@@ -474,8 +476,8 @@ def _run(
             i32(limit),
             cache_dtype=plan.cache_dtype,
         )
-        resume = lambda state, limit: _resume(graphdef, params, state, sampling, eos, pad, i32(limit))  # noqa: E731
-        steps_of = lambda state: state.step  # noqa: E731
+        resume = lambda state, limit: _resume(graphdef, params, state, sampling, eos, pad, i32(limit))
+        steps_of = lambda state: state.step
     else:
         draft_graphdef, draft_params = nnx.split(draft.model) if isinstance(draft, DraftModel) else (None, None)
         k, ngram = int(draft.k), int(getattr(draft, "ngram", 0))
@@ -505,13 +507,13 @@ def _run(
             ngram,
             params,
             draft_params,
-            state,  # noqa: E731
+            state,
             sampling,
             eos,
             pad,
             i32(limit),
         )
-        steps_of = lambda state: state.rounds  # noqa: E731
+        steps_of = lambda state: state.rounds
     emitted = np.zeros(B, np.int64)
     stops = stops or StopStrings(None, (), B)
     cut = np.full(B, np.iinfo(np.int64).max)  # tokens kept by rows that hit a stop string

@@ -23,22 +23,22 @@ PHASE = sys.argv[1]
 if PHASE == "host":  # must join the other process before any other JAX call
     from arjax.train.cli import main as cli_main
 
-import jax  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import optax
+from flax import nnx
 
-from arjax.decode import generate  # noqa: E402
-from arjax.model import Transformer, get_config  # noqa: E402
-from arjax.model.params import path_str  # noqa: E402
-from arjax.model.rng import seed_key  # noqa: E402
-from arjax.model.sharding import logical_axes, make_plan  # noqa: E402
-from arjax.train import checkpoint as ckpt  # noqa: E402
-from arjax.train import loop  # noqa: E402
-from arjax.train.config import TrainConfig  # noqa: E402
-from arjax.train.data import Windows  # noqa: E402
-from arjax.train.optim import make_optimizer  # noqa: E402
-from arjax.train.step import TRACE_COUNTS, TeacherForcing, compiled_train_step, sharded_train_step  # noqa: E402
-from arjax.train.tokenizer import build_tokenizer  # noqa: E402
+from arjax.decode import generate
+from arjax.model import Transformer, get_config
+from arjax.model.params import path_str
+from arjax.model.rng import seed_key
+from arjax.model.sharding import logical_axes, make_plan
+from arjax.train import checkpoint as ckpt
+from arjax.train import loop
+from arjax.train.config import TrainConfig
+from arjax.train.data import Windows
+from arjax.train.optim import make_optimizer
+from arjax.train.step import TRACE_COUNTS, TeacherForcing, compiled_train_step, sharded_train_step
+from arjax.train.tokenizer import build_tokenizer
 
 # What each preset must do, written out independently of arjax.model.sharding.PRESETS.
 EXPECTED_RULES = {

@@ -64,7 +64,7 @@ def test_the_pallas_tpu_kernel_in_interpret_mode_equals_xla_forward_and_backward
     def loss(fn, q, k, v):
         return (fn(q, k, v) * jnp.cos(jnp.arange(64.0))).sum()
 
-    xla = lambda q, k, v: attention.xla_attention(q, k, v, mask)  # noqa: E731
+    xla = lambda q, k, v: attention.xla_attention(q, k, v, mask)
     want, want_grads = jax.value_and_grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2))(q, k, v)
     with pltpu.force_tpu_interpret_mode():
         got, got_grads = jax.value_and_grad(lambda *a: loss(attention.pallas_tpu_attention, *a), argnums=(0, 1, 2))(

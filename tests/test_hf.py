@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from arjax.model import hf  # noqa: E402
+from arjax.model import hf
 
 VOCAB = 96
 

@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers.generation import logits_process as lp  # noqa: E402
+from transformers.generation import logits_process as lp
 
-from arjax.decode import SamplingParams, filter_logits, generate, sample  # noqa: E402
-from arjax.model import hf  # noqa: E402
+from arjax.decode import SamplingParams, filter_logits, generate, sample
+from arjax.model import hf
 
 V = 64
 

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
-from arjax.train.data import default_corpus_text  # noqa: E402
-from arjax.train.tokenizer import EOS_TOKEN, HFTokenizer, check_fits, load_hf_tokenizer, load_tokenizer, train_bpe  # noqa: E402
+from arjax.train.data import default_corpus_text
+from arjax.train.tokenizer import EOS_TOKEN, HFTokenizer, check_fits, load_hf_tokenizer, load_tokenizer, train_bpe
 
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak. Ünïcödé ✓ 42\n"
 

@@ -113,7 +113,7 @@ def test_scheduled_sampling_stopped_and_resumed_gives_identical_losses_and_mixin
     assert 0 < straight["history"]["mix_rate"][-1] < 1
     # The log holds every step once, as the uninterrupted run's does (speed aside).
     speed = ("tokens_per_s", "tokens_per_s_per_device", "mfu")
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in speed} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in speed} for r in rs]
     assert strip(_records(root / "b")) == strip(_records(root / "a"))
 
 

@@ -69,7 +69,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_from_its_last_checkpoint(mo
     records = lambda r: [
         {k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "tokens_per_s_per_device", "mfu")}
         for x in open(os.path.join(r, "metrics.jsonl"))
-    ]  # noqa: E731
+    ]
     assert records(run) == records(straight)
     a, _, _ = ckpt.load_model(run)
     b, _, _ = ckpt.load_model(straight)

@@ -23,7 +23,7 @@ from arjax.model import Transformer, get_config
 from arjax.train.tokenizer import ByteTokenizer, CharTokenizer
 
 openai = pytest.importorskip("openai")
-from arjax.decode.server import Server, bind, create_app  # noqa: E402  (needs fastapi, a test extra)
+from arjax.decode.server import Server, bind, create_app
 
 # 256 distinct characters, one per token id: decoding is injective, so equal text means equal tokens.
 TOK = CharTokenizer([chr(c) for c in range(32, 127)] + [chr(c) for c in range(0x100, 0x100 + 161)])

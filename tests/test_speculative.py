@@ -306,7 +306,7 @@ def test_the_cache_fits_every_block_near_a_learned_context():
     context and a given max_len cap it too; what cannot fit is one clear error."""
     learned = Transformer(get_config("tiny"), rngs=nnx.Rngs(0))  # max_len 64
     short_draft = Transformer(get_config("tiny", n_layers=1, max_len=32), rngs=nnx.Rngs(1))
-    plan = lambda model, prompts, new, k, cap=None, max_len=None: decode_loop._plan(  # noqa: E731
+    plan = lambda model, prompts, new, k, cap=None, max_len=None: decode_loop._plan(
         model,
         prompts,
         max_new_tokens=new,

@@ -17,7 +17,7 @@ def rows(draw, block: bool):
     per row or shared, -1 padding in the EOS list; with ``block``, K tokens of which each row proposes some."""
     B = draw(st.integers(1, 5))
     K = draw(st.integers(1, 4)) if block else 1
-    ints = lambda lo, hi, n: np.array(draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n)), np.int32)  # noqa: E731
+    ints = lambda lo, hi, n: np.array(draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n)), np.int32)
     max_steps = np.int32(draw(st.integers(1, 6)))
     emitted = np.minimum(ints(0, 6, B), max_steps - 1)  # a running row has budget left
     done = np.array(draw(st.lists(st.booleans(), min_size=B, max_size=B)))

@@ -335,7 +335,7 @@ def _drop_orbax_leftovers() -> None:
                 if not obj.cancelled():
                     obj.exception()  # retrieved: asyncio does not log it as "never retrieved"
             elif isinstance(obj, asyncio.Task):
-                obj._log_destroy_pending = False  # noqa: SLF001 (asyncio's own switch for "destroyed but pending")
+                obj._log_destroy_pending = False  # asyncio's own switch for "destroyed but pending"
                 with contextlib.suppress(BaseException):
                     obj.get_coro().close()
         gc.collect()

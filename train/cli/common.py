@@ -175,7 +175,7 @@ def out_of_memory(what: str, fix: str, *, detail: str = ""):
     ``{what} do not fit in the device's memory{detail}; {fix}``. Anything else passes through."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 (XLA's memory exhaustion has no exception type of its own)
+    except Exception as e:  # XLA's memory exhaustion has no exception type of its own
         if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
             raise
         raise UsageError(f"{what} do not fit in the device's memory{detail}; {fix}") from None
