@@ -30,9 +30,12 @@ demo: $(VENV)/.core
 	$(VENV)/bin/arjax generate --ckpt $(DEMO_DIR) --max-new-tokens 110 --temperature 0.8 --top-k 40 \
 		--prompt "The " --prompt "In the beginning" --prompt "def "
 
-# One pytest worker per core (pytest-xdist), each test file on one worker (module fixtures built once).
+# Lint first (ruff's check and format, configured in pyproject.toml: a second, not worth a test run),
+# then one pytest worker per core (pytest-xdist), each test file on one worker (module fixtures built once).
 TEST_WORKERS ?= auto
 test: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:

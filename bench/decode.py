@@ -1,4 +1,5 @@
-"""Decode throughput: arjax generate vs Hugging Face transformers generate on the same weights, against the memory roofline.
+"""Decode throughput: arjax generate vs Hugging Face transformers generate on the same weights,
+against the memory roofline.
 
     python bench/decode.py            # gpt2-small and shakespeare-char sizes, batch 1 and 8
     python bench/decode.py --quick    # fewer tokens and repeats (a smoke run, not for the record)
@@ -215,7 +216,10 @@ def main(argv=None) -> int:
         f"\nread bandwidth: best {bandwidth / 1e9:.1f} GB/s of {len(bandwidths)} samples "
         f"({', '.join(f'{b / 1e9:.1f}' for b in bandwidths)} GB/s); the roofline below uses the best"
     )
-    head = f"| {'model':<16} | batch | same greedy ({check_tokens}) | arjax tok/s | HF tok/s | arjax/HF | roofline tok/s | arjax/roofline | weights MB | KV MB |"
+    head = (
+        f"| {'model':<16} | batch | same greedy ({check_tokens}) | arjax tok/s | HF tok/s | arjax/HF | "
+        "roofline tok/s | arjax/roofline | weights MB | KV MB |"
+    )
     print()
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -223,7 +227,8 @@ def main(argv=None) -> int:
         same = "yes" if r["same_greedy"] else f"NO ({r['agree']:.0%} agree)"
         print(
             f"| {r['model']:<16} | {r['batch']:>5} | {same:>17} | {r['ours_tps']:>11.1f} | {r['hf_tps']:>8.1f} | "
-            f"{r['speedup']:>7.2f}x | {r['roof_tps']:>14.1f} | {r['roof_frac']:>13.0%} | {r['weight_mb']:>10.1f} | {r['kv_mb']:>5.1f} |"
+            f"{r['speedup']:>7.2f}x | {r['roof_tps']:>14.1f} | {r['roof_frac']:>13.0%} | "
+            f"{r['weight_mb']:>10.1f} | {r['kv_mb']:>5.1f} |"
         )
     return 0 if all(r["same_greedy"] for r in rows) else 1
 

@@ -306,7 +306,8 @@ def main(argv=None) -> int:
         result["quality"] = q
         for name, r in q.items():
             print(
-                f"  {name:<18} val loss {r['val_loss']:.4f} ({r['val_loss_rel']:+.3%})  greedy: {r['greedy_agree']:.1%} "
+                f"  {name:<18} val loss {r['val_loss']:.4f} ({r['val_loss_rel']:+.3%})  "
+                f"greedy: {r['greedy_agree']:.1%} "
                 f"of 8 x {args.new_tokens} tokens equal to fp, common prefix {r['greedy_prefix']:.0f}, "
                 f"{r['rows_identical']}/8 rows identical",
                 flush=True,
@@ -332,7 +333,8 @@ def main(argv=None) -> int:
         b = result["bytes"]
         print(
             f"bytes: weights {b['weights_fp'] / 1e6:.2f} MB -> {b['weights_int8'] / 1e6:.2f} MB "
-            f"({b['weights_int8'] / b['weights_fp']:.2f}x); KV cache (batch {b['cache_batch']}, {b['cache_len']} slots) "
+            f"({b['weights_int8'] / b['weights_fp']:.2f}x); "
+            f"KV cache (batch {b['cache_batch']}, {b['cache_len']} slots) "
             f"{b['cache_fp'] / 1e6:.2f} MB -> {b['cache_int8'] / 1e6:.2f} MB ({b['cache_int8'] / b['cache_fp']:.2f}x)"
         )
     save()

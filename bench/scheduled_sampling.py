@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     key = "two-pass sample (grad off)"
     ratio = max(best[key] / tf, cpu[key] / tf_cpu)  # the less favourable of the two clocks
     print(
-        f"\ntwo-pass SS / teacher forcing = {ratio:.2f}x (worse of wall and CPU; target <= 2.2x)  {'PASS' if ratio <= 2.2 else 'MISS'}"
+        f"\ntwo-pass SS / teacher forcing = {ratio:.2f}x (worse of wall and CPU; target <= 2.2x)  "
+        f"{'PASS' if ratio <= 2.2 else 'MISS'}"
     )
     return 0
 

@@ -4,12 +4,13 @@
     python bench/serve.py --size gpt2-small
     python bench/serve.py --quick    # fewer tokens and requests (a smoke run, not for the record)
 
-A random-initialised model (nanoGPT's shakespeare-char size, 6 layers x 384, or GPT-2 small's
-body, 12 x 768; byte vocabulary) with the byte tokenizer is written as a run directory and served by `arjax serve` in a subprocess (the engine
-thread and the HTTP server in one process, as a user runs it); this process is the client: one
-thread per in-flight request, each streaming its completion over HTTP (server-sent events). Prompts
-are slices of tinyshakespeare (../shared/data; 16 to 96 bytes). Every request is greedy with the
-same max_tokens, so all finish on length and the token counts are equal everywhere.
+A random-initialised model (nanoGPT's shakespeare-char size, 6 layers x 384, or GPT-2 small's body,
+12 x 768; byte vocabulary) with the byte tokenizer is written as a run directory and served by
+`arjax serve` in a subprocess (the engine thread and the HTTP server in one process, as a user runs
+it); this process is the client: one thread per in-flight request, each streaming its completion
+over HTTP (server-sent events). Prompts are slices of tinyshakespeare (../shared/data; 16 to 96
+bytes). Every request is greedy with the same max_tokens, so all finish on length and the token
+counts are equal everywhere.
 
 Measured per setting: throughput (completion tokens over wall time, first send to last byte), time
 to first token (send -> first text) and time per output token ((last - first) / (tokens - 1)), p50
@@ -69,7 +70,8 @@ def write_run(path: str, size: str, seed: int = 0) -> Transformer:
 def make_prompts(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     if os.path.isfile(DATA):
-        text = open(DATA, encoding="utf-8").read()
+        with open(DATA, encoding="utf-8") as f:
+            text = f.read()
     else:  # the shared data is missing: any text will do for timing
         text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(20000))
     out = []

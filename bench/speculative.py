@@ -1,4 +1,5 @@
-"""Speculative decoding vs plain greedy generate, batch 1 (issue 11's speed targets): prompt lookup on a copy task, a small draft model on text.
+"""Speculative decoding vs plain greedy generate, batch 1 (issue 11's speed targets): prompt lookup
+on a copy task, a small draft model on text.
 
     python bench/speculative.py                    # trains target + draft into runs/bench-spec (kept), then measures
     python bench/speculative.py                    # again: reuses the runs in runs/bench-spec, measures only
@@ -476,20 +477,23 @@ def main(argv=None) -> int:
         return 1e3 * times[name] / sum(o.num_steps + 1 for o in outs[name])
 
     print(
-        f"time per target pass in the loop (greedy, ms; prefill counted as one pass): plain {per_round('greedy plain'):.3f}; "
+        f"time per target pass in the loop (greedy, ms; prefill counted as one pass): "
+        f"plain {per_round('greedy plain'):.3f}; "
         + "; ".join(
             f"k={k}: lookup {per_round(f'lookup k={k}'):.3f}, draft {per_round(f'greedy k={k}'):.3f}" for k in args.ks
         )
         + f"; draft model alone {per_round('draft alone'):.3f} per step"
     )
     print(
-        "\n| sampling | k | a | alpha | tok/pass | plain tok/s | spec tok/s | speedup | ideal | speedup/ideal | v | ideal_v | speedup/ideal_v | identical |"
+        "\n| sampling | k | a | alpha | tok/pass | plain tok/s | spec tok/s | speedup | ideal | speedup/ideal | "
+        "v | ideal_v | speedup/ideal_v | identical |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in draft_rows:
         same = "-" if r["same"] is None else ("yes" if r["same"] else "NO")
         print(
-            f"| {r['mode']} | {r['k']} | {r['a']:.2f} | {r['alpha']:.2f} | {r['tpp']:.2f} | {r['plain_tps']:.0f} | {r['tps']:.0f} | "
+            f"| {r['mode']} | {r['k']} | {r['a']:.2f} | {r['alpha']:.2f} | {r['tpp']:.2f} | "
+            f"{r['plain_tps']:.0f} | {r['tps']:.0f} | "
             f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['frac']:.0%} | {r['v']:.2f} | {r['ideal_v']:.2f}x | "
             f"{r['frac_v']:.0%} | {same} |"
         )
@@ -501,7 +505,8 @@ def main(argv=None) -> int:
     )
     print(
         f"draft model: speedup >= 80% of the ideal in {met} of {len(draft_rows)} settings "
-        f"(best {max(r['frac'] for r in draft_rows):.0%}, k c + v counted: best {max(r['frac_v'] for r in draft_rows):.0%})"
+        f"(best {max(r['frac'] for r in draft_rows):.0%}, "
+        f"k c + v counted: best {max(r['frac_v'] for r in draft_rows):.0%})"
     )
     print(f"wall {time.perf_counter() - t_start:.0f} s; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end")
     results = os.path.join(work, "results.json")

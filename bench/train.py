@@ -50,7 +50,8 @@ class RandomTokens:
     seq_len: int
 
     def batch(self, *, batch_size: int, seed: int, step: int, rows=None, **_) -> np.ndarray:
-        """[batch_size, seq_len + 1] int32; with ``rows`` (indices into them) only those rows, as a host of several reads."""
+        """[batch_size, seq_len + 1] int32; with ``rows`` (indices into them) only those rows, as a
+        host of several reads."""
         windows = numpy_rng(seed, step).integers(
             0, self.vocab_size, size=(batch_size, self.seq_len + 1), dtype=np.int32
         )
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="override the config's steps (default: the config's)")
     p.add_argument(
         "--mesh",
-        help=f"device mesh for the trainer, e.g. data=4,model=2 or data=-1 (axes: {', '.join(AXES)}; -1: the devices left over)",
+        help="device mesh for the trainer, e.g. data=4,model=2 or data=-1 "
+        f"(axes: {', '.join(AXES)}; -1: the devices left over)",
     )
     p.add_argument(
         "--set",
@@ -205,7 +207,8 @@ def main(argv=None) -> int:
         ms = cfg.accum_steps * cfg.batch_size * T / result["tokens_per_s"] * 1e3
         objective = "teacher forcing" if cfg.scheduled_sampling is None else cfg.scheduled_sampling.describe()
         print(
-            f"\nconfig          {os.path.relpath(path, ROOT)} ({result['final_step']} steps, {result['n_params'] / 1e6:.2f}M params, "
+            f"\nconfig          {os.path.relpath(path, ROOT)} ({result['final_step']} steps, "
+            f"{result['n_params'] / 1e6:.2f}M params, "
             f"context {T}, {cfg.batch_size} x {cfg.accum_steps} windows per step, {dt})"
         )
         print(f"objective       {objective}")
@@ -219,7 +222,8 @@ def main(argv=None) -> int:
         if "mix_rate" in result["history"]:
             h = result["history"]
             print(
-                f"mixing          gold probability {h['gold_prob'][-1]:.3f}, realised mixing rate {h['mix_rate'][-1]:.3f}, "
+                f"mixing          gold probability {h['gold_prob'][-1]:.3f}, "
+                f"realised mixing rate {h['mix_rate'][-1]:.3f}, "
                 f"differ rate {h['differ_rate'][-1]:.3f} (last step)"
             )
         if args.synthetic:
@@ -228,7 +232,8 @@ def main(argv=None) -> int:
             print(f"final val loss  {val:.4f}   (target <= 1.89, nanoGPT ~1.88)  {'PASS' if val <= 1.89 else 'MISS'}")
         print(f"train loss      {result['losses'][-1]:.4f}")
         print(
-            f"throughput      {result['tokens_per_s']:,.0f} tokens/s, {ms:.1f} ms/step (compile excluded); wall {result['wall_s']:.0f} s"
+            f"throughput      {result['tokens_per_s']:,.0f} tokens/s, {ms:.1f} ms/step (compile excluded); "
+            f"wall {result['wall_s']:.0f} s"
         )
         print(f"per device      {per_device:,.0f} tokens/s ({n_dev} device(s))")
         print(f"model FLOPs     {fpt / 1e6:.2f} MFLOP/token (teacher-forced count) -> {_rate(achieved)} per device")

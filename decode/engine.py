@@ -22,6 +22,7 @@ so greedy and seeded output equal a solo ``generate`` call with the same prompt 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -257,6 +258,18 @@ class _Active:
     cancelled: bool = False
     submitted: float = 0.0
 
+    def last_update(self, reason: str) -> Update:
+        """The last update of a request that ends without new tokens: 'cancelled' or 'error'."""
+        return Update(
+            tokens=[],
+            logprobs=[],
+            top_logprobs=None,
+            text="",
+            finish_reason=reason,
+            prompt_tokens=int(self.tokens.size),
+            completion_tokens=len(self.out),
+        )
+
 
 class Handle:
     """A submitted request: ``cancel()`` frees its slot at the next chunk boundary (or drops it from the queue)."""
@@ -272,7 +285,8 @@ class Engine:
     """Continuous batching over ``slots`` rows of ``max_len`` cache slots each.
 
     ``submit(request, on_update)`` is thread-safe; ``on_update`` is called from the thread that runs
-    ``step`` (or, for a request cancelled while still queued, from the thread that cancels it) (``start()`` runs it in a background thread that owns the device state; batch jobs call
+    ``step`` (or, for a request cancelled while still queued, from the thread that cancels it)
+    (``start()`` runs it in a background thread that owns the device state; batch jobs call
     ``run_until_done`` instead). Requests wait in a FIFO queue of at most ``max_queue`` (then
     ``submit`` raises ``QueueFull``). ``warmup()`` compiles every program serving can need (an insert per
     prompt bucket, a chunk per row bucket); after it,
@@ -527,17 +541,7 @@ class Engine:
         return next(r for r in self.row_buckets if r > last)
 
     def _finish_quiet(self, active: _Active) -> None:
-        active.on_update(
-            Update(
-                tokens=[],
-                logprobs=[],
-                top_logprobs=None,
-                text="",
-                finish_reason="cancelled",
-                prompt_tokens=int(active.tokens.size),
-                completion_tokens=len(active.out),
-            )
-        )
+        active.on_update(active.last_update("cancelled"))
 
     def step(self, wait: float = 0.0) -> bool:
         """One round: admit waiting requests, run one chunk, deliver its tokens, release finished slots.
@@ -637,24 +641,13 @@ class Engine:
             self._queue.clear()
         self._by_slot = [None] * self.num_slots
         for a in victims:  # first: whatever happens next, nobody waits forever
-            try:
-                a.on_update(
-                    Update(
-                        tokens=[],
-                        logprobs=[],
-                        top_logprobs=None,
-                        text="",
-                        finish_reason="error",
-                        prompt_tokens=int(a.tokens.size),
-                        completion_tokens=len(a.out),
-                    )
-                )
-            except Exception:  # noqa: BLE001 (a callback that fails too has nobody left to tell)
-                pass
+            # A callback that fails too has nobody left to tell.
+            with contextlib.suppress(Exception):
+                a.on_update(a.last_update("error"))
         self._slots = None  # let the old buffers go before making new ones
         try:
             self._slots = self._fresh_slots()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 (no memory for fresh slots, or any other failure: the engine turns broken)
             self.broken = f"{type(e).__name__}: {e}"
             print(
                 f"arjax engine: cannot start over ({self.broken}); refusing requests from now on",
@@ -710,17 +703,7 @@ class Engine:
             victims = list(self._queue)
             self._queue.clear()
         for a in victims:
-            a.on_update(
-                Update(
-                    tokens=[],
-                    logprobs=[],
-                    top_logprobs=None,
-                    text="",
-                    finish_reason="error",
-                    prompt_tokens=int(a.tokens.size),
-                    completion_tokens=0,
-                )
-            )
+            a.on_update(a.last_update("error"))
         time.sleep(0.05)
 
     def run_until_done(self) -> None:
@@ -741,7 +724,7 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 (the server must outlive one bad round)
                     try:
                         self._fail_all(e)
-                    except Exception:  # noqa: BLE001
+                    except Exception:  # noqa: BLE001 (recovery failed too: mark the engine broken, keep the thread)
                         self.broken = self.broken or "recovery failed"
                         self.close()
                 if self.broken:

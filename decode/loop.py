@@ -1,4 +1,5 @@
-"""The jitted ``lax.while_loop`` decoder behind ``generate`` and ``stream``: input checks, buckets, chunks, stop strings.
+"""The jitted ``lax.while_loop`` decoder behind ``generate`` and ``stream``: input checks, buckets,
+chunks, stop strings.
 
 The step it loops over (with the decode state, prefill and the stop codes) lives in ``arjax.decode.step``.
 """
@@ -207,14 +208,16 @@ def check_prompt(prompt, vocab_size: int, what: str = "the prompt") -> np.ndarra
     a, V = np.asarray(prompt), vocab_size
     if a.ndim != 1 or a.size == 0:
         raise ValueError(
-            f"{what} is {'empty' if a.size == 0 else f'shaped {a.shape}'}; every prompt needs at least one token id (e.g. the BOS id)"
+            f"{what} is {'empty' if a.size == 0 else f'shaped {a.shape}'}; "
+            "every prompt needs at least one token id (e.g. the BOS id)"
         )
     if not np.issubdtype(a.dtype, np.integer):
         raise ValueError(f"{what} holds {a.dtype} values; token ids must be ints")
     bad = (a < 0) | (a >= V)
     if bad.any():
         raise ValueError(
-            f"{what} has token id {a[bad][0]} outside [0, {V}); the model's vocabulary has {V} ids (check the tokenizer matches the model)"
+            f"{what} has token id {a[bad][0]} outside [0, {V}); the model's vocabulary has {V} ids "
+            "(check the tokenizer matches the model)"
         )
     return a.astype(np.int32)
 
@@ -275,7 +278,8 @@ def _plan(
             raise ValueError(f"max_len={max_len!r} must be an int >= 2 (the cache length)")
         if cfg.pos == "learned" and max_len > cfg.max_len:
             raise ValueError(
-                f"max_len={max_len} exceeds the model's max_len={cfg.max_len} (learned positions end there); use max_len <= {cfg.max_len}"
+                f"max_len={max_len} exceeds the model's max_len={cfg.max_len} (learned positions end there); "
+                f"use max_len <= {cfg.max_len}"
             )
         cache_len = int(max_len)
     else:
@@ -310,8 +314,13 @@ def _plan(
             if longest > P:
                 raise ValueError(
                     f"speculative decoding needs the longest prompt ({longest} tokens) + max_new_tokens "
-                    f"({max_new_tokens}) + k ({extra_slots}) = {longest + max_new_tokens + extra_slots} cache slots, over "
-                    f"{'the given max_len' if cap == max_len else 'the context of a learned-position model (target or draft)'}"
+                    f"({max_new_tokens}) + k ({extra_slots}) = {longest + max_new_tokens + extra_slots} "
+                    "cache slots, over "
+                    f"""{
+                        "the given max_len"
+                        if cap == max_len
+                        else "the context of a learned-position model (target or draft)"
+                    }"""
                     f" ({cap}); lower max_new_tokens or k"
                 )
             cache_len = cap
@@ -327,7 +336,8 @@ def _plan(
     if sampling is not None:
         if not isinstance(sampling, SamplingParams):
             raise ValueError(
-                f"sampling must be a SamplingParams (SamplingParams.make(batch, ...)) or None, got {type(sampling).__name__}"
+                "sampling must be a SamplingParams (SamplingParams.make(batch, ...)) or None, "
+                f"got {type(sampling).__name__}"
             )
         sampling.validate(batch=B, vocab_size=V)
     # The weights are in memory already; the cache and the per-row state come on top (split over a

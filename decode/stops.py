@@ -1,12 +1,12 @@
 """Stop strings: a row ends when its decoded text contains one, however the tokenizer split it.
 
 Only the generated text is searched (a stop string that the prompt's end and the output's start
-would make together does not count). Checked on the host between chunks of the jitted loop (a row that stops is marked done on the
-device, so it stops costing steps). Each row's whole text is decoded again at each check, so a stop
-string spanning several tokens, or split differently than it was written, is found all the same.
-The text a caller sees ends before the stop string; while a row runs, any tail of its text that
-could still become a stop string (with the next tokens) is held back, so a stream never shows text
-that a stop string later removes.
+would make together does not count). Checked on the host between chunks of the jitted loop (a row
+that stops is marked done on the device, so it stops costing steps). Each row's whole text is
+decoded again at each check, so a stop string spanning several tokens, or split differently than it
+was written, is found all the same. The text a caller sees ends before the stop string; while a row
+runs, any tail of its text that could still become a stop string (with the next tokens) is held
+back, so a stream never shows text that a stop string later removes.
 """
 
 from __future__ import annotations

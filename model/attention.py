@@ -88,7 +88,10 @@ def causal_attention(
         try:
             return pallas_tpu_attention(q, k, v)
         except Exception as e:  # noqa: BLE001 (block sizes that do not divide T, an unsupported head size ...)
-            reason = f"the Pallas kernel refused q {q.shape} {q.dtype} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+            reason = (
+                f"the Pallas kernel refused q {q.shape} {q.dtype} "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+            )
     if reason is not None:
         _fallback(reason)
     return xla_attention(q, k, v, mask)

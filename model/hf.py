@@ -447,14 +447,14 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
         try:
             try:
                 with safe_open(path, framework="np") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 (a safe_open handle has keys() but is not iterable)
                         tensors[key] = f.get_tensor(key)
             except (TypeError, ValueError):
                 # numpy has no bfloat16; read through jax (ml_dtypes) and widen to float32.
                 with safe_open(path, framework="flax") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 (a safe_open handle has keys() but is not iterable)
                         tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
-        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, OSError, ... for damaged files)
             raise ValueError(
                 f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be truncated: "
                 "download or save it again"

@@ -153,7 +153,8 @@ def param_parts(cfg: ModelConfig) -> list[tuple[str, int, str]]:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Parameter count, by arithmetic (no model is built, even abstractly: a config of 2**31 layers is counted at once)."""
+    """Parameter count, by arithmetic (no model is built, even abstractly: a config of 2**31 layers
+    is counted at once)."""
     return sum(n for _, n, _ in param_parts(cfg))
 
 

@@ -1,4 +1,5 @@
-"""Random streams from user seeds: any Python int gives a JAX key or a numpy Generator, distinct seeds distinct streams."""
+"""Random streams from user seeds: any Python int gives a JAX key or a numpy Generator, distinct
+seeds distinct streams."""
 
 from __future__ import annotations
 

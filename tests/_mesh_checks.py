@@ -119,7 +119,7 @@ def check_shardings(result: dict) -> None:
             model_cfg = get_config("tiny", **overrides)
             plan = make_plan(mesh, preset, model_cfg=model_cfg, batch_size=8)
             sizes = dict(plan.mesh.shape)
-            abstract = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))[1]
+            abstract = nnx.split(nnx.eval_shape(lambda cfg=model_cfg: Transformer(cfg, rngs=nnx.Rngs(0))))[1]
             psh = plan.param_shardings(abstract)
             osh = plan.opt_shardings(tx, jax.eval_shape(tx.init, abstract), psh)
             total = rep = 0

@@ -108,7 +108,8 @@ def _text(n_chars: int, start: int = 0) -> str:
 
 
 MY_YAML = """\
-# A user's own small run config: the tiny preset (4 heads, vocabulary 256: both split over model=4) on the bundled corpus.
+# A user's own small run config: the tiny preset (4 heads, vocabulary 256: both split over model=4) \
+on the bundled corpus.
 model: tiny
 tokenizer: byte
 batch_size: 8
@@ -775,7 +776,8 @@ RUNS: list[Run] = [
     Run(
         "shakespeare",
         CLI,
-        "arjax train --config tpu_configs/shakespeare-char-cpu.yaml --data ../shared/data/tinyshakespeare.txt --out runs/sc",
+        "arjax train --config tpu_configs/shakespeare-char-cpu.yaml --data ../shared/data/tinyshakespeare.txt "
+        "--out runs/sc",
         STEPS,
         check=_trained(3, "runs/sc"),
     ),

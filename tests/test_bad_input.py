@@ -1,4 +1,5 @@
-"""Bad input, from the command line and from Python: exit status 2, no traceback, one line on stderr naming the value."""
+"""Bad input, from the command line and from Python: exit status 2, no traceback, one line on stderr
+naming the value."""
 
 import json
 import math

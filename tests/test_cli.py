@@ -128,7 +128,8 @@ def test_train_generate_eval_end_to_end(tmp_path, capsys):
     assert cli.main(["train", "--config", str(cfg), "--data", str(data), "--out", run, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "trained to step 40" in out
-    records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    with open(f"{run}/metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
     train_losses = [r["loss"] for r in records if "loss" in r]
     assert len(train_losses) == 40 and train_losses[-1] < 0.5 and {"lr", "grad_norm", "tokens_per_s"} <= set(records[0])
     val = [r for r in records if "val_loss" in r][-1]

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL at random moments, often mid-checkpoint, and resumed each time ends exactly as an uninterrupted one."""
+"""A run killed with SIGKILL at random moments, often mid-checkpoint, and resumed each time ends
+exactly as an uninterrupted one."""
 
 import glob
 import json

@@ -1,4 +1,5 @@
-"""generate / stream / decode_step: greedy == a naive uncached loop, EOS bookkeeping, seeds, buckets, gradients, input errors."""
+"""generate / stream / decode_step: greedy == a naive uncached loop, EOS bookkeeping, seeds,
+buckets, gradients, input errors."""
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +181,8 @@ def test_gradients_flow_through_decode_step_under_scan():
         (
             [[1] * 60],
             dict(max_new_tokens=10),
-            r"longest prompt \(60 tokens\) \+ max_new_tokens \(10\) = 70 exceeds the cache length 64.*lower max_new_tokens to <= 4",
+            r"longest prompt \(60 tokens\) \+ max_new_tokens \(10\) = 70 exceeds the cache length 64"
+            r".*lower max_new_tokens to <= 4",
         ),
         ([[1] * 10], dict(max_new_tokens=10, max_len=16), r"= 20 exceeds the cache length 16"),
         ([[1]], dict(max_len=100), r"max_len=100 exceeds the model's max_len=64"),

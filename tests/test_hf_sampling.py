@@ -1,4 +1,5 @@
-"""Our samplers vs transformers: filtered distributions equal HF's warpers, draws follow them, greedy decoding matches."""
+"""Our samplers vs transformers: filtered distributions equal HF's warpers, draws follow them,
+greedy decoding matches."""
 
 import contextlib
 from unittest import mock
@@ -151,7 +152,7 @@ def _peaky(model):
     """Random init gives near-uniform logits where argmax is a coin toss between fp32 rounding modes;
     scale the weights up so greedy choices have margins and parity tests the model, not the rounding."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 2:
                 p.mul_(4.0)
     return model.eval()

@@ -1,4 +1,5 @@
-"""Damaged checkpoints are caught and skipped: truncated, deleted or flipped array files, missing metadata, wrong fingerprints."""
+"""Damaged checkpoints are caught and skipped: truncated, deleted or flipped array files, missing
+metadata, wrong fingerprints."""
 
 import gc
 import glob
@@ -69,10 +70,12 @@ def _delete(run, step):
 
 def _flip(run, step):
     path = _biggest_array_file(run, step)
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     for i in range(len(data) // 3, len(data) // 3 + 8):
         data[i] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    with open(path, "wb") as f:
+        f.write(bytes(data))
 
 
 def _drop_meta(run, step):
@@ -82,18 +85,22 @@ def _drop_meta(run, step):
 def _wrong_fingerprint(run, step):
     """The arrays read fine but one differs from what was recorded (as flipped bytes in raw storage would)."""
     path = os.path.join(run, "checkpoints", str(step), "meta", "metadata")
-    meta = json.load(open(path))
+    with open(path) as f:
+        meta = json.load(f)
     name = sorted(meta["fingerprints"]["params"])[0]
     meta["fingerprints"]["params"][name] = "0" * 16
-    json.dump(meta, open(path, "w"))
+    with open(path, "w") as f:
+        json.dump(meta, f)
 
 
 def _edited_config(run, step):
     """Metadata edited by hand (a model setting that would silently change every result)."""
     path = os.path.join(run, "checkpoints", str(step), "meta", "metadata")
-    meta = json.load(open(path))
+    with open(path) as f:
+        meta = json.load(f)
     meta["model_config"]["norm_eps"] = 1.0
-    json.dump(meta, open(path, "w"))
+    with open(path, "w") as f:
+        json.dump(meta, f)
 
 
 DAMAGE = {
@@ -182,7 +189,8 @@ def test_resume_skips_a_damaged_checkpoint_and_matches_the_uninterrupted_run(bas
     b, _, _ = ckpt.load_model(str(root / "full"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
     assert steps == [1, 2, 3, 4, 4]  # step 3 logged once, though it ran twice
 
 
@@ -191,7 +199,8 @@ def test_an_edited_tokenizer_is_refused_not_used(base, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(root / "full", run)
     meta = os.path.join(run, "tokenizer", "arjax_tokenizer.json")
-    json.dump({"kind": "char", "chars": "ab"}, open(meta, "w"))
+    with open(meta, "w") as f:
+        json.dump({"kind": "char", "chars": "ab"}, f)
     with pytest.raises(ValueError, match="is not the one checkpoint step 4 was saved with"):
         ckpt.load_model(run)
 

@@ -1,4 +1,5 @@
-"""The one training loop with the scheduled-sampling objective: `arjax train` end to end, exact resume, metrics everywhere, cleanup on error."""
+"""The one training loop with the scheduled-sampling objective: `arjax train` end to end, exact
+resume, metrics everywhere, cleanup on error."""
 
 import json
 

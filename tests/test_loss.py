@@ -1,4 +1,5 @@
-"""The chunked loss (``hidden_loss``): the unchunked cross-entropy's value and gradient, without its [B, T, V] logits."""
+"""The chunked loss (``hidden_loss``): the unchunked cross-entropy's value and gradient, without its
+[B, T, V] logits."""
 
 import jax
 import jax.numpy as jnp

@@ -320,5 +320,6 @@ def test_a_step_that_will_not_fit_warns_naming_the_knobs(tmp_path, monkeypatch):
             quiet=True,
         )
     assert result["final_step"] == 1
-    record = json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
+    with open(tmp_path / "r" / "metrics.jsonl") as f:
+        record = json.loads(f.readline())
     assert {"tokens_per_s", "tokens_per_s_per_device", "mfu"} <= set(record) and 0 < record["mfu"] < 1

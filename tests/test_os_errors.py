@@ -1,4 +1,5 @@
-"""The operating system says no (a full disk, a read-only directory, a file in the way): one line, and nothing saved is lost."""
+"""The operating system says no (a full disk, a read-only directory, a file in the way): one line,
+and nothing saved is lost."""
 
 import json
 import os
@@ -66,10 +67,14 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_from_its_last_checkpoint(mo
     assert out.returncode == 0, out.stderr[-2000:]
     straight = str(tmp_path / "straight")
     train(load_config(str(cfg)), straight, quiet=True)
-    records = lambda r: [
-        {k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "tokens_per_s_per_device", "mfu")}
-        for x in open(os.path.join(r, "metrics.jsonl"))
-    ]
+
+    def records(r):
+        with open(os.path.join(r, "metrics.jsonl")) as f:
+            return [
+                {k: v for k, v in json.loads(x).items() if k not in ("tokens_per_s", "tokens_per_s_per_device", "mfu")}
+                for x in f
+            ]
+
     assert records(run) == records(straight)
     a, _, _ = ckpt.load_model(run)
     b, _, _ = ckpt.load_model(straight)

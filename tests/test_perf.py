@@ -1,4 +1,5 @@
-"""MFU arithmetic: FLOPs per token by hand, the spec-sheet peak table by device_kind, the measured CPU peak, device memory."""
+"""MFU arithmetic: FLOPs per token by hand, the spec-sheet peak table by device_kind, the measured
+CPU peak, device memory."""
 
 import dataclasses
 import time

@@ -1,4 +1,5 @@
-"""Prepared datasets (`arjax data prepare`): text, JSONL, parquet and HF Arrow inputs become token shards whose batches equal the text path's; damage is refused."""
+"""Prepared datasets (`arjax data prepare`): text, JSONL, parquet and HF Arrow inputs become token
+shards whose batches equal the text path's; damage is refused."""
 
 import json
 import os

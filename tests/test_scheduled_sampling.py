@@ -1,5 +1,7 @@
-"""Scheduled sampling: the closed-form optimum (through the one train step), alignment of fed-back predictions, gradients, coins, the objective."""
+"""Scheduled sampling: the closed-form optimum (through the one train step), alignment of fed-back
+predictions, gradients, coins, the objective."""
 
+import dataclasses
 import types
 
 import jax
@@ -274,7 +276,7 @@ def test_config_is_strict_and_frozen():
         ScheduledSamplingConfig(num_passes=2.0)  # type: ignore[arg-type]
     cfg = ScheduledSamplingConfig(schedule=make_schedule("linear", k=1.0, c=0.1))
     assert float(cfg.schedule(2, 4)[1]) == pytest.approx(0.8)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.feed = "soft"  # type: ignore[misc]
     # The nested schedule, as a run config writes it; a number the family does not use is refused.
     cfg = from_dict(

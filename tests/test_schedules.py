@@ -1,5 +1,6 @@
 """Gold-probability schedules: the closed forms, validation, composition, and no recompiles under jit."""
 
+import dataclasses
 import math
 
 import jax
@@ -90,5 +91,5 @@ def test_schedule_is_keyword_only_and_frozen():
     with pytest.raises(TypeError):
         Schedule("constant", 0.5)  # type: ignore[misc]
     s = constant(0.5)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.k = 0.1  # type: ignore[misc]

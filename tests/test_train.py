@@ -1,4 +1,5 @@
-"""The train step: overfitting, token-weighted gradient accumulation, traced seeds, the weight-decay mask, the LR schedule."""
+"""The train step: overfitting, token-weighted gradient accumulation, traced seeds, the weight-decay
+mask, the LR schedule."""
 
 import jax
 import jax.numpy as jnp

@@ -203,7 +203,8 @@ def _candidates(run_dir: str, step: int | None) -> list[int]:
     steps = all_steps(run_dir)
     if not steps:
         raise ValueError(
-            f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); train first with `arjax train --out {run_dir}`"
+            f"no checkpoint in {run_dir!r} (looked in {checkpoint_dir(run_dir)}); "
+            f"train first with `arjax train --out {run_dir}`"
         )
     return [step] if step is not None else steps[::-1]
 
@@ -228,7 +229,7 @@ def _read_meta(run_dir: str, step: int) -> dict[str, Any]:
             meta = make_manager(run_dir, create=False).restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )["meta"]
-    except Exception as e:  # orbax raises many types for missing or garbled files
+    except Exception as e:  # noqa: BLE001 (orbax raises many types for missing or garbled files)
         raise DamagedCheckpoint(f"its metadata cannot be read ({_short(e)})") from None
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise DamagedCheckpoint("its metadata has no model_config")
@@ -355,7 +356,7 @@ def _restore_verified(run_dir: str, step: int, meta: dict[str, Any], targets: di
         args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
         with _orbax_reading():
             restored = make_manager(run_dir, create=False).restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # a truncated or deleted array file: tensorstore, OS and value errors alike
+    except Exception as e:  # noqa: BLE001 (a truncated or deleted array file: tensorstore, OS and value errors alike)
         raise DamagedCheckpoint(f"its arrays cannot be read ({_short(e)})") from None
     recorded = meta.get("fingerprints")
     if recorded is None and meta.get("format", 1) >= 2:

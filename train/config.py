@@ -1,4 +1,5 @@
-"""The run config: a frozen keyword-only `TrainConfig`, and the one YAML loader (strict keys and types) for every config file."""
+"""The run config: a frozen keyword-only `TrainConfig`, and the one YAML loader (strict keys and
+types) for every config file."""
 
 from __future__ import annotations
 

@@ -152,7 +152,8 @@ def _expand(inputs: Sequence[str]) -> list[_Source]:
             raise ValueError(f"--data {given!r} is a prepared dataset already; train on it directly (data: {given})")
         if os.path.isfile(os.path.join(given, "dataset_dict.json")):
             raise ValueError(
-                f"--data {given!r} is a Hugging Face DatasetDict; pass one split's directory, e.g. {os.path.join(given, 'train')}"
+                f"--data {given!r} is a Hugging Face DatasetDict; "
+                f"pass one split's directory, e.g. {os.path.join(given, 'train')}"
             )
         if os.path.isfile(os.path.join(given, "state.json")) or os.path.isfile(
             os.path.join(given, "dataset_info.json")
@@ -293,7 +294,8 @@ def _utf8(raw: bytes, path: str, offset: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(
-            f"{path!r} is not UTF-8 text: byte {offset + e.start} is 0x{raw[e.start]:02x} ({e.reason}); convert it to UTF-8"
+            f"{path!r} is not UTF-8 text: byte {offset + e.start} is 0x{raw[e.start]:02x} ({e.reason}); "
+            "convert it to UTF-8"
         ) from None
 
 

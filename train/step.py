@@ -3,8 +3,8 @@
 An *objective* is a pytree with a method ``objective(model, batch [B, T+1], key, step) ->
 (summed loss, token count, metrics)``, where ``metrics`` maps each name in ``objective.metric_names``
 to ``(numerator, denominator)`` sums that the step adds up over micro-batches and divides once
-(e.g. ``mix_rate`` is fed inputs over replaceable inputs). Teacher forcing (``TeacherForcing``, here) and scheduled sampling
-(``arjax.train.exposure.scheduled_sampling.ScheduledSampling``) are two objectives.
+(e.g. ``mix_rate`` is fed inputs over replaceable inputs). Teacher forcing (``TeacherForcing``, here)
+and scheduled sampling (``arjax.train.exposure.scheduled_sampling.ScheduledSampling``) are two objectives.
 
 Everything the step needs beyond the graph and the optimizer is a traced argument: the step
 number, the run's key (so runs over seeds share one program) and the objective's own numbers
@@ -136,7 +136,8 @@ def compiled_train_step(step_fn, plan, params, opt_state, batches, objective):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, objective=None):
-    """``train_step(params, opt_state, batches [A, B, T+1], step, key, objective=None) -> (params, opt_state, metrics)``.
+    """``train_step(params, opt_state, batches [A, B, T+1], step, key, objective=None)
+    -> (params, opt_state, metrics)``.
 
     One jitted call per optimizer update: the A micro-batches are scanned, the objective's
     summed losses and gradients added up and divided by the total token count, so A
@@ -183,5 +184,6 @@ def _eval_step(graphdef, pad_id, params, windows):
 
 
 def make_eval_step(graphdef, *, pad_id: int | None = None):
-    """``eval_step(params, windows [N, B, T+1]) -> mean NLL`` over every target token of the N batches (teacher forced)."""
+    """``eval_step(params, windows [N, B, T+1]) -> mean NLL`` over every target token of the N
+    batches (teacher forced)."""
     return functools.partial(_eval_step, graphdef, pad_id)

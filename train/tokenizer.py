@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: bytes, characters, and Hugging Face `tokenizers` (load a local directory or train a byte-level BPE); `load_tokenizer(dir)` reads every kind."""
+"""Tokenizers behind one interface: bytes, characters, and Hugging Face `tokenizers` (load a local
+directory or train a byte-level BPE); `load_tokenizer(dir)` reads every kind."""
 
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ def check_fits(tokenizer, model_vocab_size: int, *, covers: bool = False, fix: s
     if covers and n < model_vocab_size - padding:
         raise ValueError(
             f"the tokenizer has {n} tokens but the model's vocabulary has {model_vocab_size}: it is not the model's "
-            f"tokenizer ({getattr(tokenizer, 'kind', type(tokenizer).__name__)}), and its ids would decode as the wrong "
+            f"tokenizer ({getattr(tokenizer, 'kind', type(tokenizer).__name__)}), "
+            "and its ids would decode as the wrong "
             "text. Use the tokenizer the model was trained with"
         )
 
@@ -283,7 +285,7 @@ def load_hf_tokenizer(directory: str) -> HFTokenizer:
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except Exception as e:  # transformers raises many types here; the user needs one message
+    except Exception as e:  # noqa: BLE001 (transformers raises many types here; the user needs one message)
         raise ValueError(f"no usable tokenizer in {directory!r} (expected tokenizer.json): {e}") from None
     if not hasattr(hf, "backend_tokenizer"):
         raise ValueError(f"the tokenizer in {directory!r} has no fast (tokenizers) backend; save it as tokenizer.json")

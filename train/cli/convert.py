@@ -16,7 +16,8 @@ def _cmd_convert(args) -> int:
         raise UsageError("pass exactly one of --from-hf HF_DIR or --to-hf RUN_DIR, each with --out DIR")
     if not args.out:
         raise UsageError(
-            "convert needs --out DIR: the arjax run (with --from-hf) or the Hugging Face directory (with --to-hf) to write"
+            "convert needs --out DIR: the arjax run (with --from-hf) or the Hugging Face directory "
+            "(with --to-hf) to write"
         )
     if args.from_hf:
         convert_from_hf(args.from_hf, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
@@ -44,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert checkpoints between Hugging Face and arjax",
         formatter_class=Help,
-        description="`--from-hf HF_DIR --out RUN_DIR` turns a local Hugging Face checkpoint (config.json, *.safetensors, "
+        description="`--from-hf HF_DIR --out RUN_DIR` turns a local Hugging Face checkpoint "
+        "(config.json, *.safetensors, "
         "tokenizer) into an arjax run directory; `--to-hf RUN_DIR --out HF_DIR` exports a run for transformers. "
         "--out must be new or empty unless --overwrite.",
     )

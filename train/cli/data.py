@@ -31,7 +31,8 @@ def _cmd_prepare(args) -> int:
     print(
         f"prepared {m['tokens']:,} tokens ({b - a:,} train / {c - b:,} val) from {m['documents']:,} document(s) in "
         f"{len(m['sources'])} file(s): {len(m['shards'])} {m['dtype']} shard(s), {m['tokenizer']['kind']} tokenizer "
-        f"({m['vocab_size']:,} tokens), {seconds:.1f} s; train with: arjax train --data {args.out} --tokenizer {m['tokenizer']['kind']}"
+        f"({m['vocab_size']:,} tokens), {seconds:.1f} s; "
+        f"train with: arjax train --data {args.out} --tokenizer {m['tokenizer']['kind']}"
     )
     return 0
 
@@ -59,8 +60,10 @@ def register(subparsers) -> None:
         help="tokenize text, JSONL, parquet or Hugging Face dataset files into token shards + a manifest",
         formatter_class=Help,
         description="Tokenize the --data files with several processes into DIR: little-endian uint16 (uint32 for "
-        "vocabularies over 65536) token shards, the tokenizer, and manifest.json (shards with token counts and SHA-256, "
-        'the train/val split, the sources). Documents are joined by "\\n\\n" (byte, char) or the tokenizer\'s EOS (hf); '
+        "vocabularies over 65536) token shards, the tokenizer, and manifest.json "
+        "(shards with token counts and SHA-256, "
+        'the train/val split, the sources). Documents are joined by "\\n\\n" (byte, char) '
+        "or the tokenizer's EOS (hf); "
         "the last --val-fraction of the tokens is validation, so one text file gives exactly the batches `arjax train "
         "--data FILE` gives. Train with `arjax train --data DIR`. DIR is written whole or not at all.",
     )

@@ -1,4 +1,5 @@
-"""`arjax generate`: sample from a trained run (--ckpt) or a Hugging Face directory (--hf), streamed as it is produced."""
+"""`arjax generate`: sample from a trained run (--ckpt) or a Hugging Face directory (--hf), streamed
+as it is produced."""
 
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def cmd_generate(args) -> int:
     out.write("\n" + "=" * 72 + "\n")
     for i in range(B):
         out.write(
-            f"--- [{i + 1}] prompt {texts[i]!r}: {int(result.lengths[i])} new tokens, stopped on {result.stop_reason[i]}\n"
+            f"--- [{i + 1}] prompt {texts[i]!r}: {int(result.lengths[i])} new tokens, "
+            f"stopped on {result.stop_reason[i]}\n"
         )
         if B > 1 and live is None:  # the live panels already show the full texts
             out.write(texts[i] + shown[i] + "\n")
@@ -150,7 +152,8 @@ def cmd_generate(args) -> int:
 
 
 def register(sub, *, batch_job) -> None:
-    """Add `generate`; ``batch_job(args) -> int`` runs it with ``--input`` (batch.py's ``cmd_batch``, given by the dispatcher)."""
+    """Add `generate`; ``batch_job(args) -> int`` runs it with ``--input`` (batch.py's
+    ``cmd_batch``, given by the dispatcher)."""
     p = sub.add_parser(
         "generate",
         help="sample text from a trained run (--ckpt) or a Hugging Face checkpoint (--hf), streamed",

@@ -1,4 +1,5 @@
-"""`arjax study CONFIG [--out DIR] [--resume] [--set KEY=VALUE]`: run an exposure-bias study grid and write its report folder."""
+"""`arjax study CONFIG [--out DIR] [--resume] [--set KEY=VALUE]`: run an exposure-bias study grid
+and write its report folder."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the study in --out: finished runs are read back, an interrupted one continues from its checkpoint",
+        help="continue the study in --out: finished runs are read back, "
+        "an interrupted one continues from its checkpoint",
     )
     p.add_argument(
         "--set",

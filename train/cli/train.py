@@ -108,7 +108,8 @@ def cmd_checkpoints(args) -> int:
     for r in report:
         status = "ok     " if r["ok"] else "DAMAGED"
         print(
-            f"step {r['step']:>8}  {status}  {'+'.join(r['items']) or '-':<16} {r['bytes'] / 1e6:9.2f} MB  {r['detail']}"
+            f"step {r['step']:>8}  {status}  {'+'.join(r['items']) or '-':<16} "
+            f"{r['bytes'] / 1e6:9.2f} MB  {r['detail']}"
         )
     intact = [r["step"] for r in report if r["ok"]]
     weights = [r["step"] for r in report if r["params_ok"]]
@@ -137,17 +138,20 @@ def register(sub) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its latest checkpoint (exactly reproducible); without --config it reuses the run's saved config",
+        help="continue the run in --out from its latest checkpoint (exactly reproducible); "
+        "without --config it reuses the run's saved config",
     )
     p.add_argument(
         "--data",
         metavar="FILE|DIR",
-        help="UTF-8 text file, or a directory written by `arjax data prepare`, to train on (default: the config's; none means Python's bundled pydoc topics)",
+        help="UTF-8 text file, or a directory written by `arjax data prepare`, to train on "
+        "(default: the config's; none means Python's bundled pydoc topics)",
     )
     p.add_argument(
         "--data-errors",
         choices=("strict", "replace"),
-        help="bytes of --data that are not UTF-8: refuse the file (strict) or read them as U+FFFD (replace) (default: the config's, else strict)",
+        help="bytes of --data that are not UTF-8: refuse the file (strict) or read them as U+FFFD (replace) "
+        "(default: the config's, else strict)",
     )
     p.add_argument(
         "--model",

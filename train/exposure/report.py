@@ -308,12 +308,17 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
         f"ran in {results['seconds'] / 60:.1f} min on `{results['jax_backend']}`.",
         "",
         "Numbers are mean ± 95% CI half-width over seeds (Student t). ExAccErr(l) = (R(l) / (l eps(l)) - 1) x 100% "
-        f"with per-step losses {', '.join(f'`{x}`' for x in cfg.eval.ex_losses)} (exact definitions in `arjax.train.exposure.metrics`: "
-        "`regret` = oracle NLL of the decoder's token minus that of the oracle decoded the same way, zero for a perfect model; "
-        "`kl` = KL(o||m) at the context, zero for a perfect model; `oracle_nll` = expected oracle NLL of the token the decoder "
-        'emits, which also moves with how predictable the visited contexts are). "vs oracle decoded alike" replaces eps\'s '
+        f"with per-step losses {', '.join(f'`{x}`' for x in cfg.eval.ex_losses)} "
+        "(exact definitions in `arjax.train.exposure.metrics`: "
+        "`regret` = oracle NLL of the decoder's token minus that of the oracle decoded the same way, "
+        "zero for a perfect model; "
+        "`kl` = KL(o||m) at the context, zero for a perfect model; "
+        "`oracle_nll` = expected oracle NLL of the token the decoder "
+        "emits, which also moves with how predictable the visited contexts are). "
+        '"vs oracle decoded alike" replaces eps\'s '
         "oracle roll-in (oracle samples) by the oracle decoded with the same strategy, so that the shift caused by the "
-        "decoding strategy itself is not counted as exposure bias. The `oracle` row decodes the oracle itself (one run, no CI): what decoding alone does with a perfect model.",
+        "decoding strategy itself is not counted as exposure bias. "
+        "The `oracle` row decodes the oracle itself (one run, no CI): what decoding alone does with a perfect model.",
         "",
         "## Teacher-forced quality",
         "",
@@ -380,12 +385,14 @@ def render_report(cfg: StudyConfig, results: dict, plots: list[str]) -> str:
             for loss in cfg.eval.ex_losses:
                 e = m["decodings"][dec.name]["ex"][loss]
                 lines.append(
-                    f"- `{name}`, `{dec.name}`, loss `{loss}`: ExAccErr@{L} = {_fmt(e['at_L'], 1, True)} is {_verdict(e['at_L'])}; "
+                    f"- `{name}`, `{dec.name}`, loss `{loss}`: "
+                    f"ExAccErr@{L} = {_fmt(e['at_L'], 1, True)} is {_verdict(e['at_L'])}; "
                     f"its growth from l={q} to l={L} ({_fmt(e['growth'], 1, True)}) is {_verdict(e['growth'])}."
                 )
     for key, c in s["comparisons"].items():
         lines.append(
-            f"- {key}, paired by seed: ΔExAccErr@{L} = {_fmt(c['ex_acc_err_at_L'], 1, True)}, {_verdict(c['ex_acc_err_at_L'])}; "
+            f"- {key}, paired by seed: "
+            f"ΔExAccErr@{L} = {_fmt(c['ex_acc_err_at_L'], 1, True)}, {_verdict(c['ex_acc_err_at_L'])}; "
             f"ΔR({L}) (free running) = {_fmt(c['R_at_L'])}, {_verdict(c['R_at_L'])}; "
             f"Δ l·eps({L}) (teacher forced) = {_fmt(c['l_eps_at_L'])}, {_verdict(c['l_eps_at_L'])}."
         )

@@ -1,4 +1,5 @@
-"""Scheduled sampling for transformers: two-pass, K-pass parallel and exact sequential objectives, as an objective of the one train step.
+"""Scheduled sampling for transformers: two-pass, K-pass parallel and exact sequential objectives,
+as an objective of the one train step.
 
 Scheduled sampling (Bengio et al. 2015) trains on inputs in which some gold tokens are replaced
 by the model's own predictions, so training sees the kind of prefixes generation produces.
@@ -124,7 +125,10 @@ class ScheduledSamplingConfig:
         method = "sequential" if self.method == "sequential" else f"{self.num_passes}-pass"
         sched = self.schedule
         where = f" x position {sched.position.describe()} ({sched.combine})" if sched.position is not None else ""
-        return f"scheduled sampling: {method}, feed {self.feed}, coins per {self.granularity}, gold probability {sched.step.describe()}{where}"
+        return (
+            f"scheduled sampling: {method}, feed {self.feed}, coins per {self.granularity}, "
+            f"gold probability {sched.step.describe()}{where}"
+        )
 
 
 def from_dict(d: dict[str, Any]) -> ScheduledSamplingConfig:

@@ -1,4 +1,5 @@
-"""Gold-token probability schedules for scheduled sampling: over the training step, over the decoding position, and composed.
+"""Gold-token probability schedules for scheduled sampling: over the training step, over the
+decoding position, and composed.
 
 A schedule answers "with what probability is the gold token fed at this input?". Bengio et al.
 (2015) decay it with the training step ``i``; Liu et al. (2021, "Scheduled sampling based on
@@ -150,7 +151,8 @@ class GoldSchedule:
             )
         if self.position is not None and not isinstance(self.position, Schedule):
             raise TypeError(
-                f"GoldSchedule position={self.position!r} should be a schedule or null, e.g. {{kind: exponential, k: 0.99}}"
+                f"GoldSchedule position={self.position!r} should be a schedule or null, "
+                "e.g. {kind: exponential, k: 0.99}"
             )
 
     def __call__(self, step, seq_len: int) -> jax.Array:

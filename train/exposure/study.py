@@ -383,7 +383,8 @@ def run_study(cfg: StudyConfig, out_dir: str, *, resume: bool = False, quiet: bo
     oracle, train_tokens, test_tokens = build_source(cfg)
     H = oracles.entropy_rate(oracle, test_tokens)
     log(
-        f"{cfg.name}: oracle {cfg.oracle.kind}, entropy {H:.3f} nats/token, {len(train_tokens)} train / {len(test_tokens)} test sequences"
+        f"{cfg.name}: oracle {cfg.oracle.kind}, entropy {H:.3f} nats/token, "
+        f"{len(train_tokens)} train / {len(test_tokens)} test sequences"
     )
     ev = cfg.eval
     runs = []
