@@ -107,3 +107,17 @@ def test_decode_and_model_do_not_import_train():
     for mod, edges in import_graph().items():
         if mod.startswith(("arjax.decode", "arjax.model")):
             assert not [e for e in edges if e.startswith("arjax.train")], mod
+
+
+def test_no_script_shadows_a_standard_module():
+    """A script folder is the first entry of sys.path when one of its scripts runs, so bench/profile.py
+    once hid the standard `profile` module (cProfile, then torch and transformers, failed to import)."""
+    import sys
+
+    clashes = [
+        str(p.relative_to(ROOT))
+        for folder in ("bench", "tests")
+        for p in (ROOT / folder).glob("*.py")
+        if p.stem in sys.stdlib_module_names
+    ]
+    assert not clashes, f"rename {clashes}: each hides the standard module of that name"

@@ -1,7 +1,7 @@
 """Where a train step's time goes: a jax.profiler trace of a few steps after warm-up, summarised.
 
-    python bench/profile.py --config tpu_configs/gpt2-small-gpu.yaml --steps 5     # on the GPU
-    python bench/profile.py --model tiny --batch-size 4 --seq-len 64 --steps 3     # the plumbing, on CPU
+    python bench/profile_train.py --config tpu_configs/gpt2-small-gpu.yaml --steps 5     # on the GPU
+    python bench/profile_train.py --model tiny --batch-size 4 --seq-len 64 --steps 3     # the plumbing, on CPU
 
 It compiles the train step (the one `fit` runs), runs warm-up steps, then traces ``--steps`` steps
 with ``jax.profiler.trace`` (each inside a ``StepTraceAnnotation``) and reads the trace the profiler
