@@ -637,7 +637,16 @@ def _demo_recipe(r: Result, ws: pathlib.Path) -> None:
 
 
 def _test_recipe(r: Result, ws: pathlib.Path) -> None:
-    assert r.extra["recipe"] == ["$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile"], r.extra["recipe"]
+    assert r.extra["recipe"] == [
+        "ruff check .",
+        "ruff format --check .",
+        "$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile",
+    ], r.extra["recipe"]
+    # The lint steps are seconds: run them here as the recipe does (the pytest step is this suite).
+    ruff = pathlib.Path(sys.executable).parent / "ruff"
+    for args in (["check", "."], ["format", "--check", "."]):
+        done = subprocess.run([str(ruff), *args], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, f"ruff {' '.join(args)}:\n{done.stdout}{done.stderr}"
 
 
 # ----------------------------------------------------------------------------- the table
