@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from arjax.decode.engine import Request
-from arjax.decode.sampling import SAMPLING_FIELDS, SAMPLING_NAMES, check_sampling
+from arjax.decode.sampling import SAMPLING_FIELDS, SAMPLING_NAMES, check_sampling, sampling_values
 from arjax.model import quantize
 from arjax.train.cli.common import (
     UsageError,
@@ -200,7 +200,7 @@ def job_settings(args, *, model: dict[str, Any], eos: list[int], stops: list[str
         "weights": model["weights"],
         "quantize": args.quantize,
         "kv_cache_dtype": args.kv_cache_dtype or model["dtype"],
-        **{name: getattr(args, name) for name in SAMPLING_NAMES},
+        **sampling_values(args),
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
         "eos": list(eos),
