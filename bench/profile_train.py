@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arjax.model import Transformer
+from arjax.model import Transformer, sharding
 from arjax.model.rng import seed_key
 from arjax.train import step as step_lib
 from arjax.train.config import from_dict, load_yaml
+from arjax.train.loop import init_train_state
 from arjax.train.optim import optimizer_from_config
 
 CLASSES = (  # first match wins; lower-case substrings of the op or kernel name
@@ -113,16 +114,21 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="model preset (overrides the config's)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
+    p.add_argument("--accum-steps", type=int, help="micro-batches per step (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model.KEY=VALUE overrides")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default=None, help="trace directory (default: a temporary one)")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--sharded", action="store_true", help="build and compile the step as `fit` does (mesh, shardings, AOT)"
+    )
     args = p.parse_args(argv)
 
     base = load_yaml(args.config, "run config", "tpu_configs/*.yaml") if args.config else {}
-    base = {k: v for k, v in base.items() if k not in ("mesh", "data")}
-    for key, value in (("model", args.model), ("batch_size", args.batch_size), ("seq_len", args.seq_len)):
+    base = {k: v for k, v in base.items() if k not in ("mesh", "data", "tokenizer", "tokenizer_path")}  # random tokens
+    given = (("model", args.model), ("batch_size", args.batch_size), ("seq_len", args.seq_len))
+    for key, value in (*given, ("accum_steps", args.accum_steps)):
         if value is not None:
             base[key] = value
     overrides = dict(base.get("model_overrides") or {})
@@ -136,17 +142,35 @@ def main(argv=None) -> int:
     model_cfg = cfg.model_config(vocab_size=None)
     T, A, B = cfg.context_len(model_cfg), cfg.accum_steps, cfg.batch_size
     tx, _ = optimizer_from_config(cfg)
-    graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    opt_state = tx.init(params)
-    step_fn = jax.jit(step_lib._train_step_impl, static_argnums=(0, 1), donate_argnums=(2, 3))
+    if not args.sharded:
+        graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)))
+        opt_state = tx.init(params)
     key, objective = seed_key(0), step_lib.TeacherForcing()
     rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    if args.sharded:  # the step exactly as `fit` builds, places and compiles it (one-device mesh)
+        plan = sharding.make_plan({"data": 1}, "dp", model_cfg=model_cfg, batch_size=B)
+        graphdef, params, opt_state, shardings = init_train_state(model_cfg, tx, plan, key)
+        where = plan.batch_sharding(3, 1)
+        compiled = step_lib.compiled_train_step(
+            step_lib.sharded_train_step(graphdef, tx, plan, *shardings),
+            plan,
+            params,
+            opt_state,
+            jax.ShapeDtypeStruct((A, B, T + 1), np.int32, sharding=where),
+            objective,
+        )
+        key, objective = sharding.replicate((key, objective), plan.replicated)
+    else:
+        where = None
+        step_fn = jax.jit(step_lib._train_step_impl, static_argnums=(0, 1), donate_argnums=(2, 3))
+        compiled = step_fn.lower(
+            graphdef, tx, params, opt_state, jnp.zeros((A, B, T + 1), jnp.int32), jnp.int32(0), key, objective
+        ).compile()
 
     def batch():
-        return jax.device_put(rng.integers(0, model_cfg.vocab_size, (A, B, T + 1), dtype=np.int32))
+        return jax.device_put(rng.integers(0, model_cfg.vocab_size, (A, B, T + 1), dtype=np.int32), where)
 
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(graphdef, tx, params, opt_state, batch(), jnp.int32(0), key, objective).compile()
     stats = compiled.memory_analysis()
     memory = (
         None
@@ -167,15 +191,15 @@ def main(argv=None) -> int:
         params, opt_state, metrics = compiled(params, opt_state, batch(), jnp.int32(i), key, objective)
     jax.block_until_ready(metrics)
     out = args.out or tempfile.mkdtemp(prefix="arjax-profile-")
-    t0 = time.perf_counter()
     with jax.profiler.trace(out):
         nxt = batch()
+        t0 = time.perf_counter()  # the profiler's own start and stop (seconds of it) stay out of the wall time
         for i in range(args.steps):
             with jax.profiler.StepTraceAnnotation("train", step_num=i):
                 params, opt_state, metrics = compiled(params, opt_state, nxt, jnp.int32(i), key, objective)
                 nxt = batch()
         jax.block_until_ready(metrics)
-    wall = (time.perf_counter() - t0) / args.steps
+        wall = (time.perf_counter() - t0) / args.steps
     r = summarise(out, args.steps)
     r.update(
         wall_ms_per_step=wall * 1e3,

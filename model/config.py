@@ -83,6 +83,10 @@ class ModelConfig:
     # The teacher-forced pass's attention (model/attention.py): auto is cuDNN flash attention on GPUs
     # (bf16/fp16), the Pallas flash kernel on TPUs, XLA's elsewhere; a kernel that refuses falls back.
     attention: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
+    # Rematerialisation of each block in the backward pass (memory for long contexts, at the price of
+    # recomputing): none keeps every activation, dots keeps only the matmul outputs (recomputes the
+    # norms, activations and attention), full keeps only each block's input.
+    remat: Literal["none", "dots", "full"] = "none"
     init_std: float = dataclasses.field(default=0.02, metadata=NON_NEGATIVE)
 
     def __post_init__(self):

@@ -3,6 +3,7 @@ serves teacher-forced training (no cache), prefill and one-token decode steps wi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -217,6 +218,34 @@ class Block(nnx.Module):
         return x, new_cache
 
 
+def _call_block(block: Block, x, positions, k_pos, layer_cache, index, rng, contiguous):
+    return block(x, positions, k_pos, layer_cache, index, rng, contiguous)
+
+
+# What a rematerialised block keeps for the backward pass (jax.checkpoint policies); None keeps its input only.
+REMAT_POLICIES = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "full": None}
+
+
+def _remat_block(kind: str):
+    """The uncached block call under ``ModelConfig.remat``: the same values, less memory kept for the
+    gradient (recomputed in the backward pass instead)."""
+    if kind == "none":
+        return _call_block
+    policy = REMAT_POLICIES[kind]
+
+    def run(block, x, positions, k_pos, layer_cache, index, rng, contiguous):
+        # jax.checkpoint over the block's state as an explicit argument (split/merge): the pure-function
+        # form that composes with the train step's jit and grad whatever transform wraps them.
+        graphdef, state = nnx.split(block)
+
+        def pure(state, x, positions, k_pos, rng):
+            return nnx.merge(graphdef, state)(x, positions, k_pos, None, None, rng, contiguous)[0]
+
+        return jax.checkpoint(pure, policy=policy)(state, x, positions, k_pos, rng), None
+
+    return run
+
+
 def _dropout(layer: nnx.Dropout, x, rng, salt: int):
     """Dropout is on exactly when a key is passed: no train/eval mode stored on the module."""
     if rng is None or layer.rate == 0.0:
@@ -279,10 +308,11 @@ class Transformer(nnx.Module):
             index = cache.index
             k_pos = write_slots(cache.pos, positions.astype(jnp.int32), index, axis=1)  # [B, S]
         new_layers = []
+        run = _remat_block(self.cfg.remat) if cache is None else _call_block
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layer(i)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            x, layer_cache = block(x, positions, k_pos, layer_cache, index, rng, contiguous and cache is None)
+            x, layer_cache = run(block, x, positions, k_pos, layer_cache, index, rng, contiguous and cache is None)
             x = constrain_rows(x)  # the residual stream: rows split over the batch axes, the width whole
             new_layers.append(layer_cache)
         x = self.ln_f(x)
@@ -301,11 +331,14 @@ class Transformer(nnx.Module):
             if quantized:
                 h, table = int8_operands(h, table)
             table = table.astype(h.dtype)
-            logits = _flat(lambda x: jnp.einsum("vd,nd->nv", table, x, preferred_element_type=jnp.float32), h)
+            logits = _flat(lambda x: head_matmul(True, x, table), h)
             if quantized:
                 logits = logits * self.embed.scale[...].astype(logits.dtype)
-            return logits.astype(jnp.float32)
-        return _flat(self.lm_head, h).astype(jnp.float32)
+            return logits
+        if hasattr(self.lm_head, "scale"):  # int8 kernel (decoding only): the layer's own quantized matmul
+            return _flat(self.lm_head, h).astype(jnp.float32)
+        kernel = self.lm_head.kernel[...].astype(jnp.dtype(self.cfg.dtype))
+        return _flat(lambda x: head_matmul(False, x.astype(kernel.dtype), kernel), h)
 
     def __call__(self, tokens=None, positions=None, cache: KVCache | None = None, *, embeddings=None, dropout_rng=None):
         """tokens: [B, T] int (or embeddings: [B, T, D]); positions: [B, T] int, -1 for padding.
@@ -316,6 +349,37 @@ class Transformer(nnx.Module):
         """
         h, new_cache = self.hidden(tokens, positions, cache, embeddings=embeddings, dropout_rng=dropout_rng)
         return self.logits(h), new_cache
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def head_matmul(stored_vd: bool, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The output head: x [N, D] times w ([V, D] if ``stored_vd``, else [D, V]) -> [N, V] float32,
+    operands in the compute dtype, float32 accumulation.
+
+    Its gradient is taken in the compute dtype too: the float32 cotangent of the logits is cast to
+    x's dtype before the two gradient matmuls (float32 accumulation again). Left to autodiff, the
+    float32 cotangent promotes both gradient matmuls of the largest layer to float32 (TF32 GEMMs on
+    a GPU: 20% of GPT-2 small's bf16 step on an H200, the profile's top two kernels). In float32
+    the two are the same computation.
+    """
+    if stored_vd:  # the table as the left operand, as stored (see Transformer.logits)
+        return jnp.einsum("vd,nd->nv", w, x, preferred_element_type=jnp.float32)
+    return jnp.einsum("nd,dv->nv", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_fwd(stored_vd, x, w):
+    return head_matmul(stored_vd, x, w), (x, w)
+
+
+def _head_bwd(stored_vd, res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("nv,vd->nd" if stored_vd else "nv,dv->nd", g, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("nv,nd->vd" if stored_vd else "nv,nd->dv", g, x, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+head_matmul.defvjp(_head_fwd, _head_bwd)
 
 
 def count_params(cfg: ModelConfig) -> int:

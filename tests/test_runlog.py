@@ -73,3 +73,26 @@ def test_the_meter_logs_every_step_of_an_interval_once_with_its_speed(tmp_path):
     assert [r["loss"] for r in records] == [3.0, 2.0, 1.0] and records[2]["lr"] == pytest.approx(0.2)
     assert all(r["gold_prob"] == 0.5 and "tokens" not in r and r["tokens_per_s"] > 0 for r in records)
     assert meter.history["loss"] == [3.0, 2.0, 1.0] and meter.tokens_per_s > 0  # the first interval left out
+
+
+def test_learning_rates_for_the_log_are_one_call_per_interval_on_the_cpu_device():
+    """The log's learning rates never run on the accelerator's stream (there, eager schedule ops
+    queued behind the step in flight drained the queue at every log interval): the interval's steps
+    go to the schedule as one array, with the CPU device as the default device."""
+    import jax
+    import optax
+
+    from arjax.train.runlog import host_schedule
+
+    calls = []
+
+    def schedule(steps):
+        calls.append((np.shape(steps), jax.config.jax_default_device))
+        return optax.warmup_cosine_decay_schedule(0.0, 6e-4, 10, 100, 6e-5)(steps)
+
+    lrs = host_schedule(schedule)
+    calls.clear()  # the warm-up call at construction
+    got = lrs([3, 4, 50, 99])
+    reference = optax.warmup_cosine_decay_schedule(0.0, 6e-4, 10, 100, 6e-5)
+    assert got == pytest.approx([float(reference(s)) for s in (3, 4, 50, 99)], rel=1e-6)
+    assert calls == [((4,), jax.devices("cpu")[0])]

@@ -465,7 +465,7 @@ def verify(run_dir: str) -> list[dict[str, Any]]:
 
 # Model-config keys that choose how the same weights are computed, not what they are: a run may
 # resume, and a checkpoint load, under another value (and checkpoints from before a key existed).
-EXECUTION_KEYS = ("attention",)
+EXECUTION_KEYS = ("attention", "remat")  # how the same math runs: free to change on resume
 
 
 def config_mismatch(saved: dict[str, Any], requested: ModelConfig) -> dict[str, tuple[Any, Any]]:
