@@ -103,52 +103,159 @@ def _empty_slots(cfg, num_slots: int, cache_len: int, cache_dtype) -> Slots:
     )
 
 
-def _insert_impl(graphdef, params, slots: Slots, tokens, n, slot, key, max_new, eos, sampling: SamplingParams) -> Slots:
-    """Prefill ``tokens`` [1, P] (the first ``n`` real, the rest padding) into slot ``slot``."""
-    TRACE_COUNTS["engine_insert"] += 1
-    model = nnx.merge(graphdef, params)
-    P, L, V = tokens.shape[1], slots.cache.max_len, slots.logits.shape[1]
-    cache_dtype = "int8" if slots.cache.k_scale is not None else slots.cache.k[0].dtype
-    real = jnp.arange(P) < n  # [P]
-    positions = jnp.where(real, jnp.arange(P), -1)[None].astype(jnp.int32)  # [1, P]
-    row = init_cache(model.cfg, 1, L, cache_dtype)  # a fresh row: nothing of the previous occupant survives
-    h, row = model.hidden(tokens, positions, row)  # [1, P, D]; slots 0..P-1 written
-    logits = model.logits(jax.lax.dynamic_slice_in_dim(h, n - 1, 1, axis=1))[:, 0]  # [1, V]: the last real token
+def _empty_store(cfg, entries: int, cache_len: int, cache_dtype) -> KVCache:
+    """The prefix store's device side: ``entries`` cache rows like a slot's (at least one, never read
+    when the store is off)."""
+    c = init_cache(cfg, max(entries, 1), cache_len, cache_dtype)
+    return c.replace(index=jnp.zeros((max(entries, 1),), jnp.int32))
 
-    def put(big, small):  # row [1, ...] into the slots' batch at `slot`
-        return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=0)
+
+def _prefill_impl(
+    graphdef,
+    params,
+    slots: Slots,
+    store: KVCache,
+    tokens,
+    start,
+    total,
+    slot,
+    first,
+    final,
+    src,
+    src_len,
+    key,
+    max_new,
+    eos,
+    sampling: SamplingParams,
+) -> Slots:
+    """Prefill one piece of R prompts (one row each) into their slots, in one parallel pass.
+
+    tokens [R, P]: row r holds prompt tokens at positions start[r] .. start[r] + P - 1 (padding past
+    the prompt's ``total[r]`` tokens). slot [R]: the slot each row fills; a padding row names slot S and
+    is dropped. first [R]: the request's first piece: its row starts empty, or (``src[r] >= 0``) from the
+    prefix store's entry ``src[r]``, whose first ``src_len[r]`` cache slots hold this prompt's prefix.
+    Otherwise the row continues what earlier pieces wrote (a long prompt prefilled in chunks). final [R]:
+    the piece ends the prompt: the slot takes the request's settings and starts decoding (its logits are
+    the last prompt token's). A slot whose prompt is unfinished stays ``done`` (masked by ``chunk``).
+    Every field a slot reads is overwritten on its first piece: nothing of a previous occupant survives.
+    """
+    TRACE_COUNTS["engine_prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    R, P = tokens.shape
+    c = slots.cache
+    S, L = c.pos.shape
+    V = slots.logits.shape[1]
+    at = jnp.clip(slot, 0, S - 1)
+    from_store = first & (src >= 0)
+    entry = jnp.clip(src, 0, store.pos.shape[0] - 1)
+
+    def pick(slot_buf, store_buf):  # [S, ...] and [E, ...] -> this piece's rows [R, ...]
+        mine = jnp.take(slot_buf, at, axis=0)
+        stored = jnp.take(store_buf, entry, axis=0).astype(mine.dtype)
+        return jnp.where(from_store.reshape((R,) + (1,) * (mine.ndim - 1)), stored, mine)
+
+    def pick_layers(slot_bufs, store_bufs):
+        return None if slot_bufs is None else tuple(pick(a, b) for a, b in zip(slot_bufs, store_bufs))
+
+    cols = jnp.arange(L)
+    pos = pick(c.pos, store.pos)
+    # A first piece sees only the stored prefix (if any): every other cache slot of its row is empty.
+    keep = ~first[:, None] | (from_store[:, None] & (cols < src_len[:, None]))
+    rows = KVCache(
+        k=pick_layers(c.k, store.k),
+        v=pick_layers(c.v, store.v),
+        pos=jnp.where(keep, pos, -1),
+        index=start,
+        k_scale=pick_layers(c.k_scale, store.k_scale),
+        v_scale=pick_layers(c.v_scale, store.v_scale),
+    )
+    p = start[:, None] + jnp.arange(P)
+    positions = jnp.where(p < total[:, None], p, -1).astype(jnp.int32)  # [R, P]
+    h, rows = model.hidden(tokens, positions, rows)  # [R, P, D]; cache slots start .. start + P - 1 written
+    last = jnp.clip(total - 1 - start, 0, P - 1)
+    logits = model.logits(jnp.take_along_axis(h, last[:, None, None], axis=1))[:, 0]  # [R, V]: the last prompt token
+
+    def put(big, small, where=None):  # rows [R, ...] into the slots at `slot`; padding rows (slot S) dropped
+        idx = slot if where is None else jnp.where(where, slot, S)
+        return big.at[idx].set(small.astype(big.dtype), mode="drop")
 
     def put_layers(big, small):
-        return None if big is None else tuple(put(b, s) for b, s in zip(big, small))
+        return None if big is None else tuple(put(b, x) for b, x in zip(big, small))
 
-    c = slots.cache
     cache = KVCache(
-        k=put_layers(c.k, row.k),
-        v=put_layers(c.v, row.v),
-        pos=put(c.pos, row.pos),
-        index=c.index.at[slot].set(n),
-        k_scale=put_layers(c.k_scale, row.k_scale),
-        v_scale=put_layers(c.v_scale, row.v_scale),
+        k=put_layers(c.k, rows.k),
+        v=put_layers(c.v, rows.v),
+        pos=put(c.pos, rows.pos),
+        index=put(c.index, jnp.minimum(start + P, total)),
+        k_scale=put_layers(c.k_scale, rows.k_scale),
+        v_scale=put_layers(c.v_scale, rows.v_scale),
     )
-    seen = prompt_presence(tokens, real[None], V)[0]  # the prompt's tokens (repetition penalty)
+    # The repetition penalty's set: this piece's tokens, added to what earlier pieces saw (a stored
+    # prefix's tokens are not in it: the store serves only requests without a penalty).
+    seen = prompt_presence(tokens, positions >= 0, V) | (jnp.take(slots.presence, at, axis=0) & ~first[:, None])
+    zeros = jnp.zeros((R,), jnp.int32)
     return Slots(
         cache=cache,
-        logits=slots.logits.at[slot].set(logits[0].astype(jnp.float32)),
-        positions=slots.positions.at[slot].set(n),
-        keys=slots.keys.at[slot].set(key),
-        count=slots.count.at[slot].set(0),
-        max_new=slots.max_new.at[slot].set(max_new),
-        done=slots.done.at[slot].set(False),
-        eos=slots.eos.at[slot].set(eos),
-        sampling=jax.tree.map(lambda a, r: a.at[slot].set(r[0]), slots.sampling, sampling),
-        presence=slots.presence.at[slot].set(seen),
-        stop_reason=slots.stop_reason.at[slot].set(RUNNING),
+        logits=put(slots.logits, logits.astype(jnp.float32), final),
+        positions=put(slots.positions, jnp.where(final, total, -1)),
+        keys=put(slots.keys, jax.random.wrap_key_data(key), final),
+        count=put(slots.count, zeros),
+        max_new=put(slots.max_new, max_new, final),
+        done=put(slots.done, ~final),
+        eos=put(slots.eos, eos, final),
+        sampling=jax.tree.map(lambda a, r: put(a, r, final), slots.sampling, sampling),
+        presence=put(slots.presence, seen),
+        stop_reason=put(slots.stop_reason, jnp.full((R,), RUNNING, jnp.int32)),
     )
 
 
-def _chunk_impl(graphdef, chunk_steps, rows, params, all_slots: Slots, pad_id) -> tuple[Slots, ChunkOut]:
-    """Up to ``chunk_steps`` decode steps for every running slot among the first ``rows`` (static; the
-    others are free), stopping early when none runs. Returns the slots and the chunk's ``rows`` outputs."""
+def _save_prefix_impl(store: KVCache, slots: Slots, slot, entry) -> KVCache:
+    """Copy slot ``slot``'s cache row (a prompt just prefilled) into the prefix store's ``entry``."""
+    TRACE_COUNTS["engine_save_prefix"] += 1
+    c = slots.cache
+
+    def copy(big, small):
+        return big.at[entry].set(small[slot].astype(big.dtype))
+
+    def copy_layers(big, small):
+        return None if big is None else tuple(copy(b, x) for b, x in zip(big, small))
+
+    return KVCache(
+        k=copy_layers(store.k, c.k),
+        v=copy_layers(store.v, c.v),
+        pos=copy(store.pos, c.pos),
+        index=store.index,
+        k_scale=copy_layers(store.k_scale, c.k_scale),
+        v_scale=copy_layers(store.v_scale, c.v_scale),
+    )
+
+
+def _score_impl(graphdef, params, tokens, n):
+    """The prompt's own log-probabilities (``echo`` with logprobs): tokens [1, P], the first ``n`` real.
+    Returns logprob [P] of token t given the tokens before it (row t - 1 of the teacher-forced pass; 0
+    for t = 0 and padding) and the TOP_LOGPROBS most likely alternatives at each t, [P, K] ids and
+    log-probabilities."""
+    TRACE_COUNTS["engine_score"] += 1
+    model = nnx.merge(graphdef, params)
+    P = tokens.shape[1]
+    positions = jnp.where(jnp.arange(P) < n, jnp.arange(P), -1)[None].astype(jnp.int32)
+    h, _ = model.hidden(tokens, positions)
+    logp = jax.nn.log_softmax(model.logits(h)[0], axis=-1)  # [P, V]: row t predicts token t + 1
+    K = min(TOP_LOGPROBS, logp.shape[-1])
+    top_lp, top_ids = jax.lax.top_k(logp, K)
+    nxt = jnp.take_along_axis(logp[:-1], tokens[0, 1:, None], axis=-1)[:, 0]  # [P - 1]
+    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]])
+    return jnp.concatenate([jnp.zeros((1,), jnp.float32), nxt]), shift(top_ids), shift(top_lp)
+
+
+def _chunk_impl(
+    graphdef, chunk_steps, rows, params, all_slots: Slots, pad_id, steps, want_logprobs
+) -> tuple[Slots, ChunkOut]:
+    """Up to ``steps`` (<= ``chunk_steps``, traced: one program serves both) decode steps for every running
+    slot among the first ``rows`` (static; the others are free), stopping early when none runs. Returns
+    the slots and the chunk's ``rows`` outputs. The log-probabilities (the token's and the top
+    alternatives, a softmax and a top-k over the vocabulary per row and step) are computed only when
+    ``want_logprobs`` (traced) says a slot in the chunk asked for them; otherwise they are zeros."""
     TRACE_COUNTS["engine_chunk"] += 1
     model = nnx.merge(graphdef, params)
     # Few requests in flight: decode only the slots in use (they are the lowest; see Engine._rows).
@@ -165,14 +272,23 @@ def _chunk_impl(graphdef, chunk_steps, rows, params, all_slots: Slots, pad_id) -
 
     def cond(carry):
         s, _, i = carry
-        return (i < chunk_steps) & ~jnp.all(s.done)
+        return (i < steps) & ~jnp.all(s.done)
+
+    def logprobs_of(logits, tokens, running):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.where(running, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], 0.0)
+        top_lp, top_ids = jax.lax.top_k(logp, K)
+        return chosen, top_ids.astype(jnp.int32), top_lp
+
+    def no_logprobs(logits, tokens, running):
+        return jnp.zeros((S,), jnp.float32), jnp.zeros((S, K), jnp.int32), jnp.zeros((S, K), jnp.float32)
 
     def body(carry):
         s, o, i = carry
         split = jax.vmap(jax.random.split)(s.keys)  # [S, 2]: as generate's `rng, key = split(rng)`, per row
         drawn = sample(split[:, 1], s.logits, s.sampling, s.presence)  # [S]
         em = emit(s.logits, drawn, done=s.done, emitted=s.count, max_steps=s.max_new, eos=s.eos, pad_id=pad_id)
-        top_lp, top_ids = jax.lax.top_k(em.logp, K)  # [S, K]
+        chosen, top_ids, top_lp = jax.lax.cond(want_logprobs, logprobs_of, no_logprobs, s.logits, em.tokens, em.running)
         logits, cache = model(em.tokens[:, None], s.positions[:, None], s.cache)  # [S, 1, V]
         # Rows that were not running do not advance (they wrote one slot past their data, never read).
         cache = cache.replace(index=jnp.where(em.running, cache.index, s.cache.index))
@@ -188,8 +304,8 @@ def _chunk_impl(graphdef, chunk_steps, rows, params, all_slots: Slots, pad_id) -
         )
         o = o.replace(
             tokens=o.tokens.at[:, i].set(em.tokens),
-            logprobs=o.logprobs.at[:, i].set(em.logprobs),
-            top_ids=o.top_ids.at[:, i].set(top_ids.astype(jnp.int32)),
+            logprobs=o.logprobs.at[:, i].set(chosen),
+            top_ids=o.top_ids.at[:, i].set(top_ids),
             top_logprobs=o.top_logprobs.at[:, i].set(top_lp),
             new=o.new + em.new,
         )
@@ -207,7 +323,9 @@ def _release_impl(slots: Slots, mask) -> Slots:
     return slots.replace(done=slots.done | mask)
 
 
-_insert = jax.jit(_insert_impl, static_argnums=(0,), donate_argnums=(2,))
+_prefill = jax.jit(_prefill_impl, static_argnums=(0,), donate_argnums=(2,))
+_save_prefix = jax.jit(_save_prefix_impl, donate_argnums=(0,))
+_score = jax.jit(_score_impl, static_argnums=(0,))
 _chunk = jax.jit(_chunk_impl, static_argnums=(0, 1, 2), donate_argnums=(4,))
 _release = jax.jit(_release_impl, donate_argnums=(0,))
 
@@ -217,7 +335,10 @@ class Request(SamplingValues):
     """One generation request. ``prompt``: token ids. The sampling values (temperature, top_k, top_p,
     min_p, repetition_penalty) are ``SAMPLING_FIELDS``, inherited from ``SamplingValues`` with their
     defaults (temperature 0 is greedy). ``top_logprobs``: how many alternatives (0..5) to report per
-    token. ``stop``: strings that end the request (the engine needs a tokenizer for them)."""
+    token; ``logprobs``: report each token's own log-probability (implied by ``top_logprobs``; otherwise
+    the update's ``logprobs`` are zeros: the engine computes them only for chunks where a slot asked).
+    ``prompt_logprobs`` (None or 0..5): the prompt tokens' log-probabilities and that many alternatives,
+    in the first update. ``stop``: strings that end the request (the engine needs a tokenizer for them)."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 16
@@ -225,6 +346,8 @@ class Request(SamplingValues):
     eos_ids: Sequence[int] = ()
     stop: Sequence[str] = ()
     top_logprobs: int = 0
+    logprobs: bool = False  # compute each token's log-probability (top_logprobs > 0 implies it); else zeros
+    prompt_logprobs: int | None = None  # None: not computed; k in 0..5: each prompt token's log-prob, k alternatives
 
 
 @dataclasses.dataclass
@@ -241,6 +364,9 @@ class Update:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens emitted so far in all (the final count when finished)
+    # First update of a request with prompt_logprobs: one entry per prompt token, the first None.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -257,6 +383,11 @@ class _Active:
     out: list = dataclasses.field(default_factory=list)  # emitted token ids
     cancelled: bool = False
     submitted: float = 0.0
+    filled: int = 0  # prompt tokens in the slot's cache so far (a long prompt is prefilled in pieces)
+    prefilling: bool = False  # holds a slot whose prompt is not complete yet (not decoding)
+    reused: int = 0  # prompt tokens taken from the prefix store
+    prefix_entry: int = -1  # the store entry they come from
+    prompt_lp: tuple | None = None  # (logprobs, top ids, top logprobs) for the first update
 
     def last_update(self, reason: str) -> Update:
         """The last update of a request that ends without new tokens: 'cancelled' or 'error'."""
@@ -279,6 +410,62 @@ class Handle:
 
     def cancel(self) -> None:
         self._engine._cancel(self._active)
+
+
+class PrefixTable:
+    """The host side of the prefix store: which stored row holds which prompt prefix, evicted LRU.
+
+    Prefixes are whole blocks of ``block`` tokens. Each stored entry (a cache row on the device) is
+    the prefix of one prompt, its first ``length`` tokens; a key for every whole-block prefix of it
+    (the exact token bytes, so two prompts match only when their tokens are equal) points at the
+    entry, so a later prompt finds its longest stored prefix by looking up its own block prefixes,
+    longest first. A matched entry is moved to the back of the LRU order; a new prefix takes the
+    front entry, dropping its keys."""
+
+    def __init__(self, entries: int, block: int):
+        self.block = block
+        self.keys: dict[bytes, tuple[int, int]] = {}  # block prefix -> (entry, its length)
+        self.held: list[bytes | None] = [None] * entries  # each entry's whole stored prefix
+        self.lru = collections.OrderedDict((e, None) for e in range(entries))
+        self.hits = self.lookups = self.tokens_reused = 0
+
+    def match(self, tokens: np.ndarray) -> tuple[int, int]:
+        """(entry, length) of the longest stored prefix of ``tokens`` that leaves at least one token to
+        prefill (the last prompt token's logits come from the prefill), or (-1, 0)."""
+        tokens = np.asarray(tokens, np.int32)
+        self.lookups += 1
+        for m in range((tokens.size - 1) // self.block * self.block, 0, -self.block):
+            hit = self.keys.get(tokens[:m].tobytes())
+            if hit is not None:
+                self.lru.move_to_end(hit[0])
+                self.hits += 1
+                self.tokens_reused += m
+                return hit[0], m
+        return -1, 0
+
+    def covered(self, tokens: np.ndarray) -> bool:
+        """Whether the store already holds every whole block of ``tokens`` worth storing."""
+        m = (tokens.size - 1) // self.block * self.block
+        return m == 0 or np.asarray(tokens[:m], np.int32).tobytes() in self.keys
+
+    def add(self, tokens: np.ndarray) -> int:
+        """Reserve the LRU entry for ``tokens``' whole-block prefix (at least one token left out);
+        returns the entry, whose device row the caller then fills."""
+        tokens = np.asarray(tokens, np.int32)
+        m = (tokens.size - 1) // self.block * self.block
+        entry, _ = self.lru.popitem(last=False)
+        self.lru[entry] = None
+        step = self.block * 4  # bytes of one block of int32 ids
+        old = self.held[entry]
+        if old is not None:  # evicted: its keys go, unless another entry holds the same prefix
+            for k in range(step, len(old) + 1, step):
+                if self.keys.get(old[:k], (None,))[0] == entry:
+                    del self.keys[old[:k]]
+        data = tokens[:m].tobytes()
+        self.held[entry] = data
+        for k in range(step, len(data) + 1, step):
+            self.keys[data[:k]] = (entry, k // 4)
+        return entry
 
 
 class Engine:
@@ -305,9 +492,21 @@ class Engine:
         max_queue: int = 256,
         kv_cache_dtype: str | None = None,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
+        prefill_chunk: int = 512,
+        prefill_tokens: int = 2048,
+        prefix_cache: int = 0,
+        prefix_block: int = 16,
     ):
         cfg = model.cfg
-        for name, value, lo in (("slots", slots, 1), ("chunk_steps", chunk_steps, 1), ("max_queue", max_queue, 0)):
+        for name, value, lo in (
+            ("slots", slots, 1),
+            ("chunk_steps", chunk_steps, 1),
+            ("max_queue", max_queue, 0),
+            ("prefill_chunk", prefill_chunk, 1),
+            ("prefill_tokens", prefill_tokens, 1),
+            ("prefix_cache", prefix_cache, 0),
+            ("prefix_block", prefix_block, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value < 2**31:
                 raise ValueError(f"{name}={value!r} must be an int >= {lo}")
         max_len = cfg.max_len if max_len is None else max_len
@@ -328,11 +527,24 @@ class Engine:
         # Chunks run over the first 1, 2, 4, ... slots when only those are in use: one request in
         # flight costs a batch of one, not of every slot. One chunk program per row count.
         self.row_buckets = tuple(sorted({2**i for i in range(32) if 2**i < self.num_slots} | {self.num_slots}))
+        # Prefill: a prompt longer than prefill_chunk goes in pieces of that many tokens (a bucket), one
+        # piece per round, so running streams keep flowing; each round prefills at most prefill_tokens
+        # (at least one piece), R waiting pieces of one width together. One program per (width, rows).
+        self.prefill_chunk = bucket(min(int(prefill_chunk), self.max_len), self.buckets)
+        self.piece_buckets = tuple(b for b in self.buckets if b <= self.prefill_chunk)
+        self.prefill_tokens = max(int(prefill_tokens), self.prefill_chunk)
+        self.prefill_shapes = tuple(
+            (P, R) for P in self.piece_buckets for R in self.row_buckets if R == 1 or self.prefill_tokens >= R * P
+        )
+        self.prefix = PrefixTable(int(prefix_cache), int(prefix_block)) if prefix_cache else None
+        self._store_rows = max(int(prefix_cache), 1)
+        self._key_shape = jax.random.key_data(seed_key(0)).shape  # a key's words ([2] for threefry)
         self._graphdef, self._params = nnx.split(model)
         self._cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self._placement = placement(self._params)  # from the mesh/device, not from any one parameter
         self._check_memory()
         self._slots = self._fresh_slots()
+        self._store = self._fresh_store()
         self.broken: str | None = None  # set when the engine could not recover from a failed round
         self._by_slot: list[_Active | None] = [None] * self.num_slots
         self._queue: collections.deque[_Active] = collections.deque()
@@ -381,6 +593,13 @@ class Engine:
         k = request.top_logprobs
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS:
             raise FieldError("top_logprobs", f"top_logprobs={k!r} must be an int in [0, {TOP_LOGPROBS}]")
+        if not isinstance(request.logprobs, (bool, np.bool_)):
+            raise FieldError("logprobs", f"logprobs={request.logprobs!r} must be True or False")
+        k = request.prompt_logprobs
+        if k is not None and (
+            isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= TOP_LOGPROBS
+        ):
+            raise FieldError("prompt_logprobs", f"prompt_logprobs={k!r} must be None or an int in [0, {TOP_LOGPROBS}]")
         try:
             stops = StopStrings(
                 self.tokenizer, [request.stop] if isinstance(request.stop, str) else list(request.stop), 1
@@ -463,77 +682,173 @@ class Engine:
 
     # ---- the device side: only the thread that calls step() touches these ----
     def warmup(self) -> float:
-        """Compile every program (an insert per prompt bucket, a chunk per row bucket, the release); returns seconds."""
+        """Compile every program serving can need (a prefill per (piece width, rows), a chunk per row
+        bucket, the prompt scorer per prompt bucket, the prefix copy, the release); returns seconds."""
         t0 = time.perf_counter()
-        slots = self._slots
-        one = SamplingParams.make(1, temperature=1.0, vocab_size=self.model.cfg.vocab_size)
-        eos = self._put(np.full((EOS_SLOTS,), -1, np.int32))
+        S = self.num_slots
+        P0 = self.piece_buckets[0]
+        most = max(R for P, R in self.prefill_shapes if P == P0)
+        # Twice over, so that each program also sees the slots as the others hand them over (a
+        # program's cache key includes how its inputs are placed, and fresh slots are placed by us).
+        for _ in range(2):
+            # Every slot busy with a one-token request, then each row count's chunk in turn: each runs its
+            # loop body on real work once (a first execution costs more than the next), none is left busy.
+            for start in range(0, S, most):
+                self._run_prefill([(None, s, 0) for s in range(start, min(S, start + most))], P0, most, warm=True)
+            for rows in self.row_buckets:
+                for want in (False, True):
+                    self._slots, _ = _chunk(
+                        self._graphdef,
+                        self.chunk_steps,
+                        rows,
+                        self._params,
+                        self._slots,
+                        np.int32(self.pad_id),
+                        np.int32(self.chunk_steps),
+                        np.bool_(want),
+                    )
+            self._slots = _release(self._slots, self._put(np.ones((S,), bool)))
+            for P, R in self.prefill_shapes:  # padding rows only (slot S): nothing lands in a slot
+                self._run_prefill([], P, R)
+            if self.prefix is not None:  # a copy into the store's first entry, which no key points at yet
+                self._store = _save_prefix(self._store, self._slots, np.int32(0), np.int32(0))
         for P in self.buckets:
-            slots = _insert(
-                self._graphdef,
-                self._params,
-                slots,
-                self._put(np.zeros((1, P), np.int32)),
-                np.int32(1),
-                np.int32(0),
-                seed_key(0),
-                np.int32(1),
-                eos,
-                one,
-            )
-        # Every slot busy with a one-token request, then each row count's chunk in turn: each runs its
-        # loop body on real work once (a first execution costs more than the next), none is left busy.
-        for slot in range(1, self.num_slots):
-            slots = _insert(
-                self._graphdef,
-                self._params,
-                slots,
-                self._put(np.zeros((1, self.buckets[0]), np.int32)),
-                np.int32(1),
-                np.int32(slot),
-                seed_key(0),
-                np.int32(1),
-                eos,
-                one,
-            )
-        for rows in self.row_buckets:
-            slots, out = _chunk(self._graphdef, self.chunk_steps, rows, self._params, slots, np.int32(self.pad_id))
-        slots = _release(slots, self._put(np.ones((self.num_slots,), bool)))
-        jax.block_until_ready(slots)
-        self._slots = slots
+            _score(self._graphdef, self._params, self._put(np.zeros((1, P), np.int32)), np.int32(1))
+        jax.block_until_ready((self._slots, self._store))
         return time.perf_counter() - t0
 
-    def _admit(self) -> None:
-        """Move waiting requests into free slots (prefill each), dropping cancelled ones."""
-        while True:
-            with self._lock:
-                while self._queue and self._queue[0].cancelled:
-                    self._finish_quiet(self._queue.popleft())
-                free = [i for i, a in enumerate(self._by_slot) if a is None]
-                if not free or not self._queue:
-                    return
+    def _run_prefill(self, pieces, P: int, R: int, warm: bool = False) -> None:
+        """One prefill call of width P over R rows: ``pieces`` is a list of (active, slot, start) (at
+        most R; the rest are padding rows). ``warm``: warm-up pieces with a one-token prompt and no
+        request."""
+        S, V = self.num_slots, self.model.cfg.vocab_size
+        tokens = np.full((R, P), self.pad_id, np.int32)
+        start = np.zeros(R, np.int32)
+        total = np.ones(R, np.int32)
+        slot = np.full(R, S, np.int32)
+        first = np.ones(R, bool)
+        final = np.ones(R, bool)
+        src = np.full(R, -1, np.int32)
+        src_len = np.zeros(R, np.int32)
+        max_new = np.ones(R, np.int32)
+        eos = np.full((R, EOS_SLOTS), -1, np.int32)
+        keys = np.zeros((R, *self._key_shape), np.uint32)
+        samplings = [SamplingParams.make(1, temperature=1.0, vocab_size=V)] * R
+        for r, (a, where, at) in enumerate(pieces):
+            slot[r], start[r] = where, at
+            if warm:
+                continue
+            n = a.tokens.size
+            tokens[r, : min(P, n - at)] = a.tokens[at : at + P]
+            total[r] = n
+            first[r] = a.filled == a.reused  # nothing of this request's own prefill is in its row yet
+            final[r] = at + P >= n
+            if first[r] and a.reused:
+                src[r], src_len[r] = a.prefix_entry, a.reused
+            max_new[r] = a.request.max_new_tokens
+            eos[r] = a.eos
+            keys[r], samplings[r] = np.asarray(jax.random.key_data(seed_key(a.request.seed))), a.sampling
+        sampling = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *samplings)
+        self._slots = _prefill(
+            self._graphdef,
+            self._params,
+            self._slots,
+            self._store,
+            *(self._put(x) for x in (tokens, start, total, slot, first, final, src, src_len)),
+            self._put(keys),
+            self._put(max_new),
+            self._put(eos),
+            self._put(sampling),
+        )
+
+    def _take_waiting(self) -> list[_Active]:
+        """Move waiting requests into free slots (the lowest first), dropping cancelled ones; a request
+        whose first block equals that of another admitted in the same round, with nothing of it stored
+        yet, waits a round so that it can reuse that one's prefix."""
+        taken: list[_Active] = []
+        firsts: set[bytes] = set()
+        with self._lock:
+            while self._queue and self._queue[0].cancelled:
+                self._finish_quiet(self._queue.popleft())
+            free = [i for i, a in enumerate(self._by_slot) if a is None]
+            deferred = []
+            while free and self._queue:
                 active = self._queue.popleft()
-                slot = free[0]
-                active.slot = slot  # the slot is taken from here on (submit_all counts free slots)
-                self._by_slot[slot] = active
-            n = active.tokens.size
-            P = bucket(n, self.buckets)
-            padded = np.full((1, P), self.pad_id, np.int32)
-            padded[0, :n] = active.tokens
-            req = active.request
-            # numpy in, device_put: jnp.asarray would compile a small staging program per new shape.
-            self._slots = _insert(
-                self._graphdef,
-                self._params,
-                self._slots,
-                self._put(padded),
-                np.int32(n),
-                np.int32(slot),
-                seed_key(req.seed),
-                np.int32(req.max_new_tokens),
-                self._put(active.eos),
-                active.sampling,
-            )
+                if active.cancelled:
+                    self._finish_quiet(active)
+                    continue
+                active.prefix_entry, active.reused = -1, 0
+                if self._reuses_prefix(active):
+                    head = active.tokens[: self.prefix.block].tobytes()
+                    active.prefix_entry, active.reused = self.prefix.match(active.tokens)
+                    if not active.reused and head in firsts and active.tokens.size > self.prefix.block:
+                        deferred.append(active)
+                        continue
+                    firsts.add(head)
+                active.slot = free.pop(0)  # the slot is taken from here on (submit_all counts free slots)
+                active.filled = active.reused
+                active.prefilling = True
+                self._by_slot[active.slot] = active
+                taken.append(active)
+            self._queue.extendleft(reversed(deferred))
+        return taken
+
+    def _reuses_prefix(self, active: _Active) -> bool:
+        """The prefix store serves requests without a repetition penalty (a stored prefix's tokens are not
+        in the slot's penalty set) and without prompt log-probabilities."""
+        return (
+            self.prefix is not None
+            and float(np.asarray(active.sampling.repetition_penalty).reshape(-1)[0]) == 1.0
+            and active.request.prompt_logprobs is None
+        )
+
+    def _prefill_round(self) -> bool:
+        """Admit waiting requests and prefill the next piece of every unfinished prompt, at most
+        ``prefill_tokens`` tokens (and at least one piece) this round. Returns whether a prompt finished
+        (its request starts decoding)."""
+        self._take_waiting()
+        pieces: dict[int, list] = collections.defaultdict(list)  # width -> [(active, slot, start)]
+        used, finished = 0, []
+        for a in sorted((a for a in self._by_slot if a is not None and a.prefilling), key=lambda a: a.submitted):
+            rem = a.tokens.size - a.filled
+            P = self.prefill_chunk if rem > self.prefill_chunk else bucket(rem, self.piece_buckets)
+            if used and used + P > self.prefill_tokens:
+                break
+            at = min(a.filled, self.max_len - P)  # a piece never runs past the row (re-feeds known tokens)
+            if a.request.prompt_logprobs is not None and a.prompt_lp is None:
+                self._score_prompt(a)
+            pieces[P].append((a, a.slot, at))
+            used += P
+            if at + P >= a.tokens.size:
+                finished.append(a)
+        for P, group in pieces.items():
+            fits = [R for R in self.row_buckets if (P, R) in self.prefill_shapes]
+            while group:
+                R = next((R for R in fits if len(group) <= R), fits[-1])
+                self._run_prefill(group[:R], P, R)
+                for a, _, at in group[:R]:
+                    a.filled = min(a.tokens.size, at + P)
+                group = group[R:]
+        for a in finished:
+            a.prefilling = False
+            if self._reuses_prefix(a) and not self.prefix.covered(a.tokens):
+                entry = self.prefix.add(a.tokens)
+                self._store = _save_prefix(self._store, self._slots, np.int32(a.slot), np.int32(entry))
+        self.stats["prefill_tokens"] += used
+        return bool(finished)
+
+    def _score_prompt(self, a: _Active) -> None:
+        """The prompt's log-probabilities for the first update (``prompt_logprobs``)."""
+        n = a.tokens.size
+        P = bucket(n, self.buckets)
+        padded = np.full((1, P), self.pad_id, np.int32)
+        padded[0, :n] = a.tokens
+        lp, ids, top = jax.device_get(_score(self._graphdef, self._params, self._put(padded), np.int32(n)))
+        k = a.request.prompt_logprobs
+        a.prompt_lp = (
+            [None] + [float(x) for x in lp[1:n]],
+            [None] + [[(int(t), float(v)) for t, v in zip(ids[j, :k], top[j, :k])] for j in range(1, n)],
+        )
 
     def _rows(self) -> int:
         """The smallest row bucket holding every slot in use (requests take the lowest free slot)."""
@@ -544,7 +859,9 @@ class Engine:
         active.on_update(active.last_update("cancelled"))
 
     def step(self, wait: float = 0.0) -> bool:
-        """One round: admit waiting requests, run one chunk, deliver its tokens, release finished slots.
+        """One round: admit waiting requests and prefill (a batch of whole prompts and the next piece
+        of long ones), run one chunk, deliver its tokens, release finished slots. A round in which a
+        prompt finished runs a chunk of one step, so new requests get their first token at once.
 
         Returns False when there was nothing to do (after waiting up to ``wait`` seconds for a request).
         """
@@ -556,21 +873,33 @@ class Engine:
                 self._finish_quiet(a)
         if release.any():  # before admitting: a new request may take a released slot
             self._slots = _release(self._slots, self._put(release))
-        self._admit()
+        started = self._prefill_round()
         if not any(a is not None for a in self._by_slot):
             with self._lock:
                 if not self._queue and wait > 0 and not self._stopping:
                     self._lock.wait(wait)
             return False
+        if not any(a is not None and not a.prefilling for a in self._by_slot):
+            return True  # only long prompts in their pieces: nothing decodes yet
         rows = self._rows()
+        want = any(
+            a is not None and not a.prefilling and (a.request.logprobs or a.request.top_logprobs) for a in self._by_slot
+        )
         self._slots, out = _chunk(
-            self._graphdef, self.chunk_steps, rows, self._params, self._slots, np.int32(self.pad_id)
+            self._graphdef,
+            self.chunk_steps,
+            rows,
+            self._params,
+            self._slots,
+            np.int32(self.pad_id),
+            np.int32(1 if started else self.chunk_steps),
+            np.bool_(want),
         )
         out, done, reason = jax.device_get((out, self._slots.done, self._slots.stop_reason))
         self.stats["chunks"] += 1
         release[:] = False
         for i, a in enumerate(self._by_slot):
-            if a is None:
+            if a is None or a.prefilling:
                 continue
             k = int(out.new[i])
             start = len(a.out)
@@ -617,6 +946,8 @@ class Engine:
                     finish_reason=reason_name,
                     prompt_tokens=int(a.tokens.size),
                     completion_tokens=keep,
+                    prompt_logprobs=None if a.prompt_lp is None or start else a.prompt_lp[0],
+                    prompt_top_logprobs=None if a.prompt_lp is None or start else a.prompt_lp[1],
                 )
             )
             if finished:
@@ -644,9 +975,12 @@ class Engine:
             # A callback that fails too has nobody left to tell.
             with contextlib.suppress(Exception):
                 a.on_update(a.last_update("error"))
-        self._slots = None  # let the old buffers go before making new ones
+        self._slots = self._store = None  # let the old buffers go before making new ones
+        if self.prefix is not None:  # the stored rows are gone with the store
+            self.prefix = PrefixTable(len(self.prefix.held), self.prefix.block)
         try:
             self._slots = self._fresh_slots()
+            self._store = self._fresh_store()
         except Exception as e:  # noqa: BLE001 (no memory for fresh slots, or any other failure: the engine turns broken)
             self.broken = f"{type(e).__name__}: {e}"
             print(
@@ -670,6 +1004,11 @@ class Engine:
                     "lower slots (--slots) or max_len (--max-len)",
                 ),
                 Need(
+                    f"the prefix store of {self._store_rows} rows x max_len={L}",
+                    kv_cache_bytes(cfg, self._store_rows, L, self._cache_dtype) // shards,
+                    "lower the prefix store's rows (--prefix-cache) or max_len (--max-len)",
+                ),
+                Need(
                     f"the slots' logits and token sets (slots={S} x vocab_size={cfg.vocab_size})",
                     S * cfg.vocab_size * 5,
                     "lower slots (--slots)",
@@ -691,7 +1030,40 @@ class Engine:
             shardings = shardings.replace(
                 cache=shardings.cache.replace(k=tuple(kv for _ in slots.cache.k), v=tuple(kv for _ in slots.cache.v))
             )
+        self._slot_shardings = shardings
         return jax.device_put(slots, shardings)
+
+    # The device state, always placed as the fresh state is: each program's outputs come back with
+    # their own notion of placement (a mesh's axis types, say), and a program's cache key includes its
+    # inputs' placement, so without this the same program would compile again for another producer.
+    @property
+    def _slots(self) -> Slots:
+        return self._slots_value
+
+    @_slots.setter
+    def _slots(self, value) -> None:
+        self._slots_value = None if value is None else jax.device_put(value, self._slot_shardings)
+
+    @property
+    def _store(self) -> KVCache:
+        return self._store_value
+
+    @_store.setter
+    def _store(self, value) -> None:
+        self._store_value = None if value is None else jax.device_put(value, self._store_shardings)
+
+    def _fresh_store(self) -> KVCache:
+        """The prefix store's rows, placed like the slots' cache."""
+        cfg = self.model.cfg
+        entries = 0 if self.prefix is None else len(self.prefix.held)
+        store = _empty_store(cfg, entries, self.max_len, self._cache_dtype)
+        shardings = jax.tree.map(lambda _: self._placement, store)
+        mesh = mesh_of(self._params)
+        if mesh is not None:
+            kv = cache_sharding(mesh, store.pos.shape[0], cfg.num_kv_heads)
+            shardings = shardings.replace(k=tuple(kv for _ in store.k), v=tuple(kv for _ in store.v))
+        self._store_shardings = shardings
+        return jax.device_put(store, shardings)
 
     def _put(self, x):
         """A host array (a prompt, EOS ids, a release mask) beside the weights."""

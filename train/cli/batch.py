@@ -390,6 +390,7 @@ def run_batch(
                 eos_ids=eos,
                 stop=stop,
                 top_logprobs=0,
+                logprobs=bool(args.logprobs),
             )
         except (ValueError, TypeError) as e:
             raise UsageError(f"{where}: {e}") from None
