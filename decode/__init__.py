@@ -10,7 +10,9 @@ loop.py       DecodeState, the pure decode_step, prefill, and generate / stream 
 speculative.py  DraftModel, PromptLookup: speculative decoding in the same jitted loop
 stops.py      stop strings, checked on the decoded text between chunks
 engine.py     Engine: continuous batching over a fixed set of slots (requests join between chunks)
-server.py     the OpenAI-compatible HTTP server over the engine (FastAPI; the "serve" extra)
+chat.py       chat messages to a prompt: the tokenizer's own Jinja chat template, or the default one
+server.py     the OpenAI-compatible HTTP server over the engine: completions and chat (FastAPI; the
+              "serve" extra)
 """
 
 from arjax.decode.loop import (

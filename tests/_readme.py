@@ -69,12 +69,14 @@ def commands() -> list[str]:
 
 
 def python_blocks() -> dict[str, str]:
-    """The Python blocks by what they show: the server's client, the decoding API, training."""
+    """The Python blocks by what they show: the server's client (completions, chat), the decoding API, training."""
     found = blocks("python")
     named = {}
     for block in found:
         name = (
-            "client"
+            "chat"
+            if "chat.completions" in block
+            else "client"
             if "OpenAI(" in block
             else "train"
             if "train(cfg" in block
@@ -326,6 +328,7 @@ def _serve(run: Run, cwd: pathlib.Path, env: dict) -> Result:
         if "url" in extra:
             try:
                 extra["client"] = run_client_block(extra["url"])
+                extra["chat"] = run_chat_block(extra["url"])
             except Exception:  # noqa: BLE001 (shown by the check, beside the server's own output)
                 extra["client_error"] = traceback.format_exc()
     finally:
@@ -350,6 +353,16 @@ def run_client_block(url: str) -> dict:
     scope: dict = {"print": lambda *a, **k: printed.append(k.get("sep", " ").join(map(str, a)) + k.get("end", "\n"))}
     exec(compile(block.replace("http://127.0.0.1:8000", url), str(README), "exec"), scope)
     return {"r": scope["r"], "printed": "".join(printed)}
+
+
+def run_chat_block(url: str) -> str:
+    """The README's streaming chat block, as written but for the server's address: what it printed."""
+    block = python_blocks()["chat"]
+    assert "http://127.0.0.1:8000/v1" in block and "stream=True" in block
+    printed: list[str] = []
+    scope: dict = {"print": lambda *a, **k: printed.append(k.get("sep", " ").join(map(str, a)) + k.get("end", "\n"))}
+    exec(compile(block.replace("http://127.0.0.1:8000", url), str(README), "exec"), scope)
+    return "".join(printed)
 
 
 def _hosts(run: Run, cwd: pathlib.Path, env: dict) -> Result:
@@ -561,7 +574,8 @@ def _served(r: Result, ws: pathlib.Path) -> None:
     assert reply.model == "demo" and 1 <= reply.usage.completion_tokens <= 64
     assert reply.choices[0].finish_reason in ("length", "stop") and isinstance(reply.choices[0].text, str)
     assert client["printed"], "the streamed completion printed nothing"
-    assert "arjax serve: stopped after" in r.stderr and "2 requests" in r.stderr, "SIGINT did not stop it cleanly"
+    assert r.extra.get("chat") and "None" not in r.extra["chat"], "the streamed chat printed nothing"
+    assert "arjax serve: stopped after" in r.stderr and "3 requests" in r.stderr, "SIGINT did not stop it cleanly"
 
 
 def _evaluated(r: Result, ws: pathlib.Path) -> None:

@@ -32,7 +32,8 @@ def test_every_readme_command_is_run_by_a_test():
         f"README commands no test runs: {sorted(set(written) - set(run))}; "
         f"commands tests/_readme.py runs that the README no longer has: {sorted(set(run) - set(written))}"
     )
-    assert set(readme.python_blocks()) == {"client", "api", "train"}  # the client runs against `arjax serve`
+    # the client and chat blocks run against `arjax serve` (the chat block against tests/test_serve.py's too)
+    assert set(readme.python_blocks()) == {"client", "chat", "api", "train"}
     for module in {r.module for r in readme.RUNS}:  # each run belongs to a README test file that runs its share
         assert "readme.run_all(readme." in pathlib.Path(__file__).with_name(module).read_text(), module
     assert os.access(readme.ARJAX, os.X_OK), f"no installed `arjax` script at {readme.ARJAX}"

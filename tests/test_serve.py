@@ -25,8 +25,9 @@ from arjax.train.tokenizer import ByteTokenizer, CharTokenizer
 openai = pytest.importorskip("openai")
 from arjax.decode.server import Server, bind, create_app
 
-# 256 distinct characters, one per token id: decoding is injective, so equal text means equal tokens.
-TOK = CharTokenizer([chr(c) for c in range(32, 127)] + [chr(c) for c in range(0x100, 0x100 + 161)])
+# 256 distinct characters, one per token id: decoding is injective, so equal text means equal tokens. The
+# newline lets it write the default chat template.
+TOK = CharTokenizer([chr(c) for c in range(32, 127)] + ["\n"] + [chr(c) for c in range(0x100, 0x100 + 160)])
 
 
 _COMPILES = collections.Counter()  # XLA compilations in this process, whatever asked for them
@@ -246,7 +247,21 @@ BAD = [
     ({"model": "tiny", "prompt": 5}, 400, "prompt"),
     ({"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature=-1.0 must be a finite number >= 0"),
     ({"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p=0.0 must be in (0, 1]"),
-    ({"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal to 1"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 0}, 400, "max_tokens=0 generates nothing"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": -1}, 400, "max_tokens: Input should be greater than or equal to 0"),
+    ({"model": "tiny", "prompt": [5, 300, 7]}, 400, "prompt[1]: token id 300 is outside the model's vocabulary"),
+    ({"model": "tiny", "prompt": [[5], [6, -1]]}, 400, "prompt[1][1]: token id -1 is outside"),
+    ({"model": "tiny", "prompt": [[5], []]}, 400, "prompt[1] is empty"),
+    ({"model": "tiny", "prompt": ["a", 5]}, 400, "prompt must be a string, a non-empty list of strings, a list of"),
+    ({"model": "tiny", "prompt": [1.5]}, 400, "prompt must be a string"),
+    ({"model": "tiny", "prompt": [True]}, 400, "prompt must be a string"),
+    ({"model": "tiny", "prompt": "a", "stream_options": {"include_usage": True}}, 400, "only allowed with stream"),
+    (
+        {"model": "tiny", "prompt": "a", "stream": True, "stream_options": {"usage": True}},
+        400,
+        "unknown field 'stream_options.usage'",
+    ),
+    ({"model": "tiny", "prompt": "a" * 70, "max_tokens": 0, "echo": True}, 400, "takes at most 63"),
     (
         {"model": "tiny", "prompt": "abc", "max_tokens": 100},
         400,
@@ -283,7 +298,7 @@ def test_any_content_type_is_read_as_json_and_errors_have_openais_shape(served):
     )  # what curl -d sends
     resp = conn.getresponse()
     assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 2
-    for method, path, status in (("GET", "/v1/completions", 405), ("POST", "/v1/chat/completions", 404)):
+    for method, path, status in (("GET", "/v1/completions", 405), ("POST", "/v1/embeddings", 404)):
         conn.request(method, path)
         resp = conn.getresponse()
         assert (
@@ -441,6 +456,15 @@ def test_a_failed_round_fails_its_requests_with_500_and_the_server_goes_on(serve
     ok, reply = _post(served.host, json.dumps({"model": "tiny", "prompt": "ok", "max_tokens": 3}))
     assert ok == 200 and reply["usage"]["completion_tokens"] == 3
 
+    # A stream under way when its round fails ends with an error event (no finish_reason): the official
+    # client raises it.
+    calls.clear()
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 3}
+    with pytest.raises(openai.APIError, match="decoding failed on the server"):
+        list(served.client.chat.completions.create(**chat, stream=True))
+    assert "a decoding round failed" in capfd.readouterr().err
+    assert served.client.chat.completions.create(**chat).usage.completion_tokens == 3
+
 
 def test_engine_with_int8_weights_and_cache_equals_generate(model):
     from arjax.model import quantize
@@ -478,9 +502,318 @@ def test_shutting_down_ends_every_stream_properly_and_refuses_new_requests(model
         assert resp.readline().startswith(b"data: {")
         engine.close()  # what a SIGINT / SIGTERM to `arjax serve` does first
         rest = resp.read().decode()
-        assert '"finish_reason": "cancelled"' in rest and rest.endswith("data: [DONE]\n\n")
+        # No finish_reason of OpenAI's fits a response cut short: the stream ends with an error event, then [DONE].
+        events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
+        assert events[-1] == {
+            "error": {
+                "message": "the server is shutting down; retry on another",
+                "type": "server_error",
+                "param": None,
+                "code": 503,
+            }
+        }
+        assert all(c["finish_reason"] is None for e in events[:-1] for c in e["choices"]), rest
+        assert rest.endswith("data: [DONE]\n\n") and "cancelled" not in rest
         got, reply = _post(host, json.dumps({"model": "tiny", "prompt": "a"}))
         assert got == 503 and "shutting down" in reply["error"]["message"]
     finally:
         server.stop()
         engine.stop()
+
+
+# ---------------------------------------------------------------------------- the chat API and OpenAI's details
+
+
+def _teacher_forced(model, ids: list[int]) -> np.ndarray:
+    """log p(token t | tokens before it) for every t >= 1, and the whole [T, V] table: the model's own pass."""
+    logits = model(jnp.asarray([ids], jnp.int32))[0][0]  # [T, V]
+    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def test_chat_completion_with_the_official_client_stream_n_stop_seed_and_usage(served, model):
+    from arjax.decode.chat import ChatTemplate
+
+    client = served.client
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+    prompt = ChatTemplate(TOK).render(messages)
+    assert prompt == "<|system|>\nS<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"  # the default template
+    ids = TOK.encode(prompt)
+    greedy = TOK.decode(_solo(model, ids, 8)[0])
+    assert "<|end|>" not in greedy  # (the default template's stop string would cut it)
+
+    r = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == greedy
+    assert r.choices[0].finish_reason == "length" and r.choices[0].logprobs is None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 8, len(ids) + 8)
+    # max_tokens is max_completion_tokens' deprecated name; both may be sent if equal. Text parts join with
+    # newlines; developer is OpenAI's newer name for system.
+    alike = [
+        dict(messages=messages, max_tokens=8),
+        dict(messages=messages, max_tokens=8, max_completion_tokens=8),
+        dict(messages=[{"role": "developer", "content": "S"}, messages[1]], max_completion_tokens=8),
+        dict(
+            messages=[
+                messages[0],
+                {"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]},
+            ],
+            max_completion_tokens=8,
+        ),
+    ]
+    for i, kwargs in enumerate(alike):
+        r = client.chat.completions.create(model="tiny", temperature=0, **kwargs)
+        want = greedy if i < 3 else TOK.decode(_solo(model, TOK.encode(prompt.replace("Hi", "H\ni")), 8)[0])
+        assert r.choices[0].message.content == want, i
+
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_completion_tokens=8, temperature=0, stream=True
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert (chunks[0].choices[0].delta.role, chunks[0].choices[0].delta.content) == ("assistant", "")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == greedy
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "length" and last.delta.content is None and last.delta.role is None
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+    # include_usage: every chunk carries usage null, then one more with no choices and the usage.
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_completion_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == len(ids) and all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == greedy
+
+    stop = greedy[3:5]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stop=stop)
+    assert r.choices[0].message.content == greedy[: greedy.find(stop)] and r.choices[0].finish_reason == "stop"
+
+    # n choices, choice i seeded seed + i; the same seed gives the same text, streamed or not.
+    sampled = [
+        [
+            c.message.content
+            for c in client.chat.completions.create(
+                model="tiny", messages=messages, max_completion_tokens=10, temperature=1.0, seed=s, n=3
+            ).choices
+        ]
+        for s in (7, 7, 8)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2] and len(set(sampled[0])) == 3
+    for i, text in enumerate(sampled[0]):
+        assert text == TOK.decode(_solo(model, ids, 10, temperature=1.0, seed=7 + i)[0]), i
+    texts = collections.defaultdict(str)
+    for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_completion_tokens=10, temperature=1.0, seed=7, n=3, stream=True
+    ):
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert [texts[i] for i in range(3)] == sampled[0]
+
+
+def test_chat_logprobs_in_openais_chat_shape_equal_the_teacher_forced_pass(served, model):
+    client = served.client
+    messages = [{"role": "user", "content": "Tell me"}]
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_completion_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    text = r.choices[0].message.content
+    assert len(content) == 5 and "".join(e.token for e in content) == text
+    ids = TOK.encode("<|user|>\nTell me<|end|>\n<|assistant|>\n") + [TOK.encode(e.token)[0] for e in content]
+    table = _teacher_forced(model, ids)
+    P = len(ids) - 5
+    for j, e in enumerate(content):
+        assert e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 3
+        assert e.logprob == pytest.approx(float(table[P + j - 1, ids[P + j]]), abs=1e-4)
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)  # greedy
+        best = np.argsort(-table[P + j - 1])[:3]
+        assert [TOK.encode(a.token)[0] for a in e.top_logprobs] == [int(b) for b in best]
+        assert [a.bytes for a in e.top_logprobs] == [list(a.token.encode()) for a in e.top_logprobs]
+
+    r = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=5, logprobs=True, seed=1)
+    assert len(r.choices[0].logprobs.content) == 5 and all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
+    streamed = [
+        e
+        for c in client.chat.completions.create(
+            model="tiny", messages=messages, max_completion_tokens=5, logprobs=True, seed=1, stream=True
+        )
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in r.choices[0].logprobs.content]
+
+
+def test_completions_take_token_ids_echo_with_the_prompts_logprobs_and_include_usage(served, model):
+    client = served.client
+    text = "Hello, world"
+    ids = TOK.encode(text)
+    greedy = TOK.decode(_solo(model, ids, 6)[0])
+    for prompt in (ids, [ids, TOK.encode("ab")]):  # one prompt of token ids, several
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text == greedy and r.usage.prompt_tokens == sum(len(p) for p in r_prompts(prompt))
+    assert len(r.choices) == 2
+
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, echo=True)
+    assert r.choices[0].text == text + greedy
+
+    # echo + logprobs: the prompt's tokens too, the first one's logprob and alternatives null (as OpenAI's
+    # completions were), every value the model's own teacher-forced log-probability.
+    r = client.completions.create(model="tiny", prompt=text, max_tokens=6, temperature=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == text + greedy and "".join(lp.tokens) == text + greedy
+    assert len(lp.tokens) == len(ids) + 6 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == list(range(len(ids) + 6))  # one character per token here
+    full = ids + TOK.encode(greedy)
+    table = _teacher_forced(model, full)
+    for t in range(1, len(full)):
+        assert lp.token_logprobs[t] == pytest.approx(float(table[t - 1, full[t]]), abs=1e-4), t
+        best = [TOK.decode([int(b)]) for b in np.argsort(-table[t - 1])[:2]]
+        assert list(lp.top_logprobs[t]) == best, t
+
+    # max_tokens=0 with echo: scoring only (what evaluation harnesses send), nothing generated.
+    r = client.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == text and r.choices[0].finish_reason == "length" and lp.top_logprobs is None
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    assert lp.token_logprobs[1:] == pytest.approx([float(table[t - 1, full[t]]) for t in range(1, len(ids))], abs=1e-4)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+
+    # Streamed: the echo arrives with the prompt's log-probabilities; include_usage adds the usage chunk.
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=text,
+            max_tokens=6,
+            temperature=0,
+            echo=True,
+            logprobs=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+        len(ids),
+        6,
+    )
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == text + greedy
+    streamed = [x for c in chunks[:-1] if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(
+        [float(table[t - 1, full[t]]) for t in range(1, len(full))], abs=1e-4
+    )
+
+
+def r_prompts(prompt):
+    return [prompt] if isinstance(prompt[0], int) else prompt
+
+
+BAD_CHAT = [
+    ({"messages": []}, "messages must be a non-empty list", "messages"),
+    ({"messages": "hi"}, "messages must be a non-empty list", "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role 'tool' is not supported", "messages"),
+    (
+        {"messages": [{"role": "robot", "content": "x"}]},
+        "messages[0].role must be one of system, developer",
+        "messages",
+    ),
+    ({"messages": [{"role": "user"}]}, "messages[0].content must be a string or a list of text parts", "messages"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content[0]: parts of type 'image_url' are not supported",
+        "messages",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "café"}]},
+        "messages[1].content: character 'é' is not in this character-level vocabulary",
+        "messages",
+    ),
+    (
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+        "messages[0].tool_calls: tool calls are not supported",
+        "messages",
+    ),
+    ({"messages": [{"role": "user", "content": "a", "weight": 1}]}, "messages[0]: unknown field 'weight'", "messages"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools is not supported by this server", "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format is not supported", "response_format"),
+    ({"top_logprobs": 2}, "top_logprobs needs logprobs=true", "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 6}, "top_logprobs: Input should be less than or equal to 5", "top_logprobs"),
+    ({"max_tokens": 4, "max_completion_tokens": 5}, "max_tokens=4 and max_completion_tokens=5 disagree", "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens: Input should be greater than or equal to 1", None),
+    ({"max_completion_tokens": 60}, "lower max_completion_tokens to <=", "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "a" * 60}]}, "shorten the messages", "messages"),
+    ({"stream_options": {"include_usage": True}}, "stream_options is only allowed with stream=true", None),
+    ({"temperature": -1}, "temperature=-1.0 must be a finite number >= 0", "temperature"),
+    ({"best_of": 2}, "unknown field 'best_of'; /v1/chat/completions takes model, messages", "best_of"),
+    ({"model": "gpt-4"}, "serves 'tiny'", "model"),
+]
+
+
+@pytest.mark.parametrize("fields, message, param", BAD_CHAT, ids=[m[:24] for _, m, _ in BAD_CHAT])
+def test_bad_chat_request_is_a_400_naming_the_field(served, fields, message, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields}
+    got, reply = _post(served.host, json.dumps(body), "/v1/chat/completions")
+    assert got == (404 if "model" in fields else 400) and message in reply["error"]["message"], reply
+    assert reply["error"]["param"] == (param or reply["error"]["param"]) and "\n" not in reply["error"]["message"]
+    ok, reply = _post(
+        served.host,
+        json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        "/v1/chat/completions",
+    )
+    assert ok == 200 and reply["usage"]["completion_tokens"] == 2
+
+
+def _load_readme_helper():
+    """tests/_readme.py (the README's blocks), as the README tests load it."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    if "_readme" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_readme", pathlib.Path(__file__).with_name("_readme.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_readme"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_readme"]
+
+
+def test_readme_streaming_chat_example_runs_as_written(served):
+    """The README's chat block, against this module's engine served under the README's model name."""
+    readme = _load_readme_helper()
+    server = Server(create_app(served.engine, TOK, "demo"), bind("127.0.0.1", 0))
+    server.start()
+    try:
+        printed = readme.run_chat_block(server.url)
+    finally:
+        server.stop()
+    assert printed and "None" not in printed
+
+
+def test_a_tokenizers_own_chat_template_is_used_and_adds_no_stop_string(served, model):
+    """A template of the tokenizer's own (ChatML here) writes the prompt; the default's <|end|> is no stop."""
+    from arjax.decode.chat import ChatTemplate
+
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    app = create_app(served.engine, TOK, "tiny")
+    app.state.chat = ChatTemplate(TOK, chatml)
+    assert app.state.chat.stops == ()
+    server = Server(app, bind("127.0.0.1", 0))
+    server.start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
+        )
+    finally:
+        server.stop()
+    ids = TOK.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == TOK.decode(_solo(model, ids, 6)[0])

@@ -55,6 +55,10 @@ class ByteTokenizer:
         # A sampled byte sequence need not be valid UTF-8; show U+FFFD rather than fail.
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes (a byte of a split character too: OpenAI's logprobs ``bytes``)."""
+        return bytes([int(token_id)]) if 0 <= int(token_id) < 256 else b""
+
     def save(self, directory: str) -> None:
         _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size})
 
@@ -95,6 +99,9 @@ class CharTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[int(i)] if 0 <= int(i) < len(self.chars) else "\ufffd" for i in ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.decode([token_id]).encode("utf-8")
 
     def save(self, directory: str) -> None:
         _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size, "chars": "".join(self.chars)})
@@ -192,11 +199,15 @@ class HFTokenizer:
         bos_token: str | None = None,
         pad_token: str | None = None,
         add_special_tokens: bool = True,
+        chat_template: str | None = None,
     ):
         self.tokenizer = tokenizer
         self.special_tokens = {"eos_token": eos_token, "bos_token": bos_token, "pad_token": pad_token}
         # Whether encode() runs the post-processor (e.g. Llama's BOS), as transformers' tokenizer(text) does.
         self.add_special_tokens = add_special_tokens
+        # The Jinja template that writes a conversation as this model's prompt (arjax.decode.chat renders it).
+        self.chat_template = chat_template
+        self._added: set[int] | None = None  # ids of added tokens (specials), read on first use
         for field, token in self.special_tokens.items():
             if token is not None and tokenizer.token_to_id(token) is None:
                 raise ValueError(f"{field}={token!r} is not in this tokenizer's vocabulary; fix tokenizer_config.json")
@@ -227,15 +238,46 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes: exact for byte-level BPE (GPT-2, Llama 3, Qwen, ours) and byte-fallback
+        pieces (``<0x0A>``), where one token may hold part of a character; else the token decoded alone."""
+        if self._added is None:
+            self._added = set(self.tokenizer.get_added_tokens_decoder())
+        piece = self.tokenizer.id_to_token(int(token_id))
+        if piece is not None and int(token_id) not in self._added:
+            if type(self.tokenizer.decoder).__name__ == "ByteLevel" and all(c in _BYTE_LEVEL for c in piece):
+                return bytes(_BYTE_LEVEL[c] for c in piece)
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+        return self.decode([token_id]).encode("utf-8")
+
     def save(self, directory: str) -> None:
         """tokenizer.json + tokenizer_config.json (what transformers' AutoTokenizer reads) + our kind marker."""
         os.makedirs(directory, exist_ok=True)
         self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(1e30)}
         config.update({k: v for k, v in self.special_tokens.items() if v is not None})
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=1, ensure_ascii=False)
         _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size})
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (``bytes_to_unicode``), inverted: the character a byte is written as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = dict(zip(printable, printable)), 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], extra = 256 + extra, extra + 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+_BYTE_LEVEL = _byte_level_table()
 
 
 def _token_str(value: Any) -> str | None:
@@ -271,6 +313,27 @@ def _special_tokens_from_files(directory: str, tokenizer) -> dict[str, str | Non
     return found
 
 
+def _chat_template_from_files(directory: str) -> str | None:
+    """The directory's chat template, where transformers finds it: chat_template.jinja (transformers >= 4.43
+    writes it there), else ``chat_template`` in tokenizer_config.json (a string, or a list of named
+    templates of which the one named "default" is used)."""
+    path = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"chat_template in {path} is not a string (a Jinja template); fix or remove it")
+    return template
+
+
 def load_hf_tokenizer(directory: str) -> HFTokenizer:
     """A local HF tokenizer directory: tokenizer.json, or vocab/merges files that transformers can read."""
     from tokenizers import Tokenizer  # the "hf" extra
@@ -278,7 +341,11 @@ def load_hf_tokenizer(directory: str) -> HFTokenizer:
     path = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(path):
         tokenizer = Tokenizer.from_file(path)
-        return HFTokenizer(tokenizer, **_special_tokens_from_files(directory, tokenizer))
+        return HFTokenizer(
+            tokenizer,
+            **_special_tokens_from_files(directory, tokenizer),
+            chat_template=_chat_template_from_files(directory),
+        )
     if not os.path.isdir(directory):
         raise ValueError(f"tokenizer directory {directory!r} does not exist")
     try:  # slow-tokenizer files (vocab.json + merges.txt, tokenizer.model): transformers converts them offline
@@ -290,7 +357,12 @@ def load_hf_tokenizer(directory: str) -> HFTokenizer:
     if not hasattr(hf, "backend_tokenizer"):
         raise ValueError(f"the tokenizer in {directory!r} has no fast (tokenizers) backend; save it as tokenizer.json")
     tokens = {f: getattr(hf, f, None) for f in _SPECIAL_FIELDS}
-    return HFTokenizer(hf.backend_tokenizer, **{k: (str(v) if v is not None else None) for k, v in tokens.items()})
+    template = getattr(hf, "chat_template", None)
+    return HFTokenizer(
+        hf.backend_tokenizer,
+        **{k: (str(v) if v is not None else None) for k, v in tokens.items()},
+        chat_template=template if isinstance(template, str) else None,
+    )
 
 
 # Bytes the tokenizers BPE trainer reserves per vocabulary entry: a HashMap<String, u32> bucket

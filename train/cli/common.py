@@ -157,6 +157,15 @@ def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
             raise UsageError(f"{flag} {value} is out of range; give 1 to 65536")
     if args.max_len is not None and not 2 <= args.max_len < 2**31:
         raise UsageError(f"--max-len {args.max_len} is out of range; give at least 2 (prompt + new tokens per request)")
+    prefill = {  # serve's prefill and prefix-store flags; other engine users take the defaults
+        "prefill_chunk": ("--prefill-chunk", getattr(args, "prefill_chunk", 512), 1),
+        "prefill_tokens": ("--prefill-tokens", getattr(args, "prefill_tokens", 2048), 1),
+        "prefix_cache": ("--prefix-cache", getattr(args, "prefix_cache", 0), 0),
+        "prefix_block": ("--prefix-block", getattr(args, "prefix_block", 16), 1),
+    }
+    for flag, value, lo in prefill.values():
+        if not lo <= value <= 2**20:
+            raise UsageError(f"{flag} {value} is out of range; give {lo} to {2**20}")
     return Engine(
         model,
         slots=args.slots,
@@ -166,6 +175,7 @@ def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
         pad_id=pad,
         max_queue=max_queue,
         kv_cache_dtype=args.kv_cache_dtype,
+        **{name: value for name, (_, value, _) in prefill.items()},
     )
 
 

@@ -1,4 +1,5 @@
-"""`arjax serve`: an OpenAI-compatible completions server over the continuous-batching engine (arjax.decode.server)."""
+"""`arjax serve`: an OpenAI-compatible completions and chat server over the continuous-batching engine
+(arjax.decode.server)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def cmd_serve(args) -> int:
         from arjax.decode import server
     except ImportError as e:
         raise UsageError(
-            f"arjax serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'arjax[serve]'"
+            f"arjax serve needs FastAPI, uvicorn and jinja2 ({e.name} is missing): pip install 'arjax[serve]'"
         ) from None
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is out of range; give 0 to 65535 (0: any free port)")
@@ -52,7 +53,8 @@ def cmd_serve(args) -> int:
 
     def ready(running) -> None:
         print(
-            f"arjax serve: {model_id!r} on {running.url} (OpenAI-compatible: {running.url}/v1/completions); "
+            f"arjax serve: {model_id!r} on {running.url} (OpenAI-compatible: {running.url}/v1/completions, "
+            "/v1/chat/completions); "
             f"{engine.num_slots} slots of {engine.max_len} tokens (KV cache {engine.cache_bytes / 2**20:,.1f} MiB), "
             f"compiled in {seconds:.1f} s",
             flush=True,
@@ -73,10 +75,13 @@ def cmd_serve(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a model over HTTP with OpenAI's completions API (continuous batching)",
-        description="An OpenAI-compatible server: POST /v1/completions (streaming too), GET /v1/models, "
-        "GET /health. Requests share a fixed set of slots; new ones join between chunks of decode steps. "
-        "Sampling values come with each request.",
+        help="serve a model over HTTP with OpenAI's completions and chat APIs (continuous batching)",
+        description="An OpenAI-compatible server: POST /v1/completions (a text or token-id prompt; echo and "
+        "logprobs score the prompt), POST /v1/chat/completions (messages written as a prompt by the "
+        "tokenizer's chat_template, or for byte, char and template-less tokenizers by the default "
+        "'<|role|>\\n{content}<|end|>\\n' per message then '<|assistant|>\\n', whose <|end|> is a stop "
+        "string), both streaming too, GET /v1/models, GET /health. Requests share a fixed set of slots; new "
+        "ones join between chunks of decode steps. Sampling values come with each request.",
         formatter_class=Help,
     )
     add_model_flags(p)
@@ -109,6 +114,36 @@ def register(sub) -> None:
         metavar="N",
         default=8,
         help="decode steps between admitting requests and handing out text (smaller: lower latency, more overhead)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="N",
+        default=512,
+        help="a prompt longer than this is prefilled in pieces of N tokens between decode steps, so running "
+        "streams keep flowing (rounded up to a prompt bucket)",
+    )
+    p.add_argument(
+        "--prefill-tokens",
+        type=int,
+        metavar="N",
+        default=2048,
+        help="prompt tokens prefilled per round at most (waiting prompts go together in one pass)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        type=int,
+        metavar="N",
+        default=8,
+        help="rows of KV cache keeping recent prompts' prefixes: a prompt that starts with a stored one "
+        "(a shared system prompt) prefills only the rest; 0 turns it off",
+    )
+    p.add_argument(
+        "--prefix-block",
+        type=int,
+        metavar="N",
+        default=16,
+        help="prefixes are reused in whole blocks of N tokens",
     )
     add_quant_flags(p)
     p.set_defaults(func=cmd_serve, mesh=None)
