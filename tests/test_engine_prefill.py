@@ -148,7 +148,7 @@ def test_prefix_reuse_is_exact_and_counted(model, temperature):
 
 def test_a_repetition_penalty_request_never_takes_a_stored_prefix(model):
     """The store's rows lack the prefix tokens' penalty set: such requests prefill their whole prompt."""
-    engine = Engine(model, slots=2, max_len=128, chunk_steps=4, prefix_cache=2)
+    engine = Engine(model, slots=2, max_len=64, chunk_steps=4, prefix_cache=2)
     engine.warmup()
     prompt = list(range(40, 90))
     plain = Request(prompt=prompt, max_new_tokens=4)
@@ -165,7 +165,7 @@ def test_a_repetition_penalty_request_never_takes_a_stored_prefix(model):
 def test_prompt_logprobs_equal_the_teacher_forced_pass(model):
     """``prompt_logprobs=k``: the first update carries each prompt token's log-probability given the ones
     before it (the first None) and the k most likely alternatives, as the teacher-forced pass gives them."""
-    engine = Engine(model, slots=2, max_len=128, chunk_steps=2)
+    engine = Engine(model, slots=2, max_len=64, chunk_steps=2)
     engine.warmup()
     before = _compiles()
     prompt = [int(t) for t in np.random.default_rng(2).integers(0, 256, size=37)]
@@ -185,7 +185,7 @@ def test_prompt_logprobs_equal_the_teacher_forced_pass(model):
 
 
 def test_logprobs_are_zeros_unless_asked_and_then_equal_generates(model):
-    engine = Engine(model, slots=2, max_len=128, chunk_steps=3)
+    engine = Engine(model, slots=2, max_len=64, chunk_steps=3)
     engine.warmup()
     prompt = list(range(10, 30))
     _, plain = _run(engine, [Request(prompt=prompt, max_new_tokens=5, temperature=0.0)])
@@ -196,3 +196,46 @@ def test_logprobs_are_zeros_unless_asked_and_then_equal_generates(model):
     np.testing.assert_allclose(got, np.asarray(ref.logprobs[0, :5]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"prompt_logprobs=9 must be None or an int in \[0, 5\]"):
         engine.submit(Request(prompt=prompt, prompt_logprobs=9), lambda u: None)
+
+
+def test_the_server_reuses_a_shared_system_prompt_and_health_reports_hits(model):
+    """Over HTTP with the official client: chat requests sharing a long system message reuse its
+    prefix (the hits are in /health) and each answer equals the one a store-less server gives."""
+    if not model.cfg.use_bias:
+        pytest.skip("the HTTP path once is enough: the engine tests above cover both models")
+    openai = pytest.importorskip("openai")
+    import json
+    import urllib.request
+
+    from arjax.decode.server import Server, bind, create_app
+
+    tok = ByteTokenizer()
+    system = "You are a careful assistant. Answer in one short line, quoting the question. " * 2
+    answers = {}
+    for rows in (0, 2):
+        engine = Engine(model, slots=2, max_len=128, chunk_steps=4, tokenizer=tok, prefix_cache=rows, prefill_chunk=64)
+        engine.warmup()
+        engine.start()
+        server = Server(create_app(engine, tok, "tiny"), bind("127.0.0.1", 0))
+        server.start()
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            got = []
+            for q in ("why?", "what now?", "who is it?"):
+                r = client.chat.completions.create(
+                    model="tiny",
+                    messages=[{"role": "system", "content": system[:56]}, {"role": "user", "content": q}],
+                    max_tokens=6,
+                    temperature=0,
+                )
+                got.append(r.choices[0].message.content)
+            answers[rows] = got
+            health = json.load(urllib.request.urlopen(server.url + "/health"))
+        finally:
+            server.stop()
+            engine.stop()
+        if rows:
+            assert health["prefix_cache"]["hits"] == 2 and health["prefix_cache"]["tokens_reused"] >= 2 * 48
+        else:
+            assert health["prefix_cache"] is None
+    assert answers[0] == answers[2]
