@@ -191,7 +191,9 @@ def host_schedule(schedule):
     compiled step back to back). Here the steps of an interval are one vectorised call on the CPU
     device, never touching the accelerator's stream; it is called once here so that its first
     dispatch cost falls before training starts."""
-    cpu = jax.devices("cpu")[0]
+    # This process's own CPU device: under ``jax.distributed`` ``jax.devices("cpu")[0]`` is process
+    # 0's, and computing on another host's device would need that host's collectives.
+    cpu = jax.local_devices(backend="cpu")[0]
 
     def learning_rates(steps) -> list[float]:
         with jax.default_device(cpu):
