@@ -2,11 +2,12 @@
 
 Continuous batching, as JetStream's orchestrator does it. The device holds ``Slots``: one static
 batch of S rows (the slots), each with its own KV-cache row, write index, position, sampling values,
-PRNG key, EOS ids and token budget. Two jitted programs act on it, both donating it:
+PRNG key, EOS ids, token budget and token history (prompt then output). Jitted programs act on it,
+donating it:
 
-- ``insert``: prefill one request's prompt (padded on the right to a length bucket) into a fresh
-  cache row and put that row, and the request's settings, into a free slot. Every slot field is
-  overwritten, so a reused slot never sees its previous occupant. One program per prompt bucket.
+- ``prefill``: the next piece of R waiting prompts, one row each, in one pass (a prompt longer than
+  ``prefill_chunk`` goes in pieces between chunks; a stored prefix is copied in first). A prompt's
+  first piece overwrites every field its slot reads, so a reused slot never sees its previous occupant.
 - ``chunk``: up to ``chunk_steps`` decode steps for the slots in use (``lax.while_loop``; finished
   slots ride along masked), returning the tokens each slot emitted. Requests take the lowest free
   slot and a chunk runs over the first 1, 2, 4, ... slots that hold them, so a lightly loaded server
@@ -17,6 +18,15 @@ slots between chunks, hands each request its new tokens and text, checks stop st
 finished or cancelled slots. A request's tokens do not depend on which slot it lands in or on what
 else is running: its key chain is ``generate``'s for a batch of one (``sample`` with per-row keys),
 so greedy and seeded output equal a solo ``generate`` call with the same prompt and seed.
+
+Speculative decoding by prompt lookup (``prompt_lookup=K``): each step of the chunk draws the slot's
+next token as the plain step does, proposes the K tokens that followed the latest earlier occurrence
+of its last n-gram in its own history (``lookup_drafts``), and runs the model once over those K + 1
+tokens. Draft i is accepted iff it equals the token the plain step would draw there (same logits,
+key and penalty set: sample and compare), so every emitted token is the plain engine's, greedy or
+seeded; a slot advances by its own count, 1 to K + 1 tokens a step. Rejected drafts leave cache
+entries past the slot's last token; the slot's next block starts there and overwrites them before
+attending. Cache rows hold K + 1 slots past ``max_len`` so that no block is ever cut at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import sys
 import threading
 import time
@@ -36,14 +47,18 @@ from flax import nnx, struct
 
 from arjax.decode.loop import DEFAULT_BUCKETS, EOS_SLOTS, TRACE_COUNTS, bucket, check_prompt, eos_array
 from arjax.decode.sampling import FieldError, SamplingParams, SamplingValues, request_sampling, sample, sampling_values
-from arjax.decode.step import RUNNING, STOP_NAMES, STOP_STRING, emit, prompt_presence
+from arjax.decode.speculative import lookup_drafts
+from arjax.decode.step import RUNNING, STOP_NAMES, STOP_STRING, Emitted, emit, prompt_presence
 from arjax.decode.stops import StopStrings
 from arjax.model import KVCache, Transformer, init_cache
+from arjax.model.cache import write_slots
 from arjax.model.memory import Need, check_needs, kv_cache_bytes, loaded_needs
 from arjax.model.quant import check_kv_cache_dtype
 from arjax.model.rng import check_seed, seed_key
 from arjax.model.sharding import cache_sharding, mesh_of, placement
 
+# With prompt lookup, a plain chunk in a row of this many runs speculatively anyway (Engine._chunk_kind).
+LOOKUP_PROBE = 8
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for per token (OpenAI's limit for completions)
 
 
@@ -62,6 +77,7 @@ class Slots:
     """Everything the device keeps per slot; S slots, V vocabulary, L cache slots per row, E EOS ids."""
 
     cache: KVCache  # per layer [S, Hkv, L, Dh]; index [S]: each row's next cache slot
+    history: jax.Array  # [S, L] int32: the prompt then the emitted tokens, `positions` of them (prompt lookup)
     logits: jax.Array  # [S, V] float32: raw logits for each slot's next token
     positions: jax.Array  # [S] int32: position of each slot's next token
     keys: jax.Array  # [S] PRNG keys: each slot's chain, split once per token as generate splits its key
@@ -76,20 +92,39 @@ class Slots:
 
 @struct.dataclass
 class ChunkOut:
-    """What one chunk emitted, C = chunk_steps columns; a slot's new tokens are its first ``new[s]``."""
+    """What one chunk emitted, C = chunk_steps * (tokens a step may emit: 1, or K + 1 with prompt lookup)
+    columns; a slot's new tokens are its first ``new[s]``."""
 
     tokens: jax.Array  # [S, C] int32
     logprobs: jax.Array  # [S, C] float32: under the raw model distribution (as generate's)
     top_ids: jax.Array  # [S, C, K] int32: the K most likely tokens at each step (K = TOP_LOGPROBS)
     top_logprobs: jax.Array  # [S, C, K] float32
     new: jax.Array  # [S] int32
+    passes: jax.Array  # [S] int32: steps the slot ran (one model pass each)
+    accepted: jax.Array  # [S] int32: its new tokens beyond one a pass (accepted drafts)
+
+
+@struct.dataclass
+class Store:
+    """The prefix store's device side: E rows like a slot's, each the prefix of a prompt prefilled earlier."""
+
+    cache: KVCache  # per layer [E, Hkv, L, Dh]
+    history: jax.Array  # [E, L] int32: the prompt's tokens
+
+
+def _empty_cache(cfg, rows: int, cache_len: int, cache_dtype) -> KVCache:
+    """``rows`` empty cache rows with an index each. With prompt lookup they run K + 1 slots past
+    ``max_len``, which only rejected drafts use: past a model's learned positions too (``hidden`` clips
+    those positions; their outputs are never emitted)."""
+    cache = init_cache(cfg.replace(max_len=max(cfg.max_len, cache_len)), rows, cache_len, cache_dtype)
+    return cache.replace(index=jnp.zeros((rows,), jnp.int32))
 
 
 def _empty_slots(cfg, num_slots: int, cache_len: int, cache_dtype) -> Slots:
     S, V = num_slots, cfg.vocab_size
-    cache = init_cache(cfg, S, cache_len, cache_dtype)
     return Slots(
-        cache=cache.replace(index=jnp.zeros((S,), jnp.int32)),
+        cache=_empty_cache(cfg, S, cache_len, cache_dtype),
+        history=jnp.zeros((S, cache_len), jnp.int32),
         logits=jnp.zeros((S, V), jnp.float32),
         positions=jnp.zeros((S,), jnp.int32),
         keys=jax.random.split(jax.random.key(0), S),
@@ -103,18 +138,17 @@ def _empty_slots(cfg, num_slots: int, cache_len: int, cache_dtype) -> Slots:
     )
 
 
-def _empty_store(cfg, entries: int, cache_len: int, cache_dtype) -> KVCache:
-    """The prefix store's device side: ``entries`` cache rows like a slot's (at least one, never read
-    when the store is off)."""
-    c = init_cache(cfg, max(entries, 1), cache_len, cache_dtype)
-    return c.replace(index=jnp.zeros((max(entries, 1),), jnp.int32))
+def _empty_store(cfg, entries: int, cache_len: int, cache_dtype) -> Store:
+    """``entries`` rows like a slot's (at least one, never read when the store is off)."""
+    E = max(entries, 1)
+    return Store(cache=_empty_cache(cfg, E, cache_len, cache_dtype), history=jnp.zeros((E, cache_len), jnp.int32))
 
 
 def _prefill_impl(
     graphdef,
     params,
     slots: Slots,
-    store: KVCache,
+    store: Store,
     tokens,
     start,
     total,
@@ -138,16 +172,17 @@ def _prefill_impl(
     the piece ends the prompt: the slot takes the request's settings and starts decoding (its logits are
     the last prompt token's). A slot whose prompt is unfinished stays ``done`` (masked by ``chunk``).
     Every field a slot reads is overwritten on its first piece: nothing of a previous occupant survives.
+    The slot's history gets the piece's prompt tokens at their positions (a stored prefix's with its cache).
     """
     TRACE_COUNTS["engine_prefill"] += 1
     model = nnx.merge(graphdef, params)
     R, P = tokens.shape
-    c = slots.cache
+    c, sc = slots.cache, store.cache
     S, L = c.pos.shape
     V = slots.logits.shape[1]
     at = jnp.clip(slot, 0, S - 1)
     from_store = first & (src >= 0)
-    entry = jnp.clip(src, 0, store.pos.shape[0] - 1)
+    entry = jnp.clip(src, 0, sc.pos.shape[0] - 1)
 
     def pick(slot_buf, store_buf):  # [S, ...] and [E, ...] -> this piece's rows [R, ...]
         mine = jnp.take(slot_buf, at, axis=0)
@@ -158,16 +193,23 @@ def _prefill_impl(
         return None if slot_bufs is None else tuple(pick(a, b) for a, b in zip(slot_bufs, store_bufs))
 
     cols = jnp.arange(L)
-    pos = pick(c.pos, store.pos)
+    pos = pick(c.pos, sc.pos)
     # A first piece sees only the stored prefix (if any): every other cache slot of its row is empty.
     keep = ~first[:, None] | (from_store[:, None] & (cols < src_len[:, None]))
     rows = KVCache(
-        k=pick_layers(c.k, store.k),
-        v=pick_layers(c.v, store.v),
+        k=pick_layers(c.k, sc.k),
+        v=pick_layers(c.v, sc.v),
         pos=jnp.where(keep, pos, -1),
         index=start,
-        k_scale=pick_layers(c.k_scale, store.k_scale),
-        v_scale=pick_layers(c.v_scale, store.v_scale),
+        k_scale=pick_layers(c.k_scale, sc.k_scale),
+        v_scale=pick_layers(c.v_scale, sc.v_scale),
+    )
+    # This piece's prompt tokens at their positions; the rest of the row (a stored prefix, earlier pieces;
+    # past the prompt, anything: nothing reads it) as it was.
+    offset = cols - start[:, None]  # [R, L]
+    mine = (offset >= 0) & (offset < P) & (cols < total[:, None])
+    history = jnp.where(
+        mine, jnp.take_along_axis(tokens, jnp.clip(offset, 0, P - 1), axis=1), pick(slots.history, store.history)
     )
     p = start[:, None] + jnp.arange(P)
     positions = jnp.where(p < total[:, None], p, -1).astype(jnp.int32)  # [R, P]
@@ -196,6 +238,7 @@ def _prefill_impl(
     zeros = jnp.zeros((R,), jnp.int32)
     return Slots(
         cache=cache,
+        history=put(slots.history, history),
         logits=put(slots.logits, logits.astype(jnp.float32), final),
         positions=put(slots.positions, jnp.where(final, total, -1)),
         keys=put(slots.keys, jax.random.wrap_key_data(key), final),
@@ -209,10 +252,10 @@ def _prefill_impl(
     )
 
 
-def _save_prefix_impl(store: KVCache, slots: Slots, slot, entry) -> KVCache:
-    """Copy slot ``slot``'s cache row (a prompt just prefilled) into the prefix store's ``entry``."""
+def _save_prefix_impl(store: Store, slots: Slots, slot, entry) -> Store:
+    """Copy slot ``slot``'s cache row and history (a prompt just prefilled) into the prefix store's ``entry``."""
     TRACE_COUNTS["engine_save_prefix"] += 1
-    c = slots.cache
+    c, sc = slots.cache, store.cache
 
     def copy(big, small):
         return big.at[entry].set(small[slot].astype(big.dtype))
@@ -220,14 +263,15 @@ def _save_prefix_impl(store: KVCache, slots: Slots, slot, entry) -> KVCache:
     def copy_layers(big, small):
         return None if big is None else tuple(copy(b, x) for b, x in zip(big, small))
 
-    return KVCache(
-        k=copy_layers(store.k, c.k),
-        v=copy_layers(store.v, c.v),
-        pos=copy(store.pos, c.pos),
-        index=store.index,
-        k_scale=copy_layers(store.k_scale, c.k_scale),
-        v_scale=copy_layers(store.v_scale, c.v_scale),
+    cache = KVCache(
+        k=copy_layers(sc.k, c.k),
+        v=copy_layers(sc.v, c.v),
+        pos=copy(sc.pos, c.pos),
+        index=sc.index,
+        k_scale=copy_layers(sc.k_scale, c.k_scale),
+        v_scale=copy_layers(sc.v_scale, c.v_scale),
     )
+    return Store(cache=cache, history=copy(store.history, slots.history))
 
 
 def _score_impl(graphdef, params, tokens, n):
@@ -248,68 +292,164 @@ def _score_impl(graphdef, params, tokens, n):
     return jnp.concatenate([jnp.zeros((1,), jnp.float32), nxt]), shift(top_ids), shift(top_lp)
 
 
+def _plain_step(model, s: Slots, pad_id) -> tuple[Slots, Emitted, None]:
+    """One decode step: each running slot draws a token (its key split once, as ``generate``'s
+    ``rng, key = split(rng)``) and the model runs on it. Returns the slots, what was emitted, and the
+    logits of the step's later tokens (it has none)."""
+    split = jax.vmap(jax.random.split)(s.keys)  # [S, 2]
+    drawn = sample(split[:, 1], s.logits, s.sampling, s.presence)  # [S]
+    em = emit(s.logits, drawn, done=s.done, emitted=s.count, max_steps=s.max_new, eos=s.eos, pad_id=pad_id)
+    logits, cache = model(em.tokens[:, None], s.positions[:, None], s.cache)  # [S, 1, V]
+    # Rows that were not running do not advance (they wrote one slot past their data, never read).
+    cache = cache.replace(index=jnp.where(em.running, cache.index, s.cache.index))
+    # The history gets the token too (prompt lookup's chunks, when the engine switches to them, draft from it).
+    history = jnp.where(em.running[:, None], write_slots(s.history, em.tokens[:, None], s.positions, axis=1), s.history)
+    s = s.replace(
+        cache=cache,
+        history=history,
+        logits=logits[:, 0].astype(jnp.float32),
+        positions=s.positions + em.new,
+        keys=jnp.where(em.running, split[:, 0], s.keys),
+        count=s.count + em.new,
+        done=em.done(s.done),
+        presence=em.seen(s.presence),
+        stop_reason=em.stop_reason(s.stop_reason),
+    )
+    return s, em, None
+
+
+def _lookup_step(model, s: Slots, pad_id, k: int, ngram: int) -> tuple[Slots, Emitted, jax.Array]:
+    """One speculative step by prompt lookup: each running slot emits 1 to k + 1 tokens, the ones that
+    as many plain steps would emit, for one model pass over k + 1 tokens.
+
+    Block token 0 is drawn as the plain step draws it; tokens 1..k are drafts, the continuation of the
+    latest earlier occurrence of the slot's last ``ngram`` tokens in its history (token 0 included).
+    After the model's pass, the token after ``block[:, :j]`` is drawn as the plain step would draw it
+    there (logits[:, j - 1], the key chain split j + 1 times, the penalty counting ``block[:, :j]``),
+    and draft j is kept iff it equals that draw and every draft before it was kept. The first draw that
+    differs is not emitted: it is the next step's token 0 (the same logits, key and penalty set), so
+    every emitted token is in the cache and ``logits`` are again those after the slot's last token.
+    Returns the slots, what was emitted (a block [S, k + 1]), and the logits tokens 1..k were drawn from.
+    """
+    S, V = s.logits.shape
+    running = ~s.done
+    chain, subkeys = [s.keys], []  # chain[j]: the slot's key after j tokens; subkeys[j] draws token j
+    for _ in range(k + 1):
+        pair = jax.vmap(jax.random.split)(chain[-1])
+        chain.append(pair[:, 0])
+        subkeys.append(pair[:, 1])
+    first = sample(subkeys[0], s.logits, s.sampling, s.presence)  # [S]: the plain step's token
+    history = write_slots(s.history, first[:, None], s.positions, axis=1)  # a running slot holds `positions`
+    drafts = lookup_drafts(history, s.positions + 1, ngram=ngram, k=k)  # [S, k]
+    block = jnp.concatenate([first[:, None], drafts], axis=1)  # [S, k + 1]
+    # A row not running writes position -1 (masked) from its index (<= max_len: the spare slots hold it).
+    positions = jnp.where(running[:, None], s.positions[:, None] + jnp.arange(k + 1), -1)
+    logits, cache = model(block, positions, s.cache)  # [S, k + 1, V]: logits[:, j] follow block[:, j]
+    logits = logits.astype(jnp.float32)
+
+    # Sample and compare: the k draws as one batch of S * k rows, each with its own key and penalty set.
+    seen = [s.presence | (block[:, :1] == jnp.arange(V))]
+    for j in range(1, k):
+        seen.append(seen[-1] | (block[:, j : j + 1] == jnp.arange(V)))
+    presence = jnp.stack(seen, axis=1)  # [S, k, V]: what the penalty has seen before draft j + 1
+    draws = sample(
+        jnp.stack(subkeys[1:], axis=1).reshape(S * k),
+        logits[:, :k].reshape(S * k, V),
+        jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), s.sampling),
+        presence.reshape(S * k, V),
+    ).reshape(S, k)
+    accepted = jnp.sum(jnp.cumprod(draws == drafts, axis=1), axis=1).astype(jnp.int32)  # [S] in 0..k
+    em = emit(
+        jnp.concatenate([s.logits[:, None], logits[:, :k]], axis=1),  # [S, k + 1, V]: each token drawn from
+        block,
+        done=s.done,
+        emitted=s.count,
+        max_steps=s.max_new,
+        eos=s.eos,
+        pad_id=pad_id,
+        proposed=accepted + 1,
+    )
+    count = em.count  # [S]: cut at EOS and the budget; 0 for rows not running
+    s = s.replace(
+        cache=cache.replace(index=s.cache.index + count),
+        history=jnp.where(running[:, None], write_slots(s.history, em.tokens, s.positions, axis=1), s.history),
+        logits=jnp.take_along_axis(logits, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0],
+        positions=s.positions + count,
+        keys=jax.vmap(lambda keys, n: keys[n])(jnp.stack(chain, axis=1), count),
+        count=s.count + count,
+        done=em.done(s.done),
+        presence=em.seen(s.presence),
+        stop_reason=em.stop_reason(s.stop_reason),
+    )
+    return s, em, logits[:, :k]
+
+
 def _chunk_impl(
-    graphdef, chunk_steps, rows, params, all_slots: Slots, pad_id, steps, want_logprobs
+    graphdef, chunk_steps, rows, lookup, params, all_slots: Slots, pad_id, steps, want_logprobs
 ) -> tuple[Slots, ChunkOut]:
     """Up to ``steps`` (<= ``chunk_steps``, traced: one program serves both) decode steps for every running
     slot among the first ``rows`` (static; the others are free), stopping early when none runs. Returns
-    the slots and the chunk's ``rows`` outputs. The log-probabilities (the token's and the top
-    alternatives, a softmax and a top-k over the vocabulary per row and step) are computed only when
-    ``want_logprobs`` (traced) says a slot in the chunk asked for them; otherwise they are zeros."""
+    the slots and the chunk's ``rows`` outputs. ``lookup`` (static): (K, ngram) for speculative steps by
+    prompt lookup (``_lookup_step``: up to K + 1 tokens a step), (0, 0) for plain ones. The
+    log-probabilities (the token's and the top alternatives, a softmax and a top-k over the vocabulary
+    per token) are computed only when ``want_logprobs`` (traced) says a slot in the chunk asked for
+    them; otherwise they are zeros."""
     TRACE_COUNTS["engine_chunk"] += 1
     model = nnx.merge(graphdef, params)
+    k, ngram = lookup
+    W = k + 1  # tokens a slot may emit per step
     # Few requests in flight: decode only the slots in use (they are the lowest; see Engine._rows).
     slots = all_slots if rows == all_slots.logits.shape[0] else jax.tree.map(lambda x: x[:rows], all_slots)
     S, V = slots.logits.shape
-    K = min(TOP_LOGPROBS, V)
+    top = min(TOP_LOGPROBS, V)
+    C = chunk_steps * W
     out = ChunkOut(
-        tokens=jnp.full((S, chunk_steps), pad_id, jnp.int32),
-        logprobs=jnp.zeros((S, chunk_steps), jnp.float32),
-        top_ids=jnp.zeros((S, chunk_steps, K), jnp.int32),
-        top_logprobs=jnp.zeros((S, chunk_steps, K), jnp.float32),
+        tokens=jnp.full((S, C), pad_id, jnp.int32),
+        logprobs=jnp.zeros((S, C), jnp.float32),
+        top_ids=jnp.zeros((S, C, top), jnp.int32),
+        top_logprobs=jnp.zeros((S, C, top), jnp.float32),
         new=jnp.zeros((S,), jnp.int32),
+        passes=jnp.zeros((S,), jnp.int32),
+        accepted=jnp.zeros((S,), jnp.int32),
     )
 
     def cond(carry):
         s, _, i = carry
         return (i < steps) & ~jnp.all(s.done)
 
-    def logprobs_of(logits, tokens, running):
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.where(running, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], 0.0)
-        top_lp, top_ids = jax.lax.top_k(logp, K)
-        return chosen, top_ids.astype(jnp.int32), top_lp
+    def logprobs_of(first, rest, tokens, keep):
+        """Each token's log-probability and the top alternatives under the raw logits it was drawn from:
+        ``first`` [S, V] for tokens[:, 0], ``rest`` [S, W - 1, V] (None when W = 1) for the others."""
 
-    def no_logprobs(logits, tokens, running):
-        return jnp.zeros((S,), jnp.float32), jnp.zeros((S, K), jnp.int32), jnp.zeros((S, K), jnp.float32)
+        def under(logits, tokens):  # [S, n, V], [S, n]
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            top_lp, top_ids = jax.lax.top_k(logp, top)
+            return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0], top_ids.astype(jnp.int32), top_lp
+
+        parts = [under(first[:, None], tokens[:, :1])] + ([] if rest is None else [under(rest, tokens[:, 1:])])
+        chosen, top_ids, top_lp = (jnp.concatenate(x, axis=1) for x in zip(*parts))
+        return jnp.where(keep, chosen, 0.0), top_ids, top_lp
+
+    def no_logprobs(first, rest, tokens, keep):
+        return jnp.zeros((S, W), jnp.float32), jnp.zeros((S, W, top), jnp.int32), jnp.zeros((S, W, top), jnp.float32)
 
     def body(carry):
         s, o, i = carry
-        split = jax.vmap(jax.random.split)(s.keys)  # [S, 2]: as generate's `rng, key = split(rng)`, per row
-        drawn = sample(split[:, 1], s.logits, s.sampling, s.presence)  # [S]
-        em = emit(s.logits, drawn, done=s.done, emitted=s.count, max_steps=s.max_new, eos=s.eos, pad_id=pad_id)
-        chosen, top_ids, top_lp = jax.lax.cond(want_logprobs, logprobs_of, no_logprobs, s.logits, em.tokens, em.running)
-        logits, cache = model(em.tokens[:, None], s.positions[:, None], s.cache)  # [S, 1, V]
-        # Rows that were not running do not advance (they wrote one slot past their data, never read).
-        cache = cache.replace(index=jnp.where(em.running, cache.index, s.cache.index))
-        s = s.replace(
-            cache=cache,
-            logits=logits[:, 0].astype(jnp.float32),
-            positions=s.positions + em.new,
-            keys=jnp.where(em.running, split[:, 0], s.keys),
-            count=s.count + em.new,
-            done=em.done(s.done),
-            presence=em.seen(s.presence),
-            stop_reason=em.stop_reason(s.stop_reason),
-        )
+        new_s, em, rest = _plain_step(model, s, pad_id) if k == 0 else _lookup_step(model, s, pad_id, k, ngram)
+        tokens = em.tokens.reshape(S, W)
+        keep = jnp.arange(W) < em.new[:, None]  # [S, W]
+        chosen, top_ids, top_lp = jax.lax.cond(want_logprobs, logprobs_of, no_logprobs, s.logits, rest, tokens, keep)
+        at = i if k == 0 else o.new  # plain: column i (a row runs from the chunk's first step until it ends)
         o = o.replace(
-            tokens=o.tokens.at[:, i].set(em.tokens),
-            logprobs=o.logprobs.at[:, i].set(chosen),
-            top_ids=o.top_ids.at[:, i].set(top_ids),
-            top_logprobs=o.top_logprobs.at[:, i].set(top_lp),
+            tokens=write_slots(o.tokens, tokens, at, axis=1),
+            logprobs=write_slots(o.logprobs, chosen, at, axis=1),
+            top_ids=write_slots(o.top_ids, top_ids, at, axis=1),
+            top_logprobs=write_slots(o.top_logprobs, top_lp, at, axis=1),
             new=o.new + em.new,
+            passes=o.passes + em.running,
+            accepted=o.accepted + em.new - em.running,
         )
-        return s, o, i + 1
+        return new_s, o, i + 1
 
     slots, out, _ = jax.lax.while_loop(cond, body, (slots, out, jnp.zeros((), jnp.int32)))
     if rows < all_slots.logits.shape[0]:  # back into the (donated) whole
@@ -326,7 +466,7 @@ def _release_impl(slots: Slots, mask) -> Slots:
 _prefill = jax.jit(_prefill_impl, static_argnums=(0,), donate_argnums=(2,))
 _save_prefix = jax.jit(_save_prefix_impl, donate_argnums=(0,))
 _score = jax.jit(_score_impl, static_argnums=(0,))
-_chunk = jax.jit(_chunk_impl, static_argnums=(0, 1, 2), donate_argnums=(4,))
+_chunk = jax.jit(_chunk_impl, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 _release = jax.jit(_release_impl, donate_argnums=(0,))
 
 
@@ -388,6 +528,7 @@ class _Active:
     reused: int = 0  # prompt tokens taken from the prefix store
     prefix_entry: int = -1  # the store entry they come from
     prompt_lp: tuple | None = None  # (logprobs, top ids, top logprobs) for the first update
+    accept: float = float("inf")  # prompt lookup: drafts accepted per step, recent average (unknown: try it)
 
     def last_update(self, reason: str) -> Update:
         """The last update of a request that ends without new tokens: 'cancelled' or 'error'."""
@@ -475,9 +616,16 @@ class Engine:
     ``step`` (or, for a request cancelled while still queued, from the thread that cancels it)
     (``start()`` runs it in a background thread that owns the device state; batch jobs call
     ``run_until_done`` instead). Requests wait in a FIFO queue of at most ``max_queue`` (then
-    ``submit`` raises ``QueueFull``). ``warmup()`` compiles every program serving can need (an insert per
-    prompt bucket, a chunk per row bucket); after it,
+    ``submit`` raises ``QueueFull``). ``warmup()`` compiles every program serving can need (a prefill per
+    piece width and row count, a chunk per row bucket); after it,
     no prompt length up to ``max_len`` and no sampling value compiles anything (``TRACE_COUNTS``).
+    ``prompt_lookup=K`` (1..64; 0: off) decodes speculatively, K drafts a step from the slot's last
+    ``lookup_ngram`` tokens' latest earlier occurrence in its prompt and output, with the plain engine's
+    tokens (see the module docstring); ``stats["spec_steps"]`` and ``stats["spec_accepted"]`` count the
+    steps slots ran and the drafts they emitted in speculative chunks (``stats["spec_chunks"]``). A chunk
+    speculates only while the decoding requests' recent accepted drafts per step average at least
+    ``lookup_threshold`` (new requests are tried; 0: always): sampled or never-repeating text decodes at
+    the plain engine's speed (see ``_chunk_kind``).
     """
 
     def __init__(
@@ -496,6 +644,9 @@ class Engine:
         prefill_tokens: int = 2048,
         prefix_cache: int = 0,
         prefix_block: int = 16,
+        prompt_lookup: int = 0,
+        lookup_ngram: int = 3,
+        lookup_threshold: float = 1.0,
     ):
         cfg = model.cfg
         for name, value, lo in (
@@ -509,6 +660,21 @@ class Engine:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value < 2**31:
                 raise ValueError(f"{name}={value!r} must be an int >= {lo}")
+        for name, value, lo, hi, what in (
+            ("prompt_lookup", prompt_lookup, 0, 64, "drafts per step; 0 turns prompt lookup off, 4-8 is typical"),
+            ("lookup_ngram", lookup_ngram, 1, 16, "the n-gram prompt lookup matches"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+                raise ValueError(f"{name}={value!r} must be an int in {lo}..{hi} ({what})")
+        if (
+            isinstance(lookup_threshold, bool)
+            or not isinstance(lookup_threshold, (int, float, np.integer, np.floating))
+            or not 0 <= lookup_threshold <= 64
+        ):
+            raise ValueError(
+                f"lookup_threshold={lookup_threshold!r} must be a number in 0..64 (accepted drafts a step "
+                "worth a speculative chunk; 0 always speculates)"
+            )
         max_len = cfg.max_len if max_len is None else max_len
         if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
             raise ValueError(f"max_len={max_len!r} must be an int >= 2 (cache slots per request: prompt + new tokens)")
@@ -522,6 +688,14 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.num_slots, self.max_len, self.chunk_steps = int(slots), int(max_len), int(chunk_steps)
         self.pad_id, self.max_queue = int(pad_id), int(max_queue)
+        self.prompt_lookup, self.lookup_ngram = int(prompt_lookup), int(lookup_ngram)
+        # A speculative step writes K + 1 cache slots from a row's index (at most max_len): spare room, so
+        # that no block is ever cut at the row's end. The history has the same length.
+        self.cache_len = self.max_len + (self.prompt_lookup + 1 if self.prompt_lookup else 0)
+        self.lookup_threshold = float(lookup_threshold)
+        # _chunk's static `lookup` for each kind of chunk the engine runs: plain, and speculative if on.
+        self._kinds = ((0, 0),) + (((self.prompt_lookup, self.lookup_ngram),) if self.prompt_lookup else ())
+        self._plain_chunks = 0  # plain chunks in a row since the last speculative one
         # Prompt widths: the buckets below max_len, and max_len itself (a prompt may fill all but one slot).
         self.buckets = tuple(sorted({b for b in buckets if b < self.max_len} | {self.max_len}))
         # Chunks run over the first 1, 2, 4, ... slots when only those are in use: one request in
@@ -695,18 +869,18 @@ class Engine:
             # loop body on real work once (a first execution costs more than the next), none is left busy.
             for start in range(0, S, most):
                 self._run_prefill([(None, s, 0) for s in range(start, min(S, start + most))], P0, most, warm=True)
-            for rows in self.row_buckets:
-                for want in (False, True):
-                    self._slots, _ = _chunk(
-                        self._graphdef,
-                        self.chunk_steps,
-                        rows,
-                        self._params,
-                        self._slots,
-                        np.int32(self.pad_id),
-                        np.int32(self.chunk_steps),
-                        np.bool_(want),
-                    )
+            for rows, want, kind in itertools.product(self.row_buckets, (False, True), self._kinds):
+                self._slots, _ = _chunk(
+                    self._graphdef,
+                    self.chunk_steps,
+                    rows,
+                    kind,
+                    self._params,
+                    self._slots,
+                    np.int32(self.pad_id),
+                    np.int32(self.chunk_steps),
+                    np.bool_(want),
+                )
             self._slots = _release(self._slots, self._put(np.ones((S,), bool)))
             for P, R in self.prefill_shapes:  # padding rows only (slot S): nothing lands in a slot
                 self._run_prefill([], P, R)
@@ -850,6 +1024,22 @@ class Engine:
             [None] + [[(int(t), float(v)) for t, v in zip(ids[j, :k], top[j, :k])] for j in range(1, n)],
         )
 
+    def _chunk_kind(self) -> tuple[int, int]:
+        """The chunk to run (``_chunk``'s static ``lookup``): speculative when the decoding requests'
+        recent accepted drafts per step average at least ``lookup_threshold`` (a request not measured
+        yet counts as worth it, so a new one is always tried), plain otherwise, with a speculative chunk
+        every ``LOOKUP_PROBE``-th time so that text turning repetitive is noticed. A speculative step
+        costs a pass over K + 1 tokens and the K extra draws; where drafts are rejected (sampled text,
+        text that never repeats) it is slower than a plain one. Both give the same tokens."""
+        if not self.prompt_lookup:
+            return self._kinds[0]
+        rates = [a.accept for a in self._by_slot if a is not None and not a.prefilling]
+        if sum(rates) >= self.lookup_threshold * len(rates) or self._plain_chunks + 1 >= LOOKUP_PROBE:
+            self._plain_chunks = 0
+            return self._kinds[1]
+        self._plain_chunks += 1
+        return self._kinds[0]
+
     def _rows(self) -> int:
         """The smallest row bucket holding every slot in use (requests take the lowest free slot)."""
         last = max(i for i, a in enumerate(self._by_slot) if a is not None)
@@ -885,10 +1075,12 @@ class Engine:
         want = any(
             a is not None and not a.prefilling and (a.request.logprobs or a.request.top_logprobs) for a in self._by_slot
         )
+        kind = self._chunk_kind()
         self._slots, out = _chunk(
             self._graphdef,
             self.chunk_steps,
             rows,
+            kind,
             self._params,
             self._slots,
             np.int32(self.pad_id),
@@ -897,6 +1089,14 @@ class Engine:
         )
         out, done, reason = jax.device_get((out, self._slots.done, self._slots.stop_reason))
         self.stats["chunks"] += 1
+        if kind[0]:
+            self.stats["spec_chunks"] += 1
+            self.stats["spec_steps"] += int(out.passes.sum())
+            self.stats["spec_accepted"] += int(out.accepted.sum())
+            for i, a in enumerate(self._by_slot):  # each request's recent acceptance, for the next choice
+                if a is not None and not a.prefilling and out.passes[i]:
+                    rate = float(out.accepted[i]) / float(out.passes[i])
+                    a.accept = rate if a.accept == float("inf") else (a.accept + rate) / 2
         release[:] = False
         for i, a in enumerate(self._by_slot):
             if a is None or a.prefilling:
@@ -992,26 +1192,39 @@ class Engine:
 
     def _check_memory(self) -> None:
         """Refuse slots that cannot fit beside the weights, in one line, before any is allocated."""
-        cfg, S, L = self.model.cfg, self.num_slots, self.max_len
+        cfg, S, L, Lc, K = self.model.cfg, self.num_slots, self.max_len, self.cache_len, self.prompt_lookup
         mesh = mesh_of(self._params)
         shards = 1 if mesh is None else mesh.size  # weights and cache split over a mesh, at best evenly
+        spare = f" (+{Lc - L} slots for prompt lookup's blocks)" if Lc > L else ""
         check_needs(
             [
                 *loaded_needs(self._params, shards=shards),
                 Need(
-                    f"the KV cache of slots={S} x max_len={L}",
-                    kv_cache_bytes(cfg, S, L, self._cache_dtype) // shards,
+                    f"the KV cache of slots={S} x max_len={L}{spare}",
+                    kv_cache_bytes(cfg, S, Lc, self._cache_dtype) // shards,
                     "lower slots (--slots) or max_len (--max-len)",
                 ),
                 Need(
-                    f"the prefix store of {self._store_rows} rows x max_len={L}",
-                    kv_cache_bytes(cfg, self._store_rows, L, self._cache_dtype) // shards,
+                    f"the prefix store of {self._store_rows} rows x max_len={L}{spare}",
+                    kv_cache_bytes(cfg, self._store_rows, Lc, self._cache_dtype) // shards,
                     "lower the prefix store's rows (--prefix-cache) or max_len (--max-len)",
                 ),
                 Need(
-                    f"the slots' logits and token sets (slots={S} x vocab_size={cfg.vocab_size})",
-                    S * cfg.vocab_size * 5,
+                    f"the slots' logits, token sets and histories (slots={S} x vocab_size={cfg.vocab_size})",
+                    S * (cfg.vocab_size * 5 + Lc * 4),
                     "lower slots (--slots)",
+                ),
+                *(
+                    [
+                        Need(
+                            f"prompt lookup's blocks (slots={S} x {K + 1} tokens x vocab_size={cfg.vocab_size})",
+                            # the block's float32 logits, the draws' penalty sets and a sort's working copy
+                            S * (K + 1) * cfg.vocab_size * 9,
+                            "lower --prompt-lookup or slots (--slots)",
+                        )
+                    ]
+                    if K
+                    else []
                 ),
             ],
             None if mesh is None else list(mesh.devices.flat),
@@ -1022,7 +1235,7 @@ class Engine:
         without compiling again): on their device, or on their mesh with the cache's rows and KV heads
         split as ``generate`` splits its cache and every other field replicated."""
         cfg = self.model.cfg
-        slots = _empty_slots(cfg, self.num_slots, self.max_len, self._cache_dtype)
+        slots = _empty_slots(cfg, self.num_slots, self.cache_len, self._cache_dtype)
         shardings = jax.tree.map(lambda _: self._placement, slots)
         mesh = mesh_of(self._params)
         if mesh is not None:
@@ -1045,23 +1258,26 @@ class Engine:
         self._slots_value = None if value is None else jax.device_put(value, self._slot_shardings)
 
     @property
-    def _store(self) -> KVCache:
+    def _store(self) -> Store:
         return self._store_value
 
     @_store.setter
     def _store(self, value) -> None:
         self._store_value = None if value is None else jax.device_put(value, self._store_shardings)
 
-    def _fresh_store(self) -> KVCache:
+    def _fresh_store(self) -> Store:
         """The prefix store's rows, placed like the slots' cache."""
         cfg = self.model.cfg
         entries = 0 if self.prefix is None else len(self.prefix.held)
-        store = _empty_store(cfg, entries, self.max_len, self._cache_dtype)
+        store = _empty_store(cfg, entries, self.cache_len, self._cache_dtype)
         shardings = jax.tree.map(lambda _: self._placement, store)
         mesh = mesh_of(self._params)
         if mesh is not None:
-            kv = cache_sharding(mesh, store.pos.shape[0], cfg.num_kv_heads)
-            shardings = shardings.replace(k=tuple(kv for _ in store.k), v=tuple(kv for _ in store.v))
+            c = store.cache
+            kv = cache_sharding(mesh, c.pos.shape[0], cfg.num_kv_heads)
+            shardings = shardings.replace(
+                cache=shardings.cache.replace(k=tuple(kv for _ in c.k), v=tuple(kv for _ in c.v))
+            )
         self._store_shardings = shardings
         return jax.device_put(store, shardings)
 

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import gc
 import logging
+import math
 import re
 import sys
 import threading
@@ -150,7 +151,8 @@ def load_from_flags(args):
 
 
 def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
-    """The serving engine ``--slots``, ``--max-len``, ``--chunk-steps`` and ``--kv-cache-dtype`` ask for."""
+    """The serving engine ``--slots``, ``--max-len``, ``--chunk-steps``, ``--kv-cache-dtype`` and (`serve` only)
+    the prefill, prefix-store and prompt-lookup flags ask for."""
     pad = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else 0
     for flag, value in (("--slots", args.slots), ("--chunk-steps", args.chunk_steps)):
         if not 1 <= value <= 65536:
@@ -166,6 +168,15 @@ def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
     for flag, value, lo in prefill.values():
         if not lo <= value <= 2**20:
             raise UsageError(f"{flag} {value} is out of range; give {lo} to {2**20}")
+    # serve's --prompt-lookup K (`arjax generate`'s own --prompt-lookup is a switch, which its --input refuses)
+    lookup, ngram = getattr(args, "prompt_lookup_k", 0), getattr(args, "lookup_ngram", 3)
+    if not 0 <= lookup <= 64:
+        raise UsageError(f"--prompt-lookup {lookup} is out of range; give 0 (off) to 64 drafts a step (4-8 is typical)")
+    if not 1 <= ngram <= 16:
+        raise UsageError(f"--lookup-ngram {ngram} is out of range; give 1 to 16")
+    threshold = getattr(args, "lookup_threshold", 1.0)
+    if not (math.isfinite(threshold) and 0 <= threshold <= 64):
+        raise UsageError(f"--lookup-threshold {threshold} is out of range; give 0 (always speculate) to 64")
     return Engine(
         model,
         slots=args.slots,
@@ -176,6 +187,9 @@ def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
         max_queue=max_queue,
         kv_cache_dtype=args.kv_cache_dtype,
         **{name: value for name, (_, value, _) in prefill.items()},
+        prompt_lookup=lookup,
+        lookup_ngram=ngram,
+        lookup_threshold=threshold,
     )
 
 

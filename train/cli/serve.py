@@ -145,5 +145,29 @@ def register(sub) -> None:
         default=16,
         help="prefixes are reused in whole blocks of N tokens",
     )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="K",
+        default=0,
+        dest="prompt_lookup_k",
+        help="speculative decoding: K drafts a step copied from the request's own prompt and output (the same "
+        "tokens as without; faster where the output repeats its input); 0 turns it off",
+    )
+    p.add_argument(
+        "--lookup-ngram",
+        type=int,
+        metavar="N",
+        default=3,
+        help="--prompt-lookup: the n-gram matched in the text so far",
+    )
+    p.add_argument(
+        "--lookup-threshold",
+        type=float,
+        metavar="A",
+        default=1.0,
+        help="--prompt-lookup: speculate while the running requests' recent accepted drafts a step average at "
+        "least A (below, a plain step is cheaper; new requests are always tried); 0 always speculates",
+    )
     add_quant_flags(p)
     p.set_defaults(func=cmd_serve, mesh=None)
