@@ -981,28 +981,33 @@ class Engine:
         ``prefill_tokens`` tokens (and at least one piece) this round. Returns whether a prompt finished
         (its request starts decoding)."""
         self._take_waiting()
-        pieces: dict[int, list] = collections.defaultdict(list)  # width -> [(active, slot, start)]
+        chosen: list[tuple[_Active, int]] = []  # (request, its piece's width)
         used, finished = 0, []
         for a in sorted((a for a in self._by_slot if a is not None and a.prefilling), key=lambda a: a.submitted):
             rem = a.tokens.size - a.filled
             P = self.prefill_chunk if rem > self.prefill_chunk else bucket(rem, self.piece_buckets)
             if used and used + P > self.prefill_tokens:
                 break
-            at = min(a.filled, self.max_len - P)  # a piece never runs past the row (re-feeds known tokens)
             if a.request.prompt_logprobs is not None and a.prompt_lp is None:
                 self._score_prompt(a)
-            pieces[P].append((a, a.slot, at))
+            chosen.append((a, P))
             used += P
-            if at + P >= a.tokens.size:
+            if min(a.filled, self.max_len - P) + P >= a.tokens.size:
                 finished.append(a)
-        for P, group in pieces.items():
+        # One call per width, widest first; a call's rows beyond its own pieces (its row count is a
+        # bucket) take the next narrower pieces, which cost nothing there: a narrower piece is a prompt's
+        # last (only the widest, prefill_chunk, leaves tokens for later), so it ends at any width.
+        queue = sorted(chosen, key=lambda x: -x[1])  # stable: first come first within a width
+        while queue:
+            P = queue[0][1]
+            mine = sum(1 for _, w in queue if w == P)
             fits = [R for R in self.row_buckets if (P, R) in self.prefill_shapes]
-            while group:
-                R = next((R for R in fits if len(group) <= R), fits[-1])
-                self._run_prefill(group[:R], P, R)
-                for a, _, at in group[:R]:
-                    a.filled = min(a.tokens.size, at + P)
-                group = group[R:]
+            R = next((R for R in fits if mine <= R), fits[-1])
+            group = [(a, a.slot, min(a.filled, self.max_len - P)) for a, _ in queue[:R]]
+            self._run_prefill(group, P, R)
+            for a, _, at in group:
+                a.filled = min(a.tokens.size, at + P)
+            queue = queue[R:]
         for a in finished:
             a.prefilling = False
             if self._reuses_prefix(a) and not self.prefix.covered(a.tokens):

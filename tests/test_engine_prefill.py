@@ -114,6 +114,19 @@ def test_a_round_prefills_several_prompts_in_one_pass():
         engine.submit(Request(prompt=[1 + i] * (10 + i), max_new_tokens=2), lambda u: None)
     engine.step()
     assert calls == [(6, 16, 8)]
+    engine.run_until_done()
+    # Mixed widths: the widest call's spare row (3 prompts of 64 in a 4-row program) takes a narrower
+    # prompt, which costs nothing there; its output is still solo generate's.
+    calls.clear()
+    lengths = (40, 33, 50, 20, 30, 9, 5)  # widths 64, 64, 64, 32, 32, 16, 16
+    reqs = [Request(prompt=[int(t) for t in range(3 + i, 3 + i + n)], max_new_tokens=3) for i, n in enumerate(lengths)]
+    got = {}
+    for i, r in enumerate(reqs):
+        engine.submit(r, lambda u, i=i: got.setdefault(i, []).extend(u.tokens))
+    engine.run_until_done()
+    assert calls == [(4, 64, 4), (1, 32, 1), (2, 16, 2)]
+    for i in (3, 4):  # the width-32 prompts, one of them in the width-64 call
+        assert got[i] == _solo(m, reqs[i]), i
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
