@@ -862,30 +862,29 @@ class Engine:
         S = self.num_slots
         P0 = self.piece_buckets[0]
         most = max(R for P, R in self.prefill_shapes if P == P0)
-        # Twice over, so that each program also sees the slots as the others hand them over (a
-        # program's cache key includes how its inputs are placed, and fresh slots are placed by us).
-        for _ in range(2):
-            # Every slot busy with a one-token request, then each row count's chunk in turn: each runs its
-            # loop body on real work once (a first execution costs more than the next), none is left busy.
-            for start in range(0, S, most):
-                self._run_prefill([(None, s, 0) for s in range(start, min(S, start + most))], P0, most, warm=True)
-            for rows, want, kind in itertools.product(self.row_buckets, (False, True), self._kinds):
-                self._slots, _ = _chunk(
-                    self._graphdef,
-                    self.chunk_steps,
-                    rows,
-                    kind,
-                    self._params,
-                    self._slots,
-                    np.int32(self.pad_id),
-                    np.int32(self.chunk_steps),
-                    np.bool_(want),
-                )
-            self._slots = _release(self._slots, self._put(np.ones((S,), bool)))
-            for P, R in self.prefill_shapes:  # padding rows only (slot S): nothing lands in a slot
-                self._run_prefill([], P, R)
-            if self.prefix is not None:  # a copy into the store's first entry, which no key points at yet
-                self._store = _save_prefix(self._store, self._slots, np.int32(0), np.int32(0))
+        # Once: each program's inputs are placed as the fresh slots are (the `_slots`/`_store` setters put
+        # every program's output back there), so what compiles here is what serving calls.
+        # Every slot busy with a one-token request, then each row count's chunk in turn: each runs its
+        # loop body on real work once (a first execution costs more than the next), none is left busy.
+        for start in range(0, S, most):
+            self._run_prefill([(None, s, 0) for s in range(start, min(S, start + most))], P0, most, warm=True)
+        for rows, want, kind in itertools.product(self.row_buckets, (False, True), self._kinds):
+            self._slots, _ = _chunk(
+                self._graphdef,
+                self.chunk_steps,
+                rows,
+                kind,
+                self._params,
+                self._slots,
+                np.int32(self.pad_id),
+                np.int32(self.chunk_steps),
+                np.bool_(want),
+            )
+        self._slots = _release(self._slots, self._put(np.ones((S,), bool)))
+        for P, R in self.prefill_shapes:  # padding rows only (slot S): nothing lands in a slot
+            self._run_prefill([], P, R)
+        if self.prefix is not None:  # a copy into the store's first entry, which no key points at yet
+            self._store = _save_prefix(self._store, self._slots, np.int32(0), np.int32(0))
         for P in self.buckets:
             _score(self._graphdef, self._params, self._put(np.zeros((1, P), np.int32)), np.int32(1))
         jax.block_until_ready((self._slots, self._store))

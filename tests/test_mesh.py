@@ -263,6 +263,7 @@ def test_tensor_parallel_greedy_decoding_equals_one_device(mesh_results):
     assert r["cli_generate_tp2"] == 0  # arjax generate --mesh model=2
     # The serving engine on the same weights, loaded from disk, on one device and on tp=2 and tp=4.
     assert r["engine_greedy_equals_generate"] and r["engine_tp2_equal"] and r["engine_tp4_equal"]
+    assert r["engine_tp_compiles_after_warmup"] == 0
 
 
 @pytest.mark.slow
