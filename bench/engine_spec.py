@@ -2,6 +2,8 @@
 
     python bench/engine_spec.py                  # shakespeare-char size, both models, K in 4,8, 160 new tokens
     python bench/engine_spec.py --quick          # a plumbing check (tiny model, few tokens; not for the record)
+    python bench/engine_spec.py --http --ks 4    # the same requests through `arjax serve`, with and without
+                                                 # --prompt-lookup 4 (token-id prompts, one at a time)
 
 Models (shakespeare-char size: 6 layers x 384, 6 heads, byte vocabulary, learned positions; 1024 of them
 so that a document fits), random weights, in this process (``Engine`` directly, no HTTP):
@@ -21,8 +23,9 @@ equal everywhere). Plain engine vs ``prompt_lookup=K`` (``--ks``, ngram 3), one 
 (``slots=1``, ``chunk_steps=8``), each engine warmed up first (compilation excluded). ``--repeats``
 rounds; in each, every setting decodes every request once (interleaved, so drift on a shared machine
 hits all alike); the median round counts. Tokens are asserted identical to the plain engine's. Reported:
-tokens/s, speedup, tokens per model pass (``spec_steps``/``spec_accepted`` stats), and the same for
-sampled requests (temperature 1: drafts mostly rejected on ``random``, the cost of verifying K + 1).
+tokens/s, speedup, tokens per model pass (``stats["tokens"] / stats["slot_steps"]``, speculative and
+plain chunks alike), and the same for sampled requests (temperature 1: drafts mostly rejected on
+``random``; the engine then runs plain chunks with a speculative probe every 8).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -113,10 +117,77 @@ def measure(kind: str, args) -> None:
         for name, e in engines.items():
             tps = tokens / statistics.median(rounds[name])
             same = outputs[name] == outputs["plain"]
-            per_pass = 1.0 if name == "plain" else e.stats["tokens"] / max(e.stats["spec_steps"], 1)
+            per_pass = e.stats["tokens"] / max(e.stats["slot_steps"], 1)  # speculative and plain chunks
             print(f"{name:>14} {tps:8.1f} {tps / base:7.2f}x {per_pass:9.2f} {str(same):>10}")
             if not same:
                 raise SystemExit(f"{name}: tokens differ from the plain engine's")
+
+
+def measure_http(kind: str, args) -> None:
+    """The requests through `arjax serve` (a run directory of the model, a server per setting), one at a
+    time as token-id prompts, greedy: tokens/s and whether the text is identical to the plain server's."""
+    import http.client
+    import json
+    import signal
+    import tempfile
+
+    from flax import nnx
+
+    from arjax.train import checkpoint as ckpt
+    from arjax.train.tokenizer import ByteTokenizer
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from serve import start_server  # bench/serve.py's: `arjax serve` in a subprocess, its address
+
+    model = make_model(kind, args.quick)
+    reqs = make_requests(kind, args.requests, args.doc, args.max_tokens, 0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = os.path.join(tmp, "run")
+        ByteTokenizer().save(ckpt.tokenizer_dir(run))
+        manager = ckpt.make_manager(run)
+        meta = {
+            "model_config": model.cfg.to_dict(),
+            "tokenizer": "byte",
+            "tokenizer_sha256": ckpt.tokenizer_digest(run),
+        }
+        ckpt.save(manager, 0, params=nnx.state(model, nnx.Param), meta=meta)
+        manager.wait_until_finished()
+        manager.close()
+        results = {}
+        for k in [0, *args.ks]:
+            extra = ["--prompt-lookup", str(k)] if k else []
+            proc, addr = start_server(run, 1, 1024, 8, extra)
+            try:
+
+                def complete(r: Request, addr=addr) -> tuple[str, int]:
+                    body = {"model": "run", "prompt": list(r.prompt), "max_tokens": r.max_new_tokens, "temperature": 0}
+                    conn = http.client.HTTPConnection(*addr, timeout=600)
+                    conn.request(
+                        "POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+                    )
+                    reply = json.loads(conn.getresponse().read())
+                    conn.close()
+                    return reply["choices"][0]["text"], reply["usage"]["completion_tokens"]
+
+                complete(reqs[0])  # the first request's costs (connection, thread start) out of the way
+                times, texts, tokens = [], [], 0
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    done = [complete(r) for r in reqs]
+                    times.append(time.perf_counter() - t0)
+                    texts, tokens = [t for t, _ in done], sum(n for _, n in done)
+                results[k] = (tokens / statistics.median(times), texts)
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+    base, plain = results[0]
+    print(f"\n{kind} model through arjax serve, greedy: {len(reqs)} requests x {args.max_tokens} tokens, one at a time")
+    print(f"{'setting':>18} {'tok/s':>8} {'speedup':>8} {'identical':>10}")
+    for k, (tps, texts) in results.items():
+        name = f"--prompt-lookup {k}" if k else "plain"
+        print(f"{name:>18} {tps:8.1f} {tps / base:7.2f}x {str(texts == plain):>10}")
+        if texts != plain:
+            raise SystemExit(f"{name}: text differs from the plain server's")
 
 
 def main() -> None:
@@ -128,12 +199,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--http", action="store_true", help="through `arjax serve` (greedy only)")
     args = ap.parse_args()
     args.ks = [int(k) for k in args.ks.split(",")]
     if args.quick:
         args.max_tokens, args.repeats, args.requests, args.doc = 32, 1, 2, 200
     for kind in args.models.split(","):
-        measure(kind, args)
+        (measure_http if args.http else measure)(kind, args)
 
 
 if __name__ == "__main__":

@@ -1093,6 +1093,7 @@ class Engine:
         )
         out, done, reason = jax.device_get((out, self._slots.done, self._slots.stop_reason))
         self.stats["chunks"] += 1
+        self.stats["slot_steps"] += int(out.passes.sum())  # one model pass per running slot and step
         if kind[0]:
             self.stats["spec_chunks"] += 1
             self.stats["spec_steps"] += int(out.passes.sum())

@@ -295,6 +295,15 @@ async def health(http: HTTPRequest):
             "hits": engine.prefix.hits,
             "tokens_reused": engine.prefix.tokens_reused,
         },
+        "prompt_lookup": None
+        if not engine.prompt_lookup
+        else {
+            "k": engine.prompt_lookup,
+            "chunks": engine.stats["chunks"],
+            "speculative_chunks": engine.stats["spec_chunks"],
+            "accepted_drafts": engine.stats["spec_accepted"],
+            "tokens": engine.stats["tokens"],
+        },
     }
 
 

@@ -372,3 +372,34 @@ def test_bad_lookup_settings_are_one_line_errors_and_the_cli_passes_them(copier)
     with pytest.raises(UsageError, match=r"--lookup-threshold inf is out of range"):
         ns = argparse.Namespace(**flags, prompt_lookup_k=4, lookup_ngram=3, lookup_threshold=float("inf"))
         engine_from_flags(ns, copier, None, max_queue=0)
+
+
+def test_the_server_speculates_with_the_same_text_and_health_counts_it(copier):
+    """Over HTTP with the official client (token-id prompts, greedy): a server with prompt lookup answers
+    what a plain one does, and /health reports its speculative chunks and accepted drafts."""
+    openai = pytest.importorskip("openai")
+    import json
+    import urllib.request
+
+    from arjax.decode.server import Server, bind, create_app
+
+    tok = ByteTokenizer()
+    prompts = [_chain(s, 30) + _chain(s, 3) for s in (17, 90)]
+    answers, health = {}, {}
+    for k in (0, 4):
+        engine = Engine(copier, tokenizer=tok, prompt_lookup=k, **KW)
+        engine.start()
+        server = Server(create_app(engine, tok, "copier"), bind("127.0.0.1", 0))
+        server.start()
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            r = client.completions.create(model="copier", prompt=prompts, max_tokens=20, temperature=0, logprobs=1)
+            answers[k] = [(c.text, c.logprobs.tokens) for c in sorted(r.choices, key=lambda c: c.index)]
+            health[k] = json.load(urllib.request.urlopen(server.url + "/health"))["prompt_lookup"]
+        finally:
+            server.stop()
+            engine.stop()
+    assert answers[4] == answers[0]
+    assert health[0] is None
+    assert health[4]["k"] == 4 and health[4]["tokens"] == 40
+    assert health[4]["speculative_chunks"] == health[4]["chunks"] > 0 and health[4]["accepted_drafts"] > 20
