@@ -589,6 +589,16 @@ class PrefixTable:
         m = (tokens.size - 1) // self.block * self.block
         return m == 0 or np.asarray(tokens[:m], np.int32).tobytes() in self.keys
 
+    def holds(self, entry: int, prefix: np.ndarray) -> bool:
+        """Whether ``entry`` still starts with ``prefix`` (a later ``add`` may have taken it)."""
+        data = np.asarray(prefix, np.int32).tobytes()
+        return self.held[entry] is not None and self.held[entry][: len(data)] == data
+
+    def unmatch(self, length: int) -> None:
+        """Take back a ``match`` of ``length`` tokens that was not used (its entry was taken first)."""
+        self.hits -= 1
+        self.tokens_reused -= length
+
     def add(self, tokens: np.ndarray) -> int:
         """Reserve the LRU entry for ``tokens``' whole-block prefix (at least one token left out);
         returns the entry, whose device row the caller then fills."""
@@ -666,14 +676,15 @@ class Engine:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
                 raise ValueError(f"{name}={value!r} must be an int in {lo}..{hi} ({what})")
+        most = prompt_lookup if prompt_lookup else 64  # no more drafts than K can be accepted in a step
         if (
             isinstance(lookup_threshold, bool)
             or not isinstance(lookup_threshold, (int, float, np.integer, np.floating))
-            or not 0 <= lookup_threshold <= 64
+            or not 0 <= lookup_threshold <= most
         ):
             raise ValueError(
-                f"lookup_threshold={lookup_threshold!r} must be a number in 0..64 (accepted drafts a step "
-                "worth a speculative chunk; 0 always speculates)"
+                f"lookup_threshold={lookup_threshold!r} must be a number in 0..{most} (accepted drafts a step, "
+                "at most prompt_lookup, worth a speculative chunk; 0 always speculates)"
             )
         max_len = cfg.max_len if max_len is None else max_len
         if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
@@ -864,8 +875,9 @@ class Engine:
         most = max(R for P, R in self.prefill_shapes if P == P0)
         # Once: each program's inputs are placed as the fresh slots are (the `_slots`/`_store` setters put
         # every program's output back there), so what compiles here is what serving calls.
-        # Every slot busy with a one-token request, then each row count's chunk in turn: each runs its
-        # loop body on real work once (a first execution costs more than the next), none is left busy.
+        # Every slot busy with a one-token request, then each chunk program in turn: the first of each
+        # row count runs its loop body on that work (a first execution costs more than the next); the
+        # others compile and run with every slot done.
         for start in range(0, S, most):
             self._run_prefill([(None, s, 0) for s in range(start, min(S, start + most))], P0, most, warm=True)
         for rows, want, kind in itertools.product(self.row_buckets, (False, True), self._kinds):
@@ -983,6 +995,11 @@ class Engine:
         chosen: list[tuple[_Active, int]] = []  # (request, its piece's width)
         used, finished = 0, []
         for a in sorted((a for a in self._by_slot if a is not None and a.prefilling), key=lambda a: a.submitted):
+            if a.reused and a.filled == a.reused and not self.prefix.holds(a.prefix_entry, a.tokens[: a.reused]):
+                # Matched when admitted, but its first piece waited (the round's budget) while a finished
+                # prompt took that entry: prefill it whole instead of copying another prompt's rows.
+                self.prefix.unmatch(a.reused)
+                a.prefix_entry, a.reused, a.filled = -1, 0, 0
             rem = a.tokens.size - a.filled
             P = self.prefill_chunk if rem > self.prefill_chunk else bucket(rem, self.piece_buckets)
             if used and used + P > self.prefill_tokens:
@@ -1223,8 +1240,9 @@ class Engine:
                     [
                         Need(
                             f"prompt lookup's blocks (slots={S} x {K + 1} tokens x vocab_size={cfg.vocab_size})",
-                            # the block's float32 logits, the draws' penalty sets and a sort's working copy
-                            S * (K + 1) * cfg.vocab_size * 9,
+                            # the block's float32 logits, the draws' penalty sets, the sampler's filtered
+                            # and penalised copies and a sort's, the log-probabilities' softmax
+                            S * (K + 1) * cfg.vocab_size * 20,
                             "lower --prompt-lookup or slots (--slots)",
                         )
                     ]

@@ -159,6 +159,27 @@ def test_prefix_reuse_is_exact_and_counted(model, temperature):
     assert [got[0], got[1]] == [_solo(model, r) for r in more]
 
 
+def test_a_matched_prefix_taken_before_its_first_piece_is_prefilled_whole(model):
+    """B matches the store's one entry when admitted, but the round's budget (one piece of 16) goes to A,
+    admitted before it, for three rounds; A's prompt then takes that entry. B's first piece must not copy
+    A's rows: it is prefilled whole (the hit taken back) and equals solo ``generate``."""
+    engine = Engine(
+        model, slots=4, max_len=128, chunk_steps=2, prefix_cache=1, prefix_block=16, prefill_chunk=16, prefill_tokens=16
+    )
+    rng = np.random.default_rng(7)
+    system = [int(t) for t in rng.integers(0, 256, size=33)]
+    _run(engine, [Request(prompt=system + [1], max_new_tokens=2, temperature=0.0)])
+    assert engine.prefix.holds(0, np.asarray(system[:32]))
+    a = Request(prompt=[int(t) for t in rng.integers(0, 256, size=40)], max_new_tokens=2, temperature=0.0)
+    b = Request(prompt=system[:32] + [5, 6, 7], max_new_tokens=8, temperature=0.0, logprobs=True)
+    got, updates = _run(engine, [a, b])
+    want = generate(model, [b.prompt], max_new_tokens=8)
+    assert got[1] == [int(t) for t in want.tokens[0]]
+    # A tiny random model's greedy tokens barely depend on early context; its log-probabilities do.
+    np.testing.assert_allclose([lp for u in updates[1] for lp in u.logprobs], want.logprobs[0], rtol=1e-5, atol=1e-5)
+    assert engine.prefix.hits == 0 and engine.prefix.tokens_reused == 0
+
+
 def test_a_repetition_penalty_request_never_takes_a_stored_prefix(model):
     """The store's rows lack the prefix tokens' penalty set: such requests prefill their whole prompt."""
     engine = Engine(model, slots=2, max_len=64, chunk_steps=4, prefix_cache=2)
