@@ -342,11 +342,12 @@ def test_the_engine_speculates_only_while_drafts_are_accepted(model, copier):
     _check_equal(copier, greedy, got, _run(Engine(copier, **KW), greedy))
     assert spec.stats["spec_chunks"] == spec.stats["chunks"] and got[0][0] == c[3:27]
 
-    # Never worth it (64 drafts a step): plain chunks, a probe now and then; the history is whole.
-    spec = Engine(copier, prompt_lookup=4, lookup_threshold=64, **KW)
-    got = _run(spec, greedy)
-    assert got[0][0] == c[3:27] and spec.stats["spec_chunks"] < spec.stats["chunks"]
-    assert list(np.asarray(spec._slots.history)[0, : 33 + 24]) == c + c[:3] + got[0][0]
+    # The highest bar (all 4 drafts accepted every step), sampled text: plain chunks, a probe now and
+    # then; the history written by both kinds is whole.
+    spec = Engine(model, prompt_lookup=4, lookup_threshold=4, **KW)
+    got = _run(spec, sampled[:1])
+    assert spec.stats["spec_chunks"] < spec.stats["chunks"]
+    assert list(np.asarray(spec._slots.history)[0, : 20 + 40]) == list(sampled[0].prompt) + got[0][0]
 
 
 def test_bad_lookup_settings_are_one_line_errors_and_the_cli_passes_them(copier):
@@ -355,8 +356,9 @@ def test_bad_lookup_settings_are_one_line_errors_and_the_cli_passes_them(copier)
         (dict(prompt_lookup=65), r"prompt_lookup=65 must be an int in 0\.\.64"),
         (dict(prompt_lookup=True), r"prompt_lookup=True must be an int"),
         (dict(prompt_lookup=4, lookup_ngram=0), r"lookup_ngram=0 must be an int in 1\.\.16"),
-        (dict(prompt_lookup=4, lookup_threshold=float("nan")), r"lookup_threshold=nan must be a number in 0\.\.64"),
-        (dict(prompt_lookup=4, lookup_threshold=-1), r"lookup_threshold=-1 must be a number in 0\.\.64"),
+        (dict(prompt_lookup=4, lookup_threshold=float("nan")), r"lookup_threshold=nan must be a number in 0\.\.4"),
+        (dict(prompt_lookup=4, lookup_threshold=-1), r"lookup_threshold=-1 must be a number in 0\.\.4"),
+        (dict(prompt_lookup=4, lookup_threshold=5), r"lookup_threshold=5 must be a number in 0\.\.4 .*at most"),
     ):
         with pytest.raises(ValueError, match=message):
             Engine(copier, slots=1, max_len=32, **kw)
@@ -369,6 +371,9 @@ def test_bad_lookup_settings_are_one_line_errors_and_the_cli_passes_them(copier)
     assert engine.prompt_lookup == 0 and engine.cache_len == 32
     with pytest.raises(UsageError, match=r"--prompt-lookup 99 is out of range; give 0 \(off\) to 64"):
         engine_from_flags(argparse.Namespace(**flags, prompt_lookup_k=99, lookup_ngram=3), copier, None, max_queue=0)
+    for extra, flag in ((dict(lookup_ngram=2), "--lookup-ngram"), (dict(lookup_threshold=0.5), "--lookup-threshold")):
+        with pytest.raises(UsageError, match=f"{flag} sets prompt lookup; add --prompt-lookup K"):
+            engine_from_flags(argparse.Namespace(**flags, prompt_lookup_k=0, **extra), copier, None, max_queue=0)
     with pytest.raises(UsageError, match=r"--lookup-threshold inf is out of range"):
         ns = argparse.Namespace(**flags, prompt_lookup_k=4, lookup_ngram=3, lookup_threshold=float("inf"))
         engine_from_flags(ns, copier, None, max_queue=0)

@@ -169,14 +169,21 @@ def engine_from_flags(args, model, tokenizer, *, max_queue: int) -> Engine:
         if not lo <= value <= 2**20:
             raise UsageError(f"{flag} {value} is out of range; give {lo} to {2**20}")
     # serve's --prompt-lookup K (`arjax generate`'s own --prompt-lookup is a switch, which its --input refuses)
-    lookup, ngram = getattr(args, "prompt_lookup_k", 0), getattr(args, "lookup_ngram", 3)
+    lookup = getattr(args, "prompt_lookup_k", 0)
+    ngram, threshold = getattr(args, "lookup_ngram", None), getattr(args, "lookup_threshold", None)
     if not 0 <= lookup <= 64:
         raise UsageError(f"--prompt-lookup {lookup} is out of range; give 0 (off) to 64 drafts a step (4-8 is typical)")
+    if not lookup and (ngram is not None or threshold is not None):
+        flag = "--lookup-ngram" if ngram is not None else "--lookup-threshold"
+        raise UsageError(f"{flag} sets prompt lookup; add --prompt-lookup K (drafts a step, e.g. 4)")
+    ngram = 3 if ngram is None else ngram
+    threshold = 1.0 if threshold is None else threshold
     if not 1 <= ngram <= 16:
         raise UsageError(f"--lookup-ngram {ngram} is out of range; give 1 to 16")
-    threshold = getattr(args, "lookup_threshold", 1.0)
-    if not (math.isfinite(threshold) and 0 <= threshold <= 64):
-        raise UsageError(f"--lookup-threshold {threshold} is out of range; give 0 (always speculate) to 64")
+    if not (math.isfinite(threshold) and 0 <= threshold <= max(lookup, 1)):
+        raise UsageError(
+            f"--lookup-threshold {threshold} is out of range; give 0 (always speculate) to --prompt-lookup ({lookup})"
+        )
     return Engine(
         model,
         slots=args.slots,

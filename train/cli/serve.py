@@ -158,16 +158,17 @@ def register(sub) -> None:
         "--lookup-ngram",
         type=int,
         metavar="N",
-        default=3,
-        help="--prompt-lookup: the n-gram matched in the text so far",
+        default=None,
+        help="--prompt-lookup: the n-gram matched in the text so far (default 3)",
     )
     p.add_argument(
         "--lookup-threshold",
         type=float,
         metavar="A",
-        default=1.0,
+        default=None,
         help="--prompt-lookup: speculate while the running requests' recent accepted drafts a step average at "
-        "least A (below, a plain step is cheaper; new requests are always tried); 0 always speculates",
+        "least A, at most K (default 1; below it a plain step is cheaper; new requests are always tried); "
+        "0 always speculates",
     )
     add_quant_flags(p)
     p.set_defaults(func=cmd_serve, mesh=None)
