@@ -29,3 +29,19 @@ def subprocess_env(tmp_path_factory):
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """After each test file, drop JAX's compiled executables. A worker runs many files, each compiling
+    its own programs, and XLA's CPU backend maps a few memory regions per executable: a long-lived
+    worker reached Linux's limit of 65,530 mappings (vm.max_map_count) and crashed inside the compiler
+    with a segmentation fault (seen twice, in a test that passes alone). Clearing costs nothing
+    within a file; a later file compiles what it needs again."""
+    yield
+    import gc
+    import sys
+
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+        gc.collect()
