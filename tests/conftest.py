@@ -31,17 +31,33 @@ def subprocess_env(tmp_path_factory):
     }
 
 
+# Mappings a worker may hold before it drops JAX's compiled programs: far below Linux's 65,530, far
+# above what one test file adds (a few thousand at most).
+MAX_MAPS = 24_000
+
+
+def _mappings() -> int:
+    """Memory mappings this process holds (Linux); a huge number where that cannot be read, so that
+    the caches are dropped after every file there."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 1 << 30
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_compiled_programs():
-    """After each test file, drop JAX's compiled executables. A worker runs many files, each compiling
-    its own programs, and XLA's CPU backend maps a few memory regions per executable: a long-lived
-    worker reached Linux's limit of 65,530 mappings (vm.max_map_count) and crashed inside the compiler
-    with a segmentation fault (seen twice, in a test that passes alone). Clearing costs nothing
-    within a file; a later file compiles what it needs again."""
+    """After a test file, drop JAX's compiled executables once the worker holds many memory mappings.
+    A worker runs many files, each compiling its own programs, and XLA's CPU backend maps a few memory
+    regions per executable: a long-lived worker reached Linux's limit of 65,530 mappings
+    (vm.max_map_count) and crashed inside the compiler with a segmentation fault (seen twice, in a test
+    that passes alone). Clearing after every file made each later file compile again what earlier ones
+    had compiled, so it happens only past ``MAX_MAPS``."""
     yield
     import gc
     import sys
 
-    if "jax" in sys.modules:
+    if "jax" in sys.modules and _mappings() > MAX_MAPS:
         sys.modules["jax"].clear_caches()
         gc.collect()
