@@ -881,17 +881,7 @@ class Engine:
         for start in range(0, S, most):
             self._run_prefill([(None, s, 0) for s in range(start, min(S, start + most))], P0, most, warm=True)
         for rows, want, kind in itertools.product(self.row_buckets, (False, True), self._kinds):
-            self._slots, _ = _chunk(
-                self._graphdef,
-                self.chunk_steps,
-                rows,
-                kind,
-                self._params,
-                self._slots,
-                np.int32(self.pad_id),
-                np.int32(self.chunk_steps),
-                np.bool_(want),
-            )
+            self._run_chunk(rows, kind, self.chunk_steps, want)
         self._slots = _release(self._slots, self._put(np.ones((S,), bool)))
         for P, R in self.prefill_shapes:  # padding rows only (slot S): nothing lands in a slot
             self._run_prefill([], P, R)
@@ -945,6 +935,22 @@ class Engine:
             self._put(eos),
             self._put(sampling),
         )
+
+    def _run_chunk(self, rows: int, kind: tuple[int, int], steps: int, want: bool) -> ChunkOut:
+        """One chunk program (``_chunk``) over the first ``rows`` slots: up to ``steps`` steps of the
+        ``kind`` (plain or speculative), log-probabilities when ``want``. Returns its outputs."""
+        self._slots, out = _chunk(
+            self._graphdef,
+            self.chunk_steps,
+            rows,
+            kind,
+            self._params,
+            self._slots,
+            np.int32(self.pad_id),
+            np.int32(steps),
+            np.bool_(want),
+        )
+        return out
 
     def _take_waiting(self) -> list[_Active]:
         """Move waiting requests into free slots (the lowest first), dropping cancelled ones; a request
@@ -1097,17 +1103,7 @@ class Engine:
             a is not None and not a.prefilling and (a.request.logprobs or a.request.top_logprobs) for a in self._by_slot
         )
         kind = self._chunk_kind()
-        self._slots, out = _chunk(
-            self._graphdef,
-            self.chunk_steps,
-            rows,
-            kind,
-            self._params,
-            self._slots,
-            np.int32(self.pad_id),
-            np.int32(1 if started else self.chunk_steps),
-            np.bool_(want),
-        )
+        out = self._run_chunk(rows, kind, 1 if started else self.chunk_steps, want)
         out, done, reason = jax.device_get((out, self._slots.done, self._slots.stop_reason))
         self.stats["chunks"] += 1
         self.stats["slot_steps"] += int(out.passes.sum())  # one model pass per running slot and step
