@@ -856,9 +856,12 @@ def bind(host: str, port: int) -> socket.socket:
 class Server:
     """uvicorn serving ``app`` on ``sock``; ``run()`` blocks, or ``start()`` in a thread and ``stop()`` (tests,
     bench). ``on_exit`` runs when a signal asks uvicorn to stop, before it waits for open connections:
-    the engine's ``close`` there ends every request in flight, so their streams end properly."""
+    the engine's ``close`` there ends every request in flight, so their streams end properly.
+    ``on_started`` runs once uvicorn serves, its signal handlers in place: a SIGINT or SIGTERM from then
+    on stops it gracefully (one that came between the engine's start and uvicorn's handlers once left
+    the process running)."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket, on_exit=None):
+    def __init__(self, app: FastAPI, sock: socket.socket, on_exit=None, on_started=None):
         import uvicorn
 
         class _Uvicorn(uvicorn.Server):
@@ -866,6 +869,11 @@ class Server:
                 if on_exit is not None:
                     on_exit()
                 super().handle_exit(sig, frame)
+
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if self.started and not self.should_exit and on_started is not None:
+                    on_started()
 
         self.sock = sock
         self._server = _Uvicorn(
@@ -899,16 +907,16 @@ def _interrupt(signum, frame):
 
 def serve(engine: Engine, tokenizer, model_id: str, sock: socket.socket, *, on_ready=None) -> None:
     """Serve ``engine`` (warmed up) as ``model_id`` on ``sock`` (``bind``) until SIGINT or SIGTERM; in the main
-    thread. Starts the engine's thread, calls ``on_ready(server)`` (its ``url``), runs uvicorn, and stops the
-    engine on the way out, however it ends. A signal returns normally."""
-    server = Server(create_app(engine, tokenizer, model_id), sock, on_exit=engine.close)
-    engine.start()
-    if on_ready is not None:
-        on_ready(server)
+    thread. Starts the engine's thread, runs uvicorn, calls ``on_ready(server)`` (its ``url``) once uvicorn
+    serves and handles signals, and stops the engine on the way out, however it ends. A signal returns
+    normally, whenever it comes."""
+    app = create_app(engine, tokenizer, model_id)
+    server = Server(app, sock, on_exit=engine.close, on_started=on_ready and (lambda: on_ready(server)))
     # uvicorn stops on SIGINT and SIGTERM, then raises the signal again under the handler it found:
     # this one, so that SIGTERM also ends here (engine stopped, the caller's summary printed, exit 0).
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        engine.start()
         server.run()
     except KeyboardInterrupt:
         pass

@@ -181,6 +181,37 @@ def test_arjax_serve_starts_serves_and_stops(run_dir, subprocess_env):
     assert "Traceback" not in err and os.path.isdir(run_dir)
 
 
+SIGNAL_AT_READY = """
+import os, signal
+from flax import nnx
+from arjax.decode import server
+from arjax.decode.engine import Engine
+from arjax.model import Transformer, get_config
+from arjax.train.tokenizer import ByteTokenizer
+
+engine = Engine(Transformer(get_config("tiny"), rngs=nnx.Rngs(0)), slots=1, max_len=32, tokenizer=ByteTokenizer())
+engine.warmup()
+
+def ready(running):
+    print("handled:", signal.getsignal(signal.SIGINT) is not signal.default_int_handler, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)  # what a user's Ctrl-C at the ready line does
+
+server.serve(engine, ByteTokenizer(), "m", server.bind("127.0.0.1", 0), on_ready=ready)
+print("returned", flush=True)
+"""
+
+
+def test_a_signal_at_the_ready_line_stops_the_server_cleanly(subprocess_env):
+    """The ready line comes once uvicorn handles signals, so a SIGINT the moment it appears stops the
+    server as any SIGINT does: ``serve`` returns (the CLI then exits 0 with its summary). When the line
+    came before uvicorn's handlers, such a signal was a KeyboardInterrupt outside them, and once it left a
+    GPT-2-size server running."""
+    run = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_READY], env=subprocess_env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.splitlines() == ["handled: True", "returned"], run.stdout + run.stderr
+
+
 def test_batch_job_rerun_with_other_settings_is_refused_unless_forced(run_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "the king " * (i + 1)}) + "\n" for i in range(6)))
