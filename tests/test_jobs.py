@@ -290,3 +290,28 @@ def test_batch_job_rerun_with_other_settings_is_refused_unless_forced(run_dir, t
     assert cli.main([*[other if a == run_dir else a for a in flags], "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was written by a model with other weights" in err and other in err, err
+
+
+def test_compile_cache_serves_the_next_start_from_disk(run_dir, tmp_path, subprocess_env, capsys):
+    """`--compile-cache DIR`: the first start writes its programs there, the next one loads every
+    program it needs from there (JAX's own log of cache hits and misses) and prints the same text."""
+    cache = tmp_path / "compiled"
+    env = {k: v for k, v in subprocess_env.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    argv = [sys.executable, "-m", "arjax.train.cli", "generate", "--ckpt", run_dir, "--prompt", "To be"]
+    argv += ["--max-new-tokens", "6", "--temperature", "0", "--compile-cache", str(cache)]
+    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert os.listdir(cache)
+    second = subprocess.run(
+        argv, env={**env, "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}, capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert "Persistent compilation cache hit" in second.stderr
+    assert "Persistent compilation cache miss" not in second.stderr, second.stderr[-2000:]
+    # A file where the directory should be: one line naming it, before anything loads.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["generate", "--ckpt", run_dir, "--prompt", "x", "--compile-cache", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--compile-cache: {str(blocker)!r} is in the way" in err, err

@@ -10,6 +10,7 @@ import errno
 import gc
 import logging
 import math
+import os
 import re
 import sys
 import threading
@@ -108,11 +109,38 @@ def add_mesh_flags(parser, default: str = "the config's, else data-parallel over
 
 
 def add_model_flags(p) -> None:
-    """Where the model comes from: `generate` and `serve`."""
+    """Where the model comes from, and where its compiled programs are kept: `generate` and `serve`."""
     p.add_argument("--ckpt", metavar="DIR", help="run directory written by `arjax train --out DIR`")
     p.add_argument(
         "--hf", metavar="DIR", help="local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)"
     )
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="keep the compiled programs in DIR (JAX's persistent compilation cache), so that the next start with "
+        "the same model, flags and jax version loads them instead of compiling again",
+    )
+
+
+def use_compile_cache(path: str | None) -> None:
+    """``--compile-cache DIR``: JAX's persistent compilation cache in DIR (created if missing), for every
+    program compiled from here on. Set before anything compiles: JAX reads it at its first compile."""
+    if path is None:
+        return
+    if not path:
+        raise UsageError("--compile-cache needs a directory; give a path, e.g. --compile-cache ~/.cache/arjax")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--compile-cache: {os_error_message(e)}") from None
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--compile-cache {path!r} is not readable and writable by you; choose a directory you can write to"
+        )
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program, not only slow ones
 
 
 def add_quant_flags(p) -> None:
@@ -138,7 +166,9 @@ def sampling_flags(args, *, vocab_size: int | None = None) -> dict[str, int | fl
 
 
 def load_from_flags(args):
-    """``(model, tokenizer)`` from ``--ckpt DIR`` or ``--hf DIR`` (and ``--mesh``, runs only): float weights."""
+    """``(model, tokenizer)`` from ``--ckpt DIR`` or ``--hf DIR`` (and ``--mesh``, runs only): float weights.
+    ``--compile-cache`` takes effect here, before anything compiles."""
+    use_compile_cache(getattr(args, "compile_cache", None))
     if bool(args.ckpt) == bool(args.hf):
         raise UsageError("pass exactly one of --ckpt DIR (an arjax run) or --hf DIR (a Hugging Face checkpoint)")
     if args.hf and args.mesh:
