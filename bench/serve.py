@@ -250,6 +250,7 @@ def main() -> None:
         help="every prompt starts with the same N-byte system prompt (then its own 16-96 bytes)",
     )
     ap.add_argument("--no-static", action="store_true", help="skip static generate and the engine alone")
+    ap.add_argument("--no-alone", action="store_true", help="skip the engine alone (static generate still runs)")
     args = ap.parse_args()
     max_tokens = 16 if args.quick else args.max_tokens
     n = 32
@@ -269,7 +270,8 @@ def main() -> None:
                 f"{args.size}: static-batch generate, {n} prompts x {max_tokens} tokens: {static:,.0f} tokens/s",
                 flush=True,
             )
-            alone = engine_alone(model, prompts, max_tokens, max_len, args.slots, args.chunk_steps)
+            if not args.no_alone:
+                alone = engine_alone(model, prompts, max_tokens, max_len, args.slots, args.chunk_steps)
         proc, addr = start_server(run, args.slots, max_len, args.chunk_steps, args.serve_args.split())
         try:
             one_request(addr, prompts[0], 4)  # first-request costs (connection, thread start) out of the way
@@ -289,7 +291,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     if static:
         print(f"| static-batch generate | {n} | {static:,.0f} | 1.00 | | |")
-        print(f"| engine alone, no HTTP ({n} at once) | {n} | {alone:,.0f} | {alone / static:.2f} | | |")
+        if alone:
+            print(f"| engine alone, no HTTP ({n} at once) | {n} | {alone:,.0f} | {alone / static:.2f} | | |")
     for name, r in rows.items():
         ratio = f"{r['tokens_per_s'] / static:.2f}" if static else ""
         print(
