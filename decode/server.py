@@ -910,8 +910,8 @@ def serve(engine: Engine, tokenizer, model_id: str, sock: socket.socket, *, on_r
     thread. Starts the engine's thread, runs uvicorn, calls ``on_ready(server)`` (its ``url``) once uvicorn
     serves and handles signals, and stops the engine on the way out, however it ends. A signal returns
     normally, whenever it comes."""
-    app = create_app(engine, tokenizer, model_id)
-    server = Server(app, sock, on_exit=engine.close, on_started=on_ready and (lambda: on_ready(server)))
+    ready = None if on_ready is None else (lambda: on_ready(server))
+    server = Server(create_app(engine, tokenizer, model_id), sock, on_exit=engine.close, on_started=ready)
     # uvicorn stops on SIGINT and SIGTERM, then raises the signal again under the handler it found:
     # this one, so that SIGTERM also ends here (engine stopped, the caller's summary printed, exit 0).
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -308,10 +308,10 @@ def test_compile_cache_serves_the_next_start_from_disk(run_dir, tmp_path, subpro
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
     assert "Persistent compilation cache hit" in second.stderr
-    assert "Persistent compilation cache miss" not in second.stderr, second.stderr[-2000:]
+    assert "persistent compilation cache miss" not in second.stderr.lower(), second.stderr[-2000:]
     # A file where the directory should be: one line naming it, before anything loads.
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert cli.main(["generate", "--ckpt", run_dir, "--prompt", "x", "--compile-cache", str(blocker)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--compile-cache: {str(blocker)!r} is in the way" in err, err
+    assert err.count("\n") == 1 and f"--compile-cache {str(blocker)!r} cannot be made a directory" in err, err

@@ -123,16 +123,19 @@ def add_model_flags(p) -> None:
 
 
 def use_compile_cache(path: str | None) -> None:
-    """``--compile-cache DIR``: JAX's persistent compilation cache in DIR (created if missing), for every
-    program compiled from here on. Set before anything compiles: JAX reads it at its first compile."""
+    """``--compile-cache DIR``: JAX's persistent compilation cache in DIR (created if missing; ``~`` expanded,
+    as a quoted or ``--flag=~/...`` path reaches us unexpanded), for every program compiled from here on."""
     if path is None:
         return
     if not path:
         raise UsageError("--compile-cache needs a directory; give a path, e.g. --compile-cache ~/.cache/arjax")
+    path = os.path.expanduser(path)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--compile-cache: {os_error_message(e)}") from None
+        raise UsageError(
+            f"--compile-cache {path!r} cannot be made a directory ({e.strerror}); choose a directory you can write to"
+        ) from None
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise UsageError(
             f"--compile-cache {path!r} is not readable and writable by you; choose a directory you can write to"
@@ -167,14 +170,14 @@ def sampling_flags(args, *, vocab_size: int | None = None) -> dict[str, int | fl
 
 def load_from_flags(args):
     """``(model, tokenizer)`` from ``--ckpt DIR`` or ``--hf DIR`` (and ``--mesh``, runs only): float weights.
-    ``--compile-cache`` takes effect here, before anything compiles."""
-    use_compile_cache(getattr(args, "compile_cache", None))
+    ``--compile-cache`` takes effect here, after the flags are checked and before anything compiles."""
     if bool(args.ckpt) == bool(args.hf):
         raise UsageError("pass exactly one of --ckpt DIR (an arjax run) or --hf DIR (a Hugging Face checkpoint)")
     if args.hf and args.mesh:
         raise UsageError(
             "--mesh works with --ckpt; convert the Hugging Face checkpoint first (arjax convert --from-hf)"
         )
+    use_compile_cache(getattr(args, "compile_cache", None))
     return load_for_decoding(
         ckpt=args.ckpt or None, hf_dir=args.hf or None, mesh=parse_mesh(args.mesh) if args.mesh else None
     )
